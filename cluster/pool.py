@@ -1,0 +1,78 @@
+"""Sharded actor pools: the only bridge between plain-Python workers and Ray.
+
+A worker is any class with `run(task: dict) -> dict`. It knows nothing of Ray, so the same worker runs
+in-process in unit tests and as an actor here. Tasks are handed out dynamically (a free actor takes the
+next task), so uneven shards do not leave actors idle.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+
+def run_sharded(
+    worker_cls: type,
+    worker_kwargs: dict[str, Any],
+    tasks: list[dict[str, Any]],
+    num_actors: int,
+    num_cpus_per_actor: float = 1.0,
+    num_gpus_per_actor: float = 0.0,
+    desc: str = "",
+    on_result: Callable[[int, dict], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run `worker_cls(**worker_kwargs).run(task)` for every task on `num_actors` Ray actors.
+
+    Results come back in task order. A failed task raises (with the worker's traceback) after the
+    remaining actors are killed: a shard is either committed by its worker or redone on rerun.
+    """
+    if num_actors < 1:
+        raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+    if not tasks:
+        return []
+    from cluster.runtime import init_ray
+
+    ray = init_ray()
+    actor_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)(_Host)
+    n = min(num_actors, len(tasks))
+    actors = [actor_cls.remote(worker_cls, worker_kwargs) for _ in range(n)]
+    results: list[dict[str, Any] | None] = [None] * len(tasks)
+    pending: dict[Any, tuple[int, Any]] = {}
+    next_task = 0
+    bar = tqdm(total=len(tasks), desc=desc or worker_cls.__name__, unit="shard", disable=_quiet())
+    try:
+        for actor in actors:
+            if next_task < len(tasks):
+                pending[actor.run.remote(tasks[next_task])] = (next_task, actor)
+                next_task += 1
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            idx, actor = pending.pop(ref)
+            results[idx] = ray.get(ref)
+            if on_result is not None:
+                on_result(idx, results[idx])
+            bar.update(1)
+            if next_task < len(tasks):
+                pending[actor.run.remote(tasks[next_task])] = (next_task, actor)
+                next_task += 1
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return results  # type: ignore[return-value]
+
+
+class _Host:
+    """Actor shell that owns one worker instance for its lifetime (model loaded once per actor)."""
+
+    def __init__(self, worker_cls: type, worker_kwargs: dict[str, Any]):
+        self.worker = worker_cls(**worker_kwargs)
+
+    def run(self, task: dict[str, Any]) -> dict[str, Any]:
+        return self.worker.run(task)
+
+
+def _quiet() -> bool:
+    return os.environ.get("RECLORA_QUIET", "0") == "1"

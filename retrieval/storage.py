@@ -1,0 +1,179 @@
+"""Every path is an fsspec URL: a bare path or file:// locally, s3:// on clusters. One code path for both.
+
+Credentials never pass through here as arguments we log: s3fs reads them from the environment or the
+standard AWS chain. Only the endpoint/region (not secret) may come from config or environment.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow.fs as pafs
+
+# Process-wide defaults set once from config (endpoint, region); never credentials.
+_S3_OPTIONS: dict[str, Any] = {}
+
+
+class StorageError(RuntimeError):
+    """Storage unreachable, unauthorized, or a URL that cannot be used. The message names the URL."""
+
+
+def configure(endpoint_url: str | None = None, region: str | None = None, anon: bool | None = None) -> None:
+    """Set non-secret S3 options for this process (from the typed config's `storage` section)."""
+    _S3_OPTIONS.clear()
+    if endpoint_url:
+        _S3_OPTIONS["endpoint_url"] = endpoint_url
+    if region:
+        _S3_OPTIONS["client_kwargs"] = {"region_name": region}
+    if anon is not None:
+        _S3_OPTIONS["anon"] = anon
+
+
+def _s3_options() -> dict[str, Any]:
+    opts: dict[str, Any] = dict(_S3_OPTIONS)
+    env_endpoint = os.environ.get("RECLORA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL"
+    )
+    if env_endpoint and "endpoint_url" not in opts:
+        opts["endpoint_url"] = env_endpoint
+    # Fail fast on a dead endpoint instead of botocore's long default retry loop.
+    opts.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}})
+    # New objects must be visible immediately to the process that wrote them.
+    opts.setdefault("skip_instance_cache", True)
+    return opts
+
+
+def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """URL -> (filesystem, path without protocol). Bare paths are local."""
+    if not isinstance(url, str) or not url:
+        raise StorageError(f"storage URL must be a non-empty string, got {url!r}")
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in ("s3", "s3a"):
+        fs, path = fsspec.core.url_to_fs(url.replace("s3a://", "s3://"), **_s3_options())
+    elif protocol == "file":
+        fs, path = fsspec.core.url_to_fs(url)
+        path = os.path.abspath(path)
+    else:
+        fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/") or "/"
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def join(url: str, *parts: str) -> str:
+    base = url.rstrip("/")
+    return posixpath.join(base, *[p.strip("/") for p in parts])
+
+
+def describe_endpoint(url: str) -> str:
+    if is_local(url):
+        return "local filesystem"
+    endpoint = _s3_options().get("endpoint_url")
+    return f"endpoint {endpoint}" if endpoint else "default AWS endpoint"
+
+
+def arrow_fs(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    """pyarrow filesystem for an fsspec one. Paths passed with it must have no protocol prefix
+    (an s3:// URL together with an explicit pyarrow filesystem is a known error)."""
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Turn transport/auth failures into one StorageError naming the URL and endpoint (no credentials)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except PermissionError as e:
+        raise StorageError(
+            f"{url}: access denied ({describe_endpoint(url)}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+            f"or the instance role ({type(e).__name__})"
+        ) from None
+    except (ConnectionError, TimeoutError, OSError) as e:
+        if isinstance(e, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+            raise
+        raise StorageError(f"{url}: storage unreachable ({describe_endpoint(url)}): {type(e).__name__}: {_first_line(e)}") from None
+    except Exception as e:  # botocore raises its own hierarchy for endpoint/auth problems
+        name = type(e).__name__
+        if any(k in name for k in ("Endpoint", "Credentials", "ClientError", "NoSuchBucket", "ConnectTimeout")):
+            raise StorageError(f"{url}: storage error ({describe_endpoint(url)}): {name}: {_first_line(e)}") from None
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def exists(url: str) -> bool:
+    fs, path = get_fs(url)
+    with storage_errors(url):
+        return fs.exists(path)
+
+
+def read_json(url: str) -> Any:
+    fs, path = get_fs(url)
+    with storage_errors(url):
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write to a temporary name beside the target, then rename; readers never see a partial file."""
+    fs, path = get_fs(url)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    with storage_errors(url):
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+
+
+def write_json_atomic(url: str, obj: Any) -> None:
+    write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def rm(url: str, recursive: bool = True) -> None:
+    fs, path = get_fs(url)
+    with storage_errors(url):
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+
+
+def move_tree(src_url: str, dst_url: str) -> None:
+    """Move every file under src to dst (rename locally; copy+delete on object stores)."""
+    fs, src = get_fs(src_url)
+    _, dst = get_fs(dst_url)
+    with storage_errors(dst_url):
+        if is_local(src_url):
+            os.makedirs(os.path.dirname(dst) or "/", exist_ok=True)
+            os.replace(src, dst)
+            return
+        files = fs.find(src)
+        for f in files:
+            rel = posixpath.relpath(f, src)
+            fs.mv(f, posixpath.join(dst, rel))
+        fs.rm(src, recursive=True) if fs.exists(src) else None
+
+
+def ensure_bucket(url: str) -> None:
+    """Check that the bucket/root of url is reachable before doing work, with a clear error otherwise."""
+    if is_local(url):
+        return
+    fs, path = get_fs(url)
+    bucket = path.split("/", 1)[0]
+    with storage_errors(url):
+        if not fs.exists(bucket):
+            raise StorageError(f"{url}: bucket '{bucket}' does not exist ({describe_endpoint(url)}); create it first")
