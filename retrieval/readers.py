@@ -1,0 +1,552 @@
+"""Source formats -> canonical in-memory tables (interactions batches, items, users).
+
+Each reader only parses and names problems precisely; sharding, splitting and writing are shared
+(retrieval.ingest). Interaction batches carry user_id, item_id, timestamp (int64), rating (float32,
+null when the source has none) and, for sources with their own splits, a `split` column.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from retrieval import storage
+from retrieval.textfiles import Column, IngestError, open_bytes, read_delimited
+
+
+@dataclass
+class Batch:
+    table: pa.Table
+    file: str
+    first_line: int | None  # 1-based line of row 0 in `file` (None for Parquet: rows are named by index)
+
+    def where(self, row: int) -> str:
+        return f"{self.file}:{self.first_line + row}" if self.first_line is not None else f"{self.file} row {row}"
+
+
+@dataclass
+class Source:
+    description: str
+    batches: Callable[[], Iterator[Batch]]
+    items: pa.Table
+    items_file: str
+    users: pa.Table | None = None
+    has_ratings: bool = True
+    given_split: bool = False
+    notes: dict = field(default_factory=dict)
+
+
+def _ls(url: str) -> list[str]:
+    fs, path = storage.get_fs(url)
+    with storage.storage_errors(url):
+        if not fs.exists(path):
+            raise IngestError(f"{url}: source not found")
+        if fs.isfile(path):
+            return [url]
+        return sorted(storage.join(url, p.rsplit("/", 1)[-1]) for p in fs.ls(path, detail=False))
+
+
+def _find(url: str, *names: str, required: bool = True) -> str | None:
+    files = _ls(url)
+    by_name = {f.rsplit("/", 1)[-1]: f for f in files}
+    for n in names:
+        if n in by_name:
+            return by_name[n]
+    if required:
+        raise IngestError(f"{url}: none of {list(names)} found (found: {sorted(by_name)[:12]})")
+    return None
+
+
+def _year(titles: pa.Array) -> pa.Array:
+    years = pc.extract_regex(titles, r"\((?P<y>\d{4})\)\s*$")
+    return pc.cast(pc.struct_field(years, "y"), pa.int32())
+
+
+def _interactions(t: pa.Table, has_rating: bool) -> pa.Table:
+    rating = t["rating"].cast(pa.float32()) if has_rating else pa.nulls(len(t), pa.float32())
+    return pa.table(
+        {"user_id": t["user_id"], "item_id": t["item_id"], "timestamp": t["timestamp"].cast(pa.int64()), "rating": rating}
+    )
+
+
+# --------------------------------------------------------------------------------------------- MovieLens
+_ML1M_OCCUPATIONS = [
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
+    "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer", "programmer",
+    "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
+    "unemployed", "writer",
+]
+_ML1M_AGES = {1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
+
+
+def movielens(src: str) -> Source:
+    """ML-100K (u.data/u.item/u.user), ML-1M/10M (::-separated .dat), ML-20M/25M (ratings.csv/movies.csv)."""
+    if _find(src, "u.data", required=False):
+        return _ml100k(src)
+    if _find(src, "ratings.dat", required=False):
+        return _ml_dat(src)
+    if _find(src, "ratings.csv", required=False):
+        return _ml_csv(src)
+    raise IngestError(f"{src}: not a MovieLens folder (expected u.data, ratings.dat or ratings.csv)")
+
+
+def _ml100k(src: str) -> Source:
+    data = _find(src, "u.data")
+    item_f = _find(src, "u.item")
+    user_f = _find(src, "u.user", required=False)
+    cols = [Column("user_id", "int"), Column("item_id", "int"), Column("rating", "float"), Column("timestamp", "int")]
+
+    def batches():
+        t = read_delimited(data, cols, "\t", what="user item rating timestamp")
+        yield Batch(_interactions(t, True), data, 1)
+
+    item_cols = [Column("item_id", "int"), Column("title", "str"), Column("release", "str"), None, None]
+    genre_names = _ml100k_genres(src)
+    item_cols += [Column(f"g{i}", "int") for i in range(len(genre_names))]
+    it = read_delimited(item_f, item_cols, "|", encoding="latin-1", what="id|title|date||url|genre flags")
+    flags = np.stack([it[f"g{i}"].to_numpy() for i in range(len(genre_names))], axis=1).astype(bool)
+    genres = ["|".join(g for g, f in zip(genre_names, row) if f) for row in flags]
+    items = pa.table({"item_id": it["item_id"], "title": it["title"], "genres": pa.array(genres), "year": _year(it["title"])})
+    users = None
+    if user_f:
+        u = read_delimited(
+            user_f,
+            [Column("user_id", "int"), Column("age", "int"), Column("gender", "str"), Column("occupation", "str"), Column("zip", "str")],
+            "|",
+            encoding="latin-1",
+            what="id|age|gender|occupation|zip",
+        )
+        gender = ["male" if g == "M" else "female" if g == "F" else g for g in u["gender"].to_pylist()]
+        users = u.set_column(u.column_names.index("gender"), "gender", pa.array(gender))
+    return Source(f"MovieLens-100K at {src}", batches, items, item_f, users)
+
+
+def _ml100k_genres(src: str) -> list[str]:
+    g = _find(src, "u.genre", required=False)
+    if g is None:
+        return ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+                "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+    t = read_delimited(g, [Column("name", "str"), Column("idx", "int")], "|", encoding="latin-1", what="name|index")
+    return [n for n, _ in sorted(zip(t["name"].to_pylist(), t["idx"].to_pylist()), key=lambda x: x[1])]
+
+
+def _ml_dat(src: str) -> Source:
+    data = _find(src, "ratings.dat")
+    item_f = _find(src, "movies.dat")
+    user_f = _find(src, "users.dat", required=False)
+    cols = [Column("user_id", "int"), Column("item_id", "int"), Column("rating", "float"), Column("timestamp", "int")]
+
+    def batches():
+        t = read_delimited(data, cols, "::", what="UserID::MovieID::Rating::Timestamp")
+        yield Batch(_interactions(t, True), data, 1)
+
+    it = read_delimited(item_f, [Column("item_id", "int"), Column("title", "str"), Column("genres", "str")], "::",
+                        encoding="latin-1", what="MovieID::Title::Genres")
+    items = pa.table({"item_id": it["item_id"], "title": it["title"], "genres": it["genres"], "year": _year(it["title"])})
+    users = None
+    if user_f:
+        u = read_delimited(user_f, [Column("user_id", "int"), Column("gender", "str"), Column("age", "int"),
+                                    Column("occupation", "int"), Column("zip", "str")], "::", what="UserID::Gender::Age::Occupation::Zip")
+        occ = [(_ML1M_OCCUPATIONS[o] if 0 <= o < len(_ML1M_OCCUPATIONS) else "other") for o in u["occupation"].to_pylist()]
+        gender = ["male" if g == "M" else "female" if g == "F" else g for g in u["gender"].to_pylist()]
+        ages = [_ML1M_AGES.get(a, str(a)) for a in u["age"].to_pylist()]
+        users = pa.table({"user_id": u["user_id"], "gender": gender, "age": ages, "occupation": occ, "zip": u["zip"]})
+    return Source(f"MovieLens (.dat) at {src}", batches, items, item_f, users)
+
+
+def _ml_csv(src: str) -> Source:
+    data = _find(src, "ratings.csv")
+    item_f = _find(src, "movies.csv")
+    cols = [Column("user_id", "int"), Column("item_id", "int"), Column("rating", "float"), Column("timestamp", "int")]
+
+    def batches():
+        t = read_delimited(data, cols, ",", header=True, what="userId,movieId,rating,timestamp")
+        yield Batch(_interactions(t, True), data, 2)
+
+    it = read_delimited(item_f, [Column("item_id", "int"), Column("title", "str"), Column("genres", "str")], ",",
+                        header=True, what="movieId,title,genres")
+    items = pa.table({"item_id": it["item_id"], "title": it["title"], "genres": it["genres"], "year": _year(it["title"])})
+    return Source(f"MovieLens (.csv) at {src}", batches, items, item_f, None)
+
+
+# ----------------------------------------------------------------------------------------------- RecBole
+def _atomic_header(url: str, raw: bytes) -> list[tuple[str, str]]:
+    first = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
+    fields = []
+    for h in first.split("\t"):
+        if ":" not in h:
+            raise IngestError(f"{url}:1: RecBole header field {h!r} is not 'name:type' (e.g. user_id:token)")
+        name, typ = h.rsplit(":", 1)
+        fields.append((name, typ))
+    return fields
+
+
+def _pick(url: str, names: list[str], wanted: tuple[str, ...], role: str, required: bool = True) -> int | None:
+    for w in wanted:
+        if w in names:
+            return names.index(w)
+    for i, n in enumerate(names):
+        if any(w in n for w in wanted):
+            return i
+    if required:
+        raise IngestError(f"{url}: no {role} column (looked for {list(wanted)}; header has {names})")
+    return None
+
+
+def recbole(src: str) -> Source:
+    """RecBole atomic files: {name}.inter, {name}.item, {name}.user (tab-separated, 'field:type' header)."""
+    files = _ls(src)
+    inter = next((f for f in files if f.endswith(".inter")), None)
+    if inter is None:
+        raise IngestError(f"{src}: no *.inter file (RecBole atomic format)")
+    item_f = next((f for f in files if f.endswith(".item")), None)
+    if item_f is None:
+        raise IngestError(f"{src}: no *.item file: titles are needed for prompts")
+    user_f = next((f for f in files if f.endswith(".user")), None)
+
+    raw = open_bytes(inter)
+    head = _atomic_header(inter, raw)
+    names = [n for n, _ in head]
+    ui = _pick(inter, names, ("user_id",), "user id")
+    ii = _pick(inter, names, ("item_id",), "item id")
+    ti = _pick(inter, names, ("timestamp",), "timestamp")
+    ri = _pick(inter, names, ("rating",), "rating", required=False)
+    cols: list[Column | None] = [None] * len(names)
+    cols[ui], cols[ii] = Column("user_id", "int"), Column("item_id", "int")
+    cols[ti] = Column("timestamp", "float")
+    if ri is not None:
+        cols[ri] = Column("rating", "float")
+
+    def batches():
+        t = read_delimited(inter, cols, "\t", header=True, data=raw, what="\t".join(f"{n}:{ty}" for n, ty in head))
+        yield Batch(_interactions(t, ri is not None), inter, 2)
+
+    iraw = open_bytes(item_f)
+    ihead = [n for n, _ in _atomic_header(item_f, iraw)]
+    icols: list[Column | None] = [Column(n, "str") for n in ihead]
+    iid = _pick(item_f, ihead, ("item_id",), "item id")
+    tid = _pick(item_f, ihead, ("movie_title", "title", "name"), "title")
+    icols[iid] = Column("item_id", "int")
+    icols[tid] = Column("title", "str")
+    it = read_delimited(item_f, icols, "\t", header=True, data=iraw, what="RecBole item file")
+    items = {"item_id": it["item_id"], "title": it["title"]}
+    for n in it.column_names:
+        if n in ("item_id", "title"):
+            continue
+        key = {"class": "genres", "genre": "genres", "release_year": "year"}.get(n, n)
+        items[key] = it[n]
+    if "genres" in items:
+        items["genres"] = pc.replace_substring(items["genres"], " ", "|")
+    if "year" in items:
+        items["year"] = _int_or_null(items["year"])
+    users = None
+    if user_f:
+        uraw = open_bytes(user_f)
+        uhead = [n for n, _ in _atomic_header(user_f, uraw)]
+        ucols: list[Column | None] = [Column(n, "str") for n in uhead]
+        ucols[_pick(user_f, uhead, ("user_id",), "user id")] = Column("user_id", "int")
+        u = read_delimited(user_f, ucols, "\t", header=True, data=uraw, what="RecBole user file")
+        udict = {("zip" if n == "zip_code" else n): u[n] for n in u.column_names}
+        if "age" in udict:
+            udict["age"] = _int_or_null(udict["age"])
+        if "gender" in udict:
+            g = udict["gender"].to_pylist()
+            udict["gender"] = ["male" if x == "M" else "female" if x == "F" else x for x in g]
+        users = pa.table(udict)
+    return Source(f"RecBole atomic files at {src}", batches, pa.table(items), item_f, users)
+
+
+def _int_or_null(col) -> pa.Array:
+    """Numeric-looking text -> int32, anything else -> null (years like '1995', ages like '24')."""
+    text = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
+    ok = pc.match_substring_regex(text, r"^-?\d+$")
+    return pc.cast(pc.if_else(ok, text, pa.scalar(None, pa.string())), pa.int32())
+
+
+# ------------------------------------------------------------------------------------------------- LLaRA
+_LLARA_SPLITS = (("train", ("train_data.jsonl", "Train_data.jsonl")), ("valid", ("val_data.jsonl", "Val_data.jsonl")),
+                 ("test", ("test_data.jsonl", "Test_data.jsonl")))
+
+
+def llara(src: str, items_src: str | None = None) -> Source:
+    """LLaRA/iLoRA next-item JSONL ({"seq": [...], "len_seq": n, "next": id}).
+
+    Every row becomes one pseudo-user: its real history items (pad ids dropped) as `context` rows at
+    timestamps 0..n-1 and the target at timestamp n with the file's split. The `.df` pickles are never read.
+    """
+    found = {}
+    for split, names in _LLARA_SPLITS:
+        f = _find(src, *names, required=False)
+        if f:
+            found[split] = f
+    if not found:
+        if _find(src, "train_data.df", "Val_data.df", "Test_data.df", required=False):
+            raise IngestError(f"{src}: only pandas pickles (*.df) found; convert them to JSONL (pickles are never loaded)")
+        raise IngestError(f"{src}: no LLaRA JSONL files (train_data.jsonl / val_data.jsonl / test_data.jsonl)")
+    items_f = items_src or _find(src, "id2name.txt", required=False) or _find(storage.join(src, "orig"), "id2name.txt", "u.item")
+    items = _llara_items(items_f)
+    pad = int(pc.max(items["item_id"]).as_py()) + 1
+
+    def batches():
+        offset = 0
+        for split, f in found.items():
+            table = _llara_rows(f, split, pad, offset)
+            offset += int(table.num_rows and pc.max(table["user_id"]).as_py() + 1 - offset)
+            yield Batch(table, f, None)
+
+    return Source(f"LLaRA next-item JSONL at {src}", batches, items, items_f, None, has_ratings=False, given_split=True,
+                  notes={"pad_id": pad, "files": found})
+
+
+def _llara_items(url: str) -> pa.Table:
+    raw = open_bytes(url)
+    if url.endswith("u.item"):  # LLaRA's MovieLens: item id = u.item id - 1
+        t = read_delimited(url, [Column("item_id", "int"), Column("title", "str"), None, None, None] + [None] * 19, "|",
+                           encoding="latin-1", data=raw, what="u.item")
+        return pa.table({"item_id": pc.subtract(t["item_id"], 1), "title": t["title"], "year": _year(t["title"])})
+    ids, titles = [], []
+    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if "::" not in line:
+            raise IngestError(f"{url}:{lineno}: expected 'id::name', got {line[:80]!r}")
+        a, b = line.split("::", 1)
+        try:
+            ids.append(int(a))
+        except ValueError:
+            raise IngestError(f"{url}:{lineno}: item id {a!r} is not an integer") from None
+        titles.append(b.strip())
+    return pa.table({"item_id": pa.array(ids, pa.int64()), "title": pa.array(titles)})
+
+
+def _llara_rows(url: str, split: str, pad: int, user_offset: int) -> pa.Table:
+    raw = open_bytes(url)
+    users, items, times, ratings, splits = [], [], [], [], []
+    has_r = b'"seq_ratings"' in raw[:4096]
+    n_rows = 0
+    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            seq, n, nxt = row["seq"], int(row["len_seq"]), int(row["next"])
+        except json.JSONDecodeError as e:
+            raise IngestError(f"{url}:{lineno}: not valid JSON ({e.msg}); truncated file?") from None
+        except KeyError as e:
+            raise IngestError(f"{url}:{lineno}: missing field {e.args[0]!r} (expected seq, len_seq, next)") from None
+        except (TypeError, ValueError):
+            raise IngestError(f"{url}:{lineno}: len_seq/next must be integers") from None
+        hist = [int(s) for s in seq[:n] if int(s) != pad]
+        u = user_offset + n_rows
+        rs = row.get("seq_ratings") if has_r else None
+        users.extend([u] * (len(hist) + 1))
+        items.extend(hist + [nxt])
+        times.extend(range(len(hist) + 1))
+        if has_r:
+            hist_r = [float(r) for s, r in zip(seq[:n], rs[:n]) if int(s) != pad]
+            ratings.extend(hist_r + [float(row.get("next_rating", float("nan")))])
+        splits.extend(["context"] * len(hist) + [split])
+        n_rows += 1
+    if n_rows == 0:
+        raise IngestError(f"{url}: file is empty (expected LLaRA JSONL rows)")
+    rating = pa.array(ratings, pa.float32()) if has_r else pa.nulls(len(items), pa.float32())
+    return pa.table({"user_id": pa.array(users, pa.int64()), "item_id": pa.array(items, pa.int64()),
+                     "timestamp": pa.array(times, pa.int64()), "rating": rating, "split": pa.array(splits)})
+
+
+# ----------------------------------------------------------------------------------------------- generic
+def generic(src: str, items_src: str | None, users_src: str | None, columns, encoding: str = "utf-8",
+            batch_rows: int = 1 << 20) -> Source:
+    """The user's own CSV/Parquet: interactions (user, item, timestamp[, rating]) + an items file with titles."""
+    if items_src is None:
+        raise IngestError("generic format needs an items file with titles: pass --items PATH")
+    need = {"user_id": columns.user, "item_id": columns.item, "timestamp": columns.timestamp}
+    if columns.rating:
+        need["rating"] = columns.rating
+
+    files = [f for f in _ls(src) if f.endswith((".csv", ".parquet", ".tsv", ".pq"))]
+    if not files:
+        raise IngestError(f"{src}: no .csv/.tsv/.parquet files")
+
+    def batches():
+        for f in files:
+            yield from _generic_batches(f, need, columns, encoding, batch_rows)
+
+    items = _generic_table(items_src, {"item_id": columns.item_id, "title": columns.title}, encoding, keep_rest=True)
+    users = _generic_table(users_src, {"user_id": columns.user}, encoding, keep_rest=True) if users_src else None
+    return Source(f"generic files at {src}", batches, items, items_src, users, has_ratings=bool(columns.rating))
+
+
+def _check_columns(url: str, available: list[str], need: dict[str, str]) -> None:
+    import difflib
+
+    for canon, name in need.items():
+        if name not in available:
+            close = difflib.get_close_matches(name, available, n=1)
+            opt = {"user_id": "--user-col", "item_id": "--item-col", "timestamp": "--time-col", "rating": "--rating-col",
+                   "title": "--title-col"}.get(canon, "")
+            raise IngestError(
+                f"{url}: column {name!r} ({canon}) not found; columns are {available}"
+                + (f"; did you mean {close[0]!r}?" if close else "") + (f" Set it with {opt}." if opt else "")
+            )
+
+
+def _to_canonical(url: str, t: pa.Table, need: dict[str, str], first_row: int, is_csv: bool) -> pa.Table:
+    out = {}
+    for canon, name in need.items():
+        col = t[name]
+        if canon in ("user_id", "item_id"):
+            col = _as_int(url, col, name, first_row, is_csv)
+        elif canon == "timestamp":
+            if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+                col = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
+            elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                try:
+                    col = pc.cast(pc.cast(pc.strptime(col, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=False), pa.timestamp("s")), pa.int64())
+                except pa.ArrowInvalid:
+                    col = _as_int(url, col, name, first_row, is_csv)
+            else:
+                col = _as_int(url, col, name, first_row, is_csv)
+        elif canon == "rating":
+            if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+                bad = _first_bad(col, float)
+                raise IngestError(f"{_where(url, first_row + bad[0], is_csv)}: column {name!r} must be numeric, got {bad[1]!r}")
+            col = pc.cast(col, pa.float32())
+        out[canon] = col
+    if "rating" not in out:
+        out["rating"] = pa.nulls(len(t), pa.float32())
+    return pa.table(out)
+
+
+def _where(url: str, row: int, is_csv: bool) -> str:
+    return f"{url}:{row + 2}" if is_csv else f"{url} row {row}"
+
+
+def _first_bad(col, conv) -> tuple[int, object]:
+    for i, v in enumerate(col.to_pylist()):
+        try:
+            conv(v)
+        except (TypeError, ValueError):
+            return i, v
+    return 0, None
+
+
+def _as_int(url: str, col, name: str, first_row: int, is_csv: bool):
+    if pa.types.is_integer(col.type):
+        return pc.cast(col, pa.int64())
+    if pa.types.is_floating(col.type):
+        arr = col.to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
+        if len(bad):
+            raise IngestError(f"{_where(url, first_row + int(bad[0]), is_csv)}: column {name!r} must be an integer id, got {arr[bad[0]]!r}")
+        return pa.array(arr.astype(np.int64))
+    try:
+        return pc.cast(col, pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        i, v = _first_bad(col, int)
+        raise IngestError(
+            f"{_where(url, first_row + i, is_csv)}: column {name!r} must be an integer id, got {v!r} "
+            f"(map string ids to integers first)"
+        ) from None
+
+
+def _generic_batches(url: str, need: dict[str, str], columns, encoding: str, batch_rows: int) -> Iterator[Batch]:
+    fs, path = storage.get_fs(url)
+    is_csv = not url.endswith((".parquet", ".pq"))
+    if not is_csv:
+        with storage.storage_errors(url), fs.open(path, "rb") as fh:
+            try:
+                pf = pq.ParquetFile(fh)
+            except pa.ArrowInvalid as e:
+                raise IngestError(f"{url}: not a readable Parquet file ({e}); truncated or corrupt?") from None
+            _check_columns(url, pf.schema_arrow.names, need)
+            row = 0
+            for rb in pf.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys(need.values()))):
+                t = pa.Table.from_batches([rb])
+                yield Batch(_to_canonical(url, t, need, row, False), url, None)
+                row += t.num_rows
+        return
+    import pyarrow.csv as pacsv
+
+    delim = "\t" if url.endswith(".tsv") else ","
+    raw = open_bytes(url)
+    if not raw.strip():
+        raise IngestError(f"{url}: file is empty")
+    header = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r").split(delim)
+    if len(header) == 1 and len(need) > 1:
+        raise IngestError(f"{url}:1: header has one column {header[0][:60]!r}: wrong delimiter? expected {delim!r}")
+    _check_columns(url, header, need)
+    import io
+
+    try:
+        t = pacsv.read_csv(io.BytesIO(raw), read_options=pacsv.ReadOptions(encoding=encoding, block_size=1 << 24),
+                           parse_options=pacsv.ParseOptions(delimiter=delim),
+                           convert_options=pacsv.ConvertOptions(include_columns=list(dict.fromkeys(need.values()))))
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        raise _csv_problem(url, raw, delim, len(header), encoding, e) from None
+    yield Batch(_to_canonical(url, t, need, 0, True), url, 2)
+
+
+def _csv_problem(url: str, raw: bytes, delim: str, ncols: int, encoding: str, err) -> IngestError:
+    import csv
+    import io
+
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return IngestError(f"{url}:{line}: bytes are not valid {encoding} at byte {e.start}; pass --encoding (e.g. latin-1)")
+    for lineno, fields in enumerate(csv.reader(io.StringIO(text), delimiter=delim), 1):
+        if fields and len(fields) != ncols:
+            return IngestError(f"{url}:{lineno}: expected {ncols} fields like the header, found {len(fields)}; truncated line?")
+    return IngestError(f"{url}: cannot parse CSV ({str(err).splitlines()[0][:200]})")
+
+
+def _generic_table(url: str, need: dict[str, str], encoding: str, keep_rest: bool) -> pa.Table:
+    batches = list(_generic_side(url, need, encoding))
+    return batches[0]
+
+
+def _generic_side(url: str, need: dict[str, str], encoding: str) -> Iterator[pa.Table]:
+    fs, path = storage.get_fs(url)
+    if url.endswith((".parquet", ".pq")):
+        with storage.storage_errors(url), fs.open(path, "rb") as fh:
+            try:
+                t = pq.read_table(fh)
+            except pa.ArrowInvalid as e:
+                raise IngestError(f"{url}: not a readable Parquet file ({e})") from None
+        is_csv = False
+    else:
+        import io
+
+        import pyarrow.csv as pacsv
+
+        raw = open_bytes(url)
+        if not raw.strip():
+            raise IngestError(f"{url}: file is empty")
+        delim = "\t" if url.endswith(".tsv") else ","
+        try:
+            t = pacsv.read_csv(io.BytesIO(raw), read_options=pacsv.ReadOptions(encoding=encoding),
+                               parse_options=pacsv.ParseOptions(delimiter=delim))
+        except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+            header = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").split(delim)
+            raise _csv_problem(url, raw, delim, len(header), encoding, e) from None
+        is_csv = True
+    _check_columns(url, t.column_names, need)
+    out = {}
+    for canon, name in need.items():
+        col = t[name]
+        out[canon] = _as_int(url, col, name, 0, is_csv) if canon.endswith("_id") else pc.cast(col, pa.string())
+    for name in t.column_names:
+        if name not in need.values() and name not in out:
+            out[name] = t[name]
+    yield pa.table(out)
+
+
+READERS = {"movielens": movielens, "recbole": recbole, "llara": llara, "generic": generic}
