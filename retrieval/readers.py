@@ -532,6 +532,11 @@ def _generic_side(url: str, need: dict[str, str], encoding: str) -> Iterator[pa.
             raise IngestError(f"{url}: file is empty")
         delim = "\t" if url.endswith(".tsv") else ","
         try:
+            raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise IngestError(f"{url}:{line}: bytes are not valid {encoding} at byte {e.start}; pass --encoding (e.g. latin-1)") from None
+        try:
             t = pacsv.read_csv(io.BytesIO(raw), read_options=pacsv.ReadOptions(encoding=encoding),
                                parse_options=pacsv.ParseOptions(delimiter=delim))
         except (pa.ArrowInvalid, UnicodeDecodeError) as e:

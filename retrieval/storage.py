@@ -105,7 +105,9 @@ def storage_errors(url: str) -> Iterator[None]:
         raise StorageError(f"{url}: storage unreachable ({describe_endpoint(url)}): {type(e).__name__}: {_first_line(e)}") from None
     except Exception as e:  # botocore raises its own hierarchy for endpoint/auth problems
         name = type(e).__name__
-        if any(k in name for k in ("Endpoint", "Credentials", "ClientError", "NoSuchBucket", "ConnectTimeout")):
+        if any(k in name for k in ("Endpoint", "Connect", "Timeout")):
+            raise StorageError(f"{url}: storage unreachable ({describe_endpoint(url)}): {name}: {_first_line(e)}") from None
+        if any(k in name for k in ("Credentials", "ClientError", "NoSuchBucket")):
             raise StorageError(f"{url}: storage error ({describe_endpoint(url)}): {name}: {_first_line(e)}") from None
         raise
 
@@ -175,5 +177,7 @@ def ensure_bucket(url: str) -> None:
     fs, path = get_fs(url)
     bucket = path.split("/", 1)[0]
     with storage_errors(url):
-        if not fs.exists(bucket):
-            raise StorageError(f"{url}: bucket '{bucket}' does not exist ({describe_endpoint(url)}); create it first")
+        try:
+            fs.ls(bucket, detail=False)  # unlike exists(), this raises on a dead endpoint or bad keys
+        except FileNotFoundError:
+            raise StorageError(f"{url}: bucket '{bucket}' does not exist ({describe_endpoint(url)}); create it first") from None
