@@ -103,8 +103,16 @@ def ingest(fmt: str, src: str, out: str, opts: IngestOptions, items: str | None 
         if n_spilled == 0:
             raise IngestError(f"{source.description}: no interactions left to ingest")
         keep_users, keep_items = _kcore(spill_dir, opts, counts) if opts.kcore > 0 else (None, None)
-        cut = _time_cut(spill_dir, opts, keep_users, keep_items) if split_method == "global_time" else None
-        shard_stats = _pass2_write(spill_dir, staging, opts, split_method, cut, keep_users, keep_items, counts)
+        cut, presorted = None, False
+        if split_method == "global_time":
+            # The cut needs the deduplicated, filtered rows of every bucket: sort them once, here.
+            stamps, c = _prepare_buckets(spill_dir, keep_users, keep_items, opts.workers)
+            counts.duplicates += c["duplicates"]
+            counts.kcore_removed += c["kcore_removed"]
+            cut, presorted = _time_cut(spill_dir, opts, stamps), True
+            del stamps
+        shard_stats = _pass2_write(spill_dir, staging, opts, split_method, cut,
+                                   None if presorted else keep_users, None if presorted else keep_items, counts, presorted)
         rows = sum(s["rows"] for s in shard_stats)
         if rows == 0:
             raise IngestError(f"{source.description}: every interaction was filtered out (kcore={opts.kcore})")
@@ -226,8 +234,7 @@ def _validate_batch(batch: readers.Batch, opts: IngestOptions, known_items: np.n
                     f"pass --on-bad-rows skip to drop and count them"
                 )
     items = t["item_id"].to_numpy()
-    pos = np.searchsorted(known_items, items)
-    unknown = (pos >= len(known_items)) | (known_items[np.minimum(pos, len(known_items) - 1)] != items)
+    unknown = _unknown(items, known_items)
     if unknown.any():
         if opts.on_bad_rows == "skip":
             counts.unknown_items += int((unknown & keep).sum())
@@ -241,6 +248,18 @@ def _validate_batch(batch: readers.Batch, opts: IngestOptions, known_items: np.n
     if not keep.all():
         t = t.filter(pa.array(keep))
     return t
+
+
+def _unknown(items: np.ndarray, known_sorted: np.ndarray) -> np.ndarray:
+    """Mask of ids not in the items table: a dense lookup table when ids are compact, else binary search."""
+    lo, hi = int(known_sorted[0]), int(known_sorted[-1])
+    if lo >= 0 and hi < 1 << 26:
+        table = np.zeros(hi + 2, dtype=bool)
+        table[known_sorted] = True
+        idx = np.clip(items, 0, hi + 1)
+        return ~table[idx] | (items != idx)
+    pos = np.searchsorted(known_sorted, items)
+    return (pos >= len(known_sorted)) | (known_sorted[np.minimum(pos, len(known_sorted) - 1)] != items)
 
 
 def _read_spill(path: str) -> pa.Table:
@@ -273,6 +292,41 @@ def _kcore(spill_dir: str, opts: IngestOptions, counts: _Counts) -> tuple[np.nda
     return np.unique(u), np.unique(i)
 
 
+def _sort_order(u: np.ndarray, ts: np.ndarray, it: np.ndarray) -> tuple[np.ndarray, int]:
+    """Row order by (user, timestamp, item), keeping the first source row of exact duplicates.
+
+    Returns (indices into the input, number of duplicates dropped). When the three ranges fit in 64 bits
+    we sort one packed key (an order of magnitude faster than a 3-key lexsort); otherwise lexsort.
+    """
+    n = len(u)
+    if n == 0:
+        return np.zeros(0, np.int64), 0
+    spans = [int(a.max()) - int(a.min()) + 1 for a in (u, ts, it)]
+    bits = [max(1, (s - 1).bit_length()) for s in spans]
+    if sum(bits) <= 64:
+        key = (u - u.min()).astype(np.uint64) << np.uint64(bits[1] + bits[2])
+        key |= (ts - ts.min()).astype(np.uint64) << np.uint64(bits[2])
+        key |= (it - it.min()).astype(np.uint64)
+        order = np.argsort(key)  # not stable: duplicates are resolved to their first row below
+        ks = key[order]
+    else:
+        order = np.lexsort((it, ts, u))
+        ks = None
+    if ks is not None:
+        new = np.empty(n, dtype=bool)
+        new[0] = True
+        np.not_equal(ks[1:], ks[:-1], out=new[1:])
+    else:
+        us, tss, its = u[order], ts[order], it[order]
+        new = np.empty(n, dtype=bool)
+        new[0] = True
+        new[1:] = (us[1:] != us[:-1]) | (tss[1:] != tss[:-1]) | (its[1:] != its[:-1])
+    starts = np.flatnonzero(new)
+    if len(starts) == n:
+        return order, 0
+    return np.minimum.reduceat(order, starts), n - len(starts)
+
+
 def _sorted_bucket(path: str, keep_users, keep_items, counts: _Counts | None) -> pa.Table:
     t = _read_spill(path)
     if keep_users is not None:
@@ -280,41 +334,45 @@ def _sorted_bucket(path: str, keep_users, keep_items, counts: _Counts | None) ->
         if counts is not None:
             counts.kcore_removed += t.num_rows - pc.sum(mask).as_py()
         t = t.filter(mask)
-    u = t["user_id"].to_numpy()
-    ts = t["timestamp"].to_numpy()
-    it = t["item_id"].to_numpy()
-    order = np.lexsort((it, ts, u))  # stable: ties keep source order
-    t = t.take(pa.array(order))
-    u, ts, it = u[order], ts[order], it[order]
-    dup = np.zeros(len(u), dtype=bool)
-    dup[1:] = (u[1:] == u[:-1]) & (ts[1:] == ts[:-1]) & (it[1:] == it[:-1])
-    if dup.any():
-        if counts is not None:
-            counts.duplicates += int(dup.sum())
-        t = t.filter(pa.array(~dup))
-    return t
+    order, dups = _sort_order(t["user_id"].to_numpy(), t["timestamp"].to_numpy(), t["item_id"].to_numpy())
+    if counts is not None:
+        counts.duplicates += dups
+    return t.take(pa.array(order))
 
 
-def _time_cut(spill_dir: str, opts: IngestOptions, keep_users, keep_items) -> dict:
+def _prepare_buckets(spill_dir: str, keep_users, keep_items, workers: int) -> tuple[np.ndarray, dict]:
+    """Sort/dedup/filter every bucket once, in place (Arrow files), and return all timestamps."""
+    files = _spill_files(spill_dir)
+
+    def one(path):
+        c = _Counts()
+        t = _sorted_bucket(path, keep_users, keep_items, c)
+        tmp = path + ".sorted"
+        with ipc.new_file(tmp, t.schema) as w:
+            w.write_table(t)
+        os.replace(tmp, path)
+        return t["timestamp"].to_numpy(), c
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        res = list(pool.map(one, [f for _, f in files]))
+    counts = {"duplicates": sum(c.duplicates for _, c in res), "kcore_removed": sum(c.kcore_removed for _, c in res)}
+    return np.concatenate([ts for ts, _ in res]), counts
+
+
+def _time_cut(spill_dir: str, opts: IngestOptions, stamps: np.ndarray) -> dict:
     """Global time order split points, exact under ties: rows are ordered by (timestamp, user, item)."""
-    stamps = []
-    for _, f in _spill_files(spill_dir):
-        t = _sorted_bucket(f, keep_users, keep_items, None)
-        stamps.append(t["timestamp"].to_numpy())
-    ts = np.concatenate(stamps)
-    n = len(ts)
-    ts.sort()
+    n = len(stamps)
     bounds = []
     for frac in (opts.split_ratios[0], opts.split_ratios[0] + opts.split_ratios[1]):
         k = int(round(n * frac))
         if k >= n:
             bounds.append(None)
             continue
-        t_k = int(ts[k])
-        need = k - int(np.searchsorted(ts, t_k, side="left"))  # rows at t_k that fall before the cut
+        t_k = int(np.partition(stamps, k)[k])
+        need = k - int(np.count_nonzero(stamps < t_k))  # rows at t_k that fall before the cut
         ties = []
         for _, f in _spill_files(spill_dir):
-            t = _sorted_bucket(f, keep_users, keep_items, None)
+            t = _read_spill(f)
             m = t["timestamp"].to_numpy() == t_k
             if m.any():
                 ties.append(np.stack([t["user_id"].to_numpy()[m], t["item_id"].to_numpy()[m]], axis=1))
@@ -365,9 +423,10 @@ def _assign_splits(t: pa.Table, method: str, cut: dict | None) -> np.ndarray:
     return codes
 
 
-def _write_shard(b: int, path: str, staging: str, opts: IngestOptions, method: str, cut, keep_users, keep_items) -> dict:
+def _write_shard(b: int, path: str, staging: str, opts: IngestOptions, method: str, cut, keep_users, keep_items,
+                 presorted: bool) -> dict:
     counts = _Counts()
-    t = _sorted_bucket(path, keep_users, keep_items, counts)
+    t = _read_spill(path) if presorted else _sorted_bucket(path, keep_users, keep_items, counts)
     codes = _assign_splits(t, method, cut)
     rating = t["rating"]
     if opts.task == "ctr":
@@ -398,13 +457,13 @@ def _write_shard(b: int, path: str, staging: str, opts: IngestOptions, method: s
     }
 
 
-def _pass2_write(spill_dir, staging, opts, method, cut, keep_users, keep_items, counts: _Counts) -> list[dict]:
+def _pass2_write(spill_dir, staging, opts, method, cut, keep_users, keep_items, counts: _Counts, presorted: bool) -> list[dict]:
     files = _spill_files(spill_dir)
     present = {b for b, _ in files}
     stats = []
     bar = tqdm(total=len(files), desc="ingest: write shards", unit="shard", disable=not opts.progress)
     with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
-        futs = [pool.submit(_write_shard, b, f, staging, opts, method, cut, keep_users, keep_items) for b, f in files]
+        futs = [pool.submit(_write_shard, b, f, staging, opts, method, cut, keep_users, keep_items, presorted) for b, f in files]
         for fut in futs:
             stats.append(fut.result())
             bar.update(1)

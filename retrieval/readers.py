@@ -518,7 +518,7 @@ def _generic_side(url: str, need: dict[str, str], encoding: str) -> Iterator[pa.
     if url.endswith((".parquet", ".pq")):
         with storage.storage_errors(url), fs.open(path, "rb") as fh:
             try:
-                t = pq.read_table(fh)
+                t = pq.ParquetFile(fh).read()
             except pa.ArrowInvalid as e:
                 raise IngestError(f"{url}: not a readable Parquet file ({e})") from None
         is_csv = False
