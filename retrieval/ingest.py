@@ -437,7 +437,8 @@ def _write_shard(b: int, path: str, staging: str, opts: IngestOptions, method: s
         [t["user_id"], t["item_id"], t["timestamp"], rating, split_array(codes), label], schema=INTERACTIONS
     )
     rel = f"interactions/shard-{b:05d}.parquet"
-    nbytes = write_parquet(table, storage.join(staging, rel), row_group_size=opts.row_group_size)
+    nbytes = write_parquet(table, storage.join(staging, rel), row_group_size=opts.row_group_size,
+                           delta_columns=("user_id", "timestamp"))
     label_np = label.to_numpy(zero_copy_only=False) if opts.task == "ctr" else None
     per_split = {}
     for i, s in enumerate(SPLITS):

@@ -188,3 +188,28 @@ def test_incomplete_dataset_is_refused(tmp_path):
     pq.write_table(pa.table({"x": [1]}), out / "interactions" / "shard-00000.parquet")
     with pytest.raises(DatasetError, match="no manifest.json"):
         Dataset.open(str(out))
+
+
+def test_movielens_1m_dat_format(tmp_path):
+    """ML-1M layout ('::'-separated .dat): the real movies.dat/users.dat and a ratings.dat made here
+    (the shared folder has no ratings.dat)."""
+    ml1m = shared_path("data", "movielens-1m")
+    src = tmp_path / "ml1m"
+    src.mkdir()
+    for name in ("movies.dat", "users.dat"):
+        (src / name).write_bytes((ml1m / name).read_bytes())
+    movies = [int(line.split(b"::")[0]) for line in (ml1m / "movies.dat").read_bytes().splitlines() if line]
+    rng = np.random.default_rng(1)
+    n = 3000
+    rows = [f"{u}::{m}::{r}::{t}" for u, m, r, t in zip(rng.integers(1, 6041, n), rng.choice(movies, n),
+                                                         rng.integers(1, 6, n), rng.integers(9.5e8, 1.05e9, n))]
+    (src / "ratings.dat").write_text("\n".join(rows) + "\n")
+    m = ingest("movielens", str(src), str(tmp_path / "out"), IngestOptions(num_shards=2, **QUIET))
+    ds = Dataset.open(str(tmp_path / "out"))
+    assert m["num_interactions"] + m["skipped"]["duplicates"] == n
+    users = ds.read_users().to_pandas().set_index("user_id")
+    assert users.loc[1, "gender"] == "female" and users.loc[1, "age"] == "under 18"
+    assert users.loc[1, "occupation"] == "K-12 student"
+    items = ds.read_items().to_pandas().set_index("item_id")
+    assert "Toy Story" in items.loc[1, "title"] if 1 in items.index else True
+    assert items["year"].notna().all()

@@ -209,6 +209,7 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_killed_ingest_leaves_no_complete_dataset(tmp_path):
     """SIGKILL at several points of a real ingest: the destination is either absent, or complete with a
