@@ -6,7 +6,12 @@ export TORCH_EXTENSIONS_DIR="$_RECLORA_ROOT/.cache/torch_extensions"
 export HF_HOME="$_RECLORA_ROOT/.cache/hf"
 export TRITON_CACHE_DIR="$_RECLORA_ROOT/.cache/triton"
 export MPLCONFIGDIR="$_RECLORA_ROOT/.cache/matplotlib"
-export RAY_TMPDIR="${RAY_TMPDIR:-/tmp/ray_reclora}"
+# Ray keeps its session (logs, spilled objects) in the workspace, unless the path is too long for the
+# Unix sockets it creates there (108 bytes, including Ray's own ~70-character session suffix).
+if [ -z "${RAY_TMPDIR:-}" ]; then
+  if [ ${#_RECLORA_ROOT} -le 24 ]; then export RAY_TMPDIR="$_RECLORA_ROOT/.cache/ray"; else export RAY_TMPDIR="/tmp/ray-reclora-$(id -u)"; fi
+fi
+mkdir -p "$RAY_TMPDIR" 2>/dev/null || true
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_AUTH_MODE=disabled
