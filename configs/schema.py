@@ -136,6 +136,8 @@ class TrainerConfig(Strict):
     keep_last: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     hybrid_item_emb: bool = False  # LLaRA hybrid item tokens (iLoRA presets)
+    eval_batch_size: int = Field(16, ge=1)
+    resume: Optional[str] = None  # a checkpoint URL; default: the run's latest complete checkpoint
 
     @model_validator(mode="after")
     def _check(self):
@@ -158,6 +160,8 @@ class RetrievalConfig(Strict):
     empty_history: Literal["keep", "drop"] = "keep"
     num_workers: int = Field(2, ge=1)
     max_eval_samples: Optional[int] = Field(None, ge=1)
+    # Where the built samples live; relative names resolve under run.output_dir.
+    samples_url: str = Field("samples/ml-100k-ctr", min_length=1)
 
 
 class TeacherConfig(Strict):
@@ -173,6 +177,9 @@ class TeacherConfig(Strict):
     batch_size: int = Field(1024, ge=1)
     patience: int = Field(2, ge=0)
     num_workers: int = Field(2, ge=1)
+    # The trained teacher and its scored representations; relative names resolve under run.output_dir.
+    model_url: str = Field("teachers/ml-100k-din", min_length=1)
+    reps_url: str = Field("reps/ml-100k-din", min_length=1)
 
 
 class Config(Strict):

@@ -1,0 +1,188 @@
+"""Checkpoints: plain, explicit, world-size independent, and never pickled.
+
+    {run}/checkpoints/step-00000040/
+        rank-00000-of-00002.safetensors    this rank's share of the trainable state: for each parameter
+        rank-00001-of-00002.safetensors    it owns (parameter i -> rank i % world), the full fp32 value and
+                                           its optimizer moments ("<name>::param", "::exp_avg", ...)
+        rank-00000.json                    per-rank metadata: RNG states, data cursor
+        meta.json                          step, optimizer scalars, scheduler state, config hash, metrics
+        COMPLETE                           written last, by rank 0, after every rank's files are on storage
+
+Only trainable tensors (adapter, gates, projector) are saved; the frozen base never is. Because every
+parameter is stored whole, a checkpoint written by N workers loads on M workers. A folder without
+COMPLETE (a crash mid-save) is skipped, so the previous checkpoint stays the latest.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from retrieval import storage
+
+_STEP_DIR = re.compile(r"step-(\d{8})$")
+MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (incompatible config, missing files); the message says why."""
+
+
+def step_dir(run_url: str, step: int) -> str:
+    return storage.join(run_url, "checkpoints", f"step-{step:08d}")
+
+
+def config_fingerprint(parts: dict[str, Any]) -> str:
+    """Hash of the config parts a checkpoint's tensors depend on (model, adapter shape, task)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def list_checkpoints(run_url: str) -> list[tuple[int, str, bool]]:
+    """(step, url, complete) for every step folder, oldest first."""
+    root = storage.join(run_url, "checkpoints")
+    fs, path = storage.get_fs(root)
+    with storage.storage_errors(root):
+        if not fs.exists(path):
+            return []
+        entries = fs.ls(path, detail=False)
+    out = []
+    for e in entries:
+        m = _STEP_DIR.search(e.rstrip("/"))
+        if m:
+            url = storage.join(root, m.group(0))
+            out.append((int(m.group(1)), url, storage.exists(storage.join(url, MARKER))))
+    return sorted(out)
+
+
+def latest_complete(run_url: str) -> str | None:
+    """The newest checkpoint whose files are all present; partial ones are skipped with a warning."""
+    for step, url, complete in reversed(list_checkpoints(run_url)):
+        if not complete:
+            warnings.warn(f"skipping incomplete checkpoint {url} (no {MARKER} marker: a crash during save?)", stacklevel=2)
+            continue
+        try:
+            meta = storage.read_json(storage.join(url, "meta.json"))
+            for r in range(meta["world_size"]):
+                for name in (_rank_tensors(r, meta["world_size"]), f"rank-{r:05d}.json"):
+                    if not storage.exists(storage.join(url, name)):
+                        raise CheckpointError(f"missing {name}")
+        except (CheckpointError, KeyError, ValueError) as e:
+            warnings.warn(f"skipping corrupt checkpoint {url}: {e}", stacklevel=2)
+            continue
+        return url
+    return None
+
+
+def _rank_tensors(rank: int, world: int) -> str:
+    return f"rank-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def rng_state() -> dict[str, str]:
+    import random
+
+    import numpy as np
+
+    state = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": json.dumps(random.getstate(), default=list),
+        "numpy": json.dumps(_np_state(np.random.get_state())),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _np_state(s) -> list:
+    return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
+
+
+def set_rng_state(state: dict[str, str]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = json.loads(state["numpy"])
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+@dataclass
+class TrainState:
+    """What a worker needs to continue exactly where a checkpoint left off."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]  # "<param>::param" / "<param>::exp_avg" / "<param>::exp_avg_sq"
+    meta: dict[str, Any]
+    rank_meta: dict[str, Any] | None  # this rank's RNG and cursor (None when the world size changed)
+
+
+def save(run_url: str, step: int, rank: int, world: int, my_tensors: dict[str, torch.Tensor], rank_meta: dict,
+         meta: dict | None, barrier) -> str:
+    """Collective save. Every rank writes its tensor share and metadata; after a barrier, rank 0 writes
+    meta.json and then the COMPLETE marker, so the checkpoint is visible only when whole."""
+    url = step_dir(run_url, step)
+    blob = st_save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in my_tensors.items()})
+    storage.write_bytes_atomic(storage.join(url, _rank_tensors(rank, world)), blob)
+    storage.write_json_atomic(storage.join(url, f"rank-{rank:05d}.json"), rank_meta)
+    barrier()
+    if rank == 0:
+        assert meta is not None
+        storage.write_json_atomic(storage.join(url, "meta.json"), dict(meta, step=step, world_size=world))
+        storage.write_bytes_atomic(storage.join(url, MARKER), b"ok\n")
+    barrier()
+    return url
+
+
+def prune(run_url: str, keep_last: int) -> list[str]:
+    """Delete all but the newest `keep_last` complete checkpoints (and older incomplete ones)."""
+    ckpts = list_checkpoints(run_url)
+    complete = [c for c in ckpts if c[2]]
+    if len(complete) <= keep_last:
+        return []
+    cutoff = complete[-keep_last][0]
+    removed = []
+    for step, url, _ in ckpts:
+        if step < cutoff:
+            storage.rm(url)
+            removed.append(url)
+    return removed
+
+
+def load(url: str, rank: int, world: int, parts: dict[str, Any]) -> TrainState:
+    """Read a complete checkpoint. Refuses one written for a different model/adapter/task, naming the
+    settings that changed (`parts` are the current values of the settings the tensors depend on)."""
+    meta = storage.read_json(storage.join(url, "meta.json"))
+    saved = meta.get("fingerprint_parts", {})
+    if meta.get("fingerprint") != config_fingerprint(parts):
+        changed = _diff(json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(parts, default=str)))
+        raise CheckpointError(
+            f"cannot resume from {url}: it was written with different {', '.join(changed) or 'settings'} "
+            f"({'; '.join(f'{k}: {saved.get(k)!r} -> {parts.get(k)!r}' for k in changed[:4])}). "
+            f"Use a new run.name, or restore those settings (learning rate and step counts may change)."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for r in range(meta["world_size"]):
+        f = storage.join(url, _rank_tensors(r, meta["world_size"]))
+        fs, path = storage.get_fs(f)
+        with storage.storage_errors(f), fs.open(path, "rb") as fh:
+            tensors.update(st_load(fh.read()))
+    rank_meta = None
+    if meta["world_size"] == world:
+        rank_meta = storage.read_json(storage.join(url, f"rank-{rank:05d}.json"))
+    return TrainState(step=int(meta["step"]), tensors=tensors, meta=meta, rank_meta=rank_meta)
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
