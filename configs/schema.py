@@ -50,6 +50,7 @@ class DataConfig(Strict):
     # Where the canonical Parquet dataset lives (URL). Relative names resolve under run.output_dir/datasets.
     dataset_url: str = Field("datasets/ml-100k-ctr", min_length=1)
     task: Literal["ctr", "next_item"] = "ctr"
+    domain: Literal["movie", "book", "song", "artist", "game"] = "movie"  # words used in prompts
     # CTR: global time order 8:1:1 (ReLLa/RecLoRA); next item: per-user leave-last-out, or the source's splits.
     split: Literal["auto", "global_time", "leave_last_out", "given"] = "auto"
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)

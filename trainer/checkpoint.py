@@ -160,18 +160,25 @@ def prune(run_url: str, keep_last: int) -> list[str]:
     return removed
 
 
-def load(url: str, rank: int, world: int, parts: dict[str, Any]) -> TrainState:
-    """Read a complete checkpoint. Refuses one written for a different model/adapter/task, naming the
-    settings that changed (`parts` are the current values of the settings the tensors depend on)."""
+def check_compatible(url: str, parts: dict[str, Any]) -> dict[str, Any]:
+    """meta.json of a checkpoint, or CheckpointError naming the settings that changed (model, adapter
+    shape, task: what the saved tensors depend on). Learning rate and step counts may change."""
     meta = storage.read_json(storage.join(url, "meta.json"))
     saved = meta.get("fingerprint_parts", {})
     if meta.get("fingerprint") != config_fingerprint(parts):
-        changed = _diff(json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(parts, default=str)))
+        now = json.loads(json.dumps(parts, default=str))
+        changed = _diff(json.loads(json.dumps(saved, default=str)), now)
         raise CheckpointError(
             f"cannot resume from {url}: it was written with different {', '.join(changed) or 'settings'} "
-            f"({'; '.join(f'{k}: {saved.get(k)!r} -> {parts.get(k)!r}' for k in changed[:4])}). "
+            f"({'; '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in changed[:4])}). "
             f"Use a new run.name, or restore those settings (learning rate and step counts may change)."
         )
+    return meta
+
+
+def load(url: str, rank: int, world: int, parts: dict[str, Any]) -> TrainState:
+    """Read a complete checkpoint (any world size) after checking it fits the current config."""
+    meta = check_compatible(url, parts)
     tensors: dict[str, torch.Tensor] = {}
     for r in range(meta["world_size"]):
         f = storage.join(url, _rank_tensors(r, meta["world_size"]))

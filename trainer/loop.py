@@ -191,18 +191,31 @@ def _load_optimizer_after_engine(engine, pm, tensors: dict[str, torch.Tensor], o
 
 
 def _prime_optimizer_state(engine) -> None:
-    """Allocate Adam's moment buffers (zero lr, zero grads) so a checkpoint's moments can be copied in."""
-    inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    """Allocate Adam's moment buffers (lr 0, zero grads: parameters unchanged) so that a checkpoint's
+    moments can be copied in. Torch's Adam creates its state lazily at the first step."""
+    zero = engine.optimizer
+    inner = zero.optimizer if hasattr(zero, "optimizer") else zero
     saved = [g["lr"] for g in inner.param_groups]
     for g in inner.param_groups:
         g["lr"] = 0.0
-        for p in g["params"]:
-            p.grad = torch.zeros_like(p)
-    inner.step()
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3 swaps each flat sub-group into its param group
+        for i, flat in enumerate(zero.fp32_partitioned_groups_flat):
+            gid = zero.sub_group_to_group_id[i]
+            flat.grad = torch.zeros_like(flat)
+            inner.param_groups[gid]["params"] = [flat]
+            inner.step()
+            inner.param_groups[gid]["params"] = []
+            flat.grad = None
+    else:
+        for g in inner.param_groups:
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        for g in inner.param_groups:
+            for p in g["params"]:
+                p.grad = None
     for g, lr in zip(inner.param_groups, saved):
         g["lr"] = lr
-        for p in g["params"]:
-            p.grad = None
 
 
 def gate_stats(pm, cond: torch.Tensor) -> dict[str, float]:
@@ -316,6 +329,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
         report({k: v for k, v in rec.items()})
         if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps:
             _save(engine, pm, names, my_names, run_url, step + 1, rank, world, sched, reader, parts, t, history, tb)
+        _maybe_fail(params.get("fail_at"), step + 1, rank)
 
     # ---- evaluate and save
     metrics = {}
@@ -335,6 +349,16 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     reader.close()
     del hf_ds
     return {"metrics": metrics, "history": history if rank == 0 else []}
+
+
+def _maybe_fail(fail_at: dict | None, step: int, rank: int) -> None:
+    """Fault injection for tests: SIGKILL this worker process once at a given step."""
+    if not fail_at or fail_at["step"] != step or fail_at["rank"] != rank or os.path.exists(fail_at["marker"]):
+        return
+    Path(fail_at["marker"]).write_text(str(step))
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _save(engine, pm, names, my_names, run_url, step, rank, world, sched, reader, parts, t, history, tb, metrics=None) -> str:

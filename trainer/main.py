@@ -6,7 +6,8 @@ Locally this starts its own Ray on 127.0.0.1; under `ray job submit` (RAY_ADDRES
 cluster. Every stage reads and writes storage (local path, file:// or s3://), so a rerun reuses what
 is complete.
 
-Stages now: ingest. (Teacher, retrieval, training, evaluation and export follow in later work.)
+Stages now: ingest, train (against existing samples and teacher representations; the stages that
+build those are run by retrieval.build and teacher.train/score for now).
 """
 from __future__ import annotations
 
@@ -21,15 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs.loader import ConfigError, load_config, to_yaml  # noqa: E402
 from retrieval import storage  # noqa: E402
 from retrieval.textfiles import IngestError  # noqa: E402
+from trainer.prepare import resolve  # noqa: E402
 
-STAGES = ("ingest",)
-
-
-def resolve(url: str, root: str) -> str:
-    """Relative dataset names live under the run root; absolute paths and URLs are used as given."""
-    if "://" in url or url.startswith("/"):
-        return url
-    return storage.join(root, url)
+STAGES = ("ingest", "train")
 
 
 def parse_args(argv):
@@ -63,6 +58,11 @@ def main(argv=None) -> int:
     if "ingest" in stages:
         done = storage.exists(storage.join(dataset_url, "manifest.json"))
         plan.append(("ingest", dataset_url, "reuse" if done else "build"))
+    if "train" in stages:
+        from trainer.checkpoint import latest_complete
+
+        last = latest_complete(run_url)
+        plan.append(("train", run_url, f"resume {last}" if last else "build"))
     if args.dry_run:
         for stage, url, action in plan:
             print(f"{stage:<10} {action:<6} {url}")
@@ -86,11 +86,55 @@ def main(argv=None) -> int:
                 manifest = ingest(cfg.data.format, cfg.data.src, dataset_url, opts, items=cfg.data.items,
                                   users=cfg.data.users, columns=cfg.data.columns)
             print(summary(manifest))
-    except (IngestError, storage.StorageError) as e:
+
+        # ---- stage: train (Few2Many stage 2: the LLM on a small subset, gated by the frozen teacher)
+        if "train" in stages:
+            metrics = train(cfg, run_url)
+            print("[train] final: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    except (IngestError, storage.StorageError, TrainSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"done in {time.perf_counter() - t0:.1f}s; run outputs: {run_url}")
     return 0
+
+
+class TrainSetupError(RuntimeError):
+    pass
+
+
+def train(cfg, run_url: str) -> dict:
+    from cluster.launch import run_training
+    from retrieval.samples import SamplesError
+    from teacher.score import RepsError
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import TrainDataError
+    from trainer.loop import train_worker
+    from trainer.prepare import prepare
+
+    try:
+        params = prepare(cfg, run_url)
+    except (SamplesError, RepsError, TrainDataError) as e:
+        raise TrainSetupError(str(e)) from None
+    for split, s in params["summaries"].items():
+        print(f"[data] {split}: {s['rows']} samples, {s['tokens']} tokens, mean length {s['mean_len']:.0f}, "
+              f"{s['skipped_too_long']} too long, {s['history_truncated']} with history truncated")
+    t = cfg.trainer
+    from trainer.checkpoint import check_compatible, latest_complete
+    from trainer.loop import fingerprint_parts
+
+    resume = t.resume or latest_complete(run_url)
+    if resume:
+        try:
+            check_compatible(resume, fingerprint_parts(cfg))  # refuse before any worker starts
+        except CheckpointError as e:
+            raise TrainSetupError(str(e)) from None
+    try:
+        run_training(train_worker, params, num_workers=t.num_workers, use_gpu=t.use_gpu,
+                              cpus_per_worker=t.cpus_per_worker, name=cfg.run.name, max_failures=t.max_failures)
+    except CheckpointError as e:
+        raise TrainSetupError(str(e)) from None
+    final = storage.read_json(storage.join(run_url, "metrics.json"))["final"]
+    return final
 
 
 if __name__ == "__main__":

@@ -77,8 +77,7 @@ def prepare(cfg, run_url: str, splits=("train", "valid", "test")) -> dict[str, A
     if samples.task != cfg.data.task:
         raise ValueError(f"data.task is {cfg.data.task!r} but {samples_url} holds {samples.task!r} samples")
     ds = Dataset.open(samples.manifest.get("dataset_url") or resolve(cfg.data.dataset_url, root))
-    domain = "movie" if "movie" in ds.manifest.get("source", "").lower() or ds.manifest["format"] in ("movielens", "recbole") else "item"
-    renderer = PromptRenderer(ds.read_items(), cfg.data.task, style_for(domain), ds.read_users())
+    renderer = PromptRenderer(ds.read_items(), cfg.data.task, style_for(cfg.data.domain), ds.read_users())
     encoder = PromptEncoder(tok, cfg.model.max_length)
     streams, summaries = {}, {}
     for split in splits:

@@ -1,0 +1,268 @@
+"""The trainer on real parts: Ray Train workers, DeepSpeed ZeRO-3 on CPU (gloo), Parquet inputs, storage
+checkpoints (local and the moto S3 server), SIGKILL of a worker, resume, and bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from configs.loader import load_config
+from retrieval import storage
+from tests.conftest import REPO, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _synthetic_source(root: Path) -> Path:
+    """A small dataset with preference structure a recommender can learn: users like one genre."""
+    rng = np.random.default_rng(0)
+    n_users, n_items, per_user = 120, 60, 24
+    genres = ["Comedy", "Drama", "Horror", "Sci-Fi"]
+    item_genre = rng.integers(0, len(genres), n_items)
+    rows = []
+    for u in range(n_users):
+        fav = u % len(genres)
+        for k, i in enumerate(rng.choice(n_items, per_user, replace=False)):
+            r = 5 if item_genre[i] == fav else int(rng.integers(1, 4))
+            rows.append((u, int(i), 1_000_000 + u * 7 + k * 1000, float(r)))
+    d = root / "src"
+    d.mkdir(parents=True)
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]).to_csv(d / "inter.csv", index=False)
+    pd.DataFrame({"item_id": np.arange(n_items), "title": [f"Film {i} ({1990 + i % 20})" for i in range(n_items)],
+                  "genres": [genres[g] for g in item_genre]}).to_csv(d / "items.csv", index=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Dataset -> samples -> teacher -> representations, built once with the project's own stages."""
+    from retrieval.build import BuildOptions, build_samples
+    from retrieval.ingest import IngestOptions, ingest
+    from teacher.config import TeacherConfig
+    from teacher.score import score_samples
+    from teacher.train import train_teacher
+
+    root = tmp_path_factory.mktemp("trainer")
+    src = _synthetic_source(root)
+    ds, sm, tm, rp = (str(root / x) for x in ("dataset", "samples", "teacher", "reps"))
+    ingest("generic", str(src / "inter.csv"), ds, IngestOptions(num_shards=2, progress=False), items=str(src / "items.csv"))
+    build_samples(ds, sm, BuildOptions(k_text=5, k_id=10, text_mode="recent", min_history=1, max_eval_samples=32), num_workers=1)
+    train_teacher(sm, tm, TeacherConfig(model="din", embed_dim=8, mlp_hidden=[32, 16], rep_dim=16, epochs=1, max_hist=10),
+                  dataset_url=ds, progress=False)
+    score_samples(tm, sm, rp, num_actors=0, expected_rep_dim=16)
+    return {"root": root, "dataset": ds, "samples": sm, "reps": rp}
+
+
+def tiny_cfg(inputs, out: str, name: str, *extra: str):
+    return load_config("tiny", [
+        f"run.output_dir={out}", f"run.name={name}", f"data.dataset_url={inputs['dataset']}",
+        f"retrieval.samples_url={inputs['samples']}", f"teacher.reps_url={inputs['reps']}",
+        "teacher.mlp_hidden=[32,16]", "teacher.rep_dim=16", "trainer.lr=0.02", "trainer.batch_size=8",
+        "trainer.micro_batch_size=2", "trainer.num_workers=2", "trainer.train_subset=96", "trainer.epochs=1",
+        "trainer.checkpoint_every=4", "trainer.max_steps=8", "trainer.max_failures=1", "retrieval.max_eval_samples=32",
+        "model.max_length=192", *extra])
+
+
+def run_train(cfg, **params_extra) -> dict:
+    from cluster.launch import run_training
+    from trainer.loop import train_worker
+    from trainer.prepare import prepare
+
+    run_url = storage.join(cfg.run.output_dir, cfg.run.name)
+    params = prepare(cfg, run_url)
+    params.update(params_extra)
+    run_training(train_worker, params, num_workers=cfg.trainer.num_workers, use_gpu=False, cpus_per_worker=1,
+                 name=f"{cfg.run.name}-{time.time_ns()}", max_failures=cfg.trainer.max_failures)
+    return {"metrics": storage.read_json(storage.join(run_url, "metrics.json")),
+            "history": storage.read_json(storage.join(run_url, "logs", "train.jsonl.json")), "run_url": run_url}
+
+
+def adapter_tensors(run_url: str) -> dict[str, torch.Tensor]:
+    from trainer.checkpoint import latest_complete
+
+    url = latest_complete(run_url)
+    fs, path = storage.get_fs(url)
+    out = {}
+    for f in fs.ls(path, detail=False):
+        if f.endswith(".safetensors"):
+            local = Path(f) if storage.is_local(url) else None
+            if local is None:
+                import tempfile
+
+                local = Path(tempfile.mkdtemp()) / "t.safetensors"
+                fs.get(f, str(local))
+            out.update(load_file(str(local)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(inputs):
+    """An uninterrupted 2-worker ZeRO-3 run: the reference for loss, metrics and resume."""
+    return run_train(tiny_cfg(inputs, str(inputs["root"] / "runs"), "base"))
+
+
+def test_two_workers_zero3_ctr_trains_and_evaluates(baseline):
+    losses = [h["loss"] for h in baseline["history"]]
+    assert len(losses) == 8
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
+    final = baseline["metrics"]["final"]
+    for key in ("valid_auc", "valid_logloss", "test_auc", "test_logloss"):
+        assert np.isfinite(final[key]), key
+    assert final["valid_n"] == 32
+    rec = baseline["history"][-1]
+    for key in ("tokens_per_s", "samples_per_s", "data_wait_fraction", "grad_norm", "lr", "gate_entropy", "expert_load_0"):
+        assert key in rec
+    run = Path(baseline["run_url"])
+    assert (run / "adapter" / "gates.safetensors").exists() and any((run / "tensorboard").iterdir())
+    # Checkpoints hold trainable tensors only, never the frozen base.
+    ck = adapter_tensors(baseline["run_url"])
+    assert ck and all(("lora_" in k or k.startswith("gates.")) for k in ck)
+
+
+def test_sigkill_worker_resumes_to_identical_adapter(inputs, baseline, tmp_path):
+    cfg = tiny_cfg(inputs, str(tmp_path), "killed")
+    out = run_train(cfg, fail_at={"step": 6, "rank": 1, "marker": str(tmp_path / "killed.marker")})
+    assert (tmp_path / "killed.marker").exists(), "the worker was not killed"
+    base = {h["step"]: h["loss"] for h in baseline["history"]}
+    mine = {h["step"]: h["loss"] for h in out["history"]}
+    assert sorted(mine) == list(range(1, 9))
+    for s in range(5, 9):  # after the resume point (checkpoint at step 4)
+        assert abs(mine[s] - base[s]) <= 1e-6, (s, mine[s], base[s])
+    a, b = adapter_tensors(baseline["run_url"]), adapter_tensors(out["run_url"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_on_fewer_workers(inputs, baseline, tmp_path):
+    """A 2-worker checkpoint resumes on 1 worker (every tensor is stored whole)."""
+    ck = storage.join(baseline["run_url"], "checkpoints", "step-00000004")
+    cfg = tiny_cfg(inputs, str(tmp_path), "one", "trainer.num_workers=1", f"trainer.resume={ck}")
+    out = run_train(cfg)
+    steps = [h["step"] for h in out["history"]]
+    assert steps == [5, 6, 7, 8]
+    base = {h["step"]: h["loss"] for h in baseline["history"]}
+    # Same global batches for any worker count; only the reduction order differs.
+    assert abs(out["history"][0]["loss"] - base[5]) < 1e-4
+
+
+def test_incompatible_resume_is_refused(inputs, baseline):
+    from trainer.checkpoint import CheckpointError, check_compatible, latest_complete
+    from trainer.loop import fingerprint_parts
+
+    cfg = tiny_cfg(inputs, str(inputs["root"] / "runs"), "base", "trainer.lora.r=8", "trainer.lora.alpha=16")
+    with pytest.raises(CheckpointError, match=r"lora"):
+        check_compatible(latest_complete(baseline["run_url"]), fingerprint_parts(cfg))
+    # A changed learning rate or step count is allowed.
+    ok = tiny_cfg(inputs, str(inputs["root"] / "runs"), "base", "trainer.lr=0.001", "trainer.max_steps=12")
+    check_compatible(latest_complete(baseline["run_url"]), fingerprint_parts(ok))
+
+
+def test_checkpoints_on_s3(inputs, s3_bucket, s3_server):
+    import ray
+
+    ray.shutdown()  # workers must start with the S3 endpoint and keys of this test's environment
+    cfg = tiny_cfg(inputs, f"{s3_bucket}/runs", "s3run", "trainer.max_steps=4", "trainer.checkpoint_every=2")
+    out = run_train(cfg)
+    fs, _ = storage.get_fs(s3_bucket)
+    bucket = s3_bucket.removeprefix("s3://")
+    names = [p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/runs/s3run/checkpoints")]
+    assert "COMPLETE" in names and "rank-00000-of-00002.safetensors" in names and "rank-00001-of-00002.safetensors" in names
+    assert len(out["history"]) == 4
+    ray.shutdown()
+
+
+def test_missing_representation_is_a_clear_error(inputs, tmp_path):
+    from teacher.score import RepsError
+    from trainer.prepare import prepare
+
+    reps = tmp_path / "reps"
+    shutil.copytree(inputs["reps"], reps)
+    victim = sorted((reps / "train").glob("*.parquet"))[0]
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(victim)
+    pq.write_table(t.slice(1), victim)  # drop one sample's representation
+    cfg = tiny_cfg(inputs, str(tmp_path), "norep", f"teacher.reps_url={reps}", "trainer.train_subset=null")
+    with pytest.raises((RepsError, Exception), match=r"no representation for sample_id \d+"):
+        prepare(cfg, str(tmp_path / "norep"))
+
+
+def test_prompts_longer_than_max_length_are_counted(inputs, tmp_path):
+    from trainer.prepare import prepare
+
+    cfg = tiny_cfg(inputs, str(tmp_path), "short", "model.max_length=150")
+    params = prepare(cfg, str(tmp_path / "short"))
+    s = params["summaries"]["train"]
+    assert s["history_truncated"] > 0 or s["skipped_too_long"] > 0
+    assert s["max_len"] <= 150
+
+
+def test_rep_size_mismatch_is_refused_at_load():
+    from configs.loader import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher.rep_dim"):
+        load_config("tiny", ["teacher.rep_dim=7"])
+
+
+def test_ray_job_submit_runs_training(inputs, tmp_path):
+    """`ray job submit --working-dir . -- python trainer/main.py --config configs/tiny.yaml` against a real
+    `ray start --head` on 127.0.0.1; its logs show metrics."""
+    import ray
+
+    ray.shutdown()
+    port, dash = free_port(), free_port()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    # The job's `python` is the one on the head's PATH: this environment's.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    tmpdir = f"/tmp/rj-{os.getpid()}"  # unique: identifies this head's processes for cleanup
+    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
+                            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                            f"--temp-dir={tmpdir}", "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        out = str(tmp_path / "jobruns")
+        cmd = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+               "python", "trainer/main.py", "--config", "configs/tiny.yaml", "--stages", "train", f"run.output_dir={out}",
+               f"data.dataset_url={inputs['dataset']}", f"retrieval.samples_url={inputs['samples']}",
+               f"teacher.reps_url={inputs['reps']}", "teacher.mlp_hidden=[32,16]", "teacher.rep_dim=16",
+               "trainer.max_steps=2", "trainer.batch_size=4", "trainer.micro_batch_size=2", "trainer.train_subset=32",
+               "retrieval.max_eval_samples=8", "model.max_length=192"]
+        job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        logs = job.stdout + job.stderr
+        assert job.returncode == 0, logs[-3000:]
+        assert "loss=" in logs and "tokens_per_s=" in logs and "valid_auc=" in logs
+        assert json.loads((Path(out) / "tiny" / "metrics.json").read_text())["steps"] == 2
+    finally:
+        _stop_head(tmpdir)
+
+
+def _stop_head(tmpdir: str) -> None:
+    """Stop only the Ray processes of the head this test started (`ray stop` would stop every Ray here)."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(tmpdir in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()
+    shutil.rmtree(tmpdir, ignore_errors=True)
