@@ -1,0 +1,285 @@
+"""LLM item embeddings for semantic retrieval (ReLLa SUBR, SIM): text -> mean-pooled last hidden state
+-> PCA, cached on storage.
+
+    python -m retrieval.embed_items --dataset URL --model DIR --out URL [--pca-dims 512 --batch-size 32
+        --max-length 64 --domain movie --num-workers 1 --seed 0]
+
+Items are described by short sentences ("Here is a movie. Its title is ... Its genre is ..."); a
+sentence whose field is missing for an item is left out. Workers (Ray actors when --num-workers > 1,
+on a GPU when one is present) embed chunks of items and write raw parts; the driver fits PCA (seeded)
+and writes
+
+    {out}/{key}/embeddings.parquet   item_id int64, embedding list<float32> (PCA space)
+    {out}/{key}/meta.json            written last: model, template, dims, explained variance
+
+`key` hashes the model (config + weights), the item texts, the template and every option, so a rerun
+with the same inputs reuses the result and anything different gets a new folder.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval import storage
+from retrieval.prompts import VICUNA_SYSTEM
+from retrieval.schema import Dataset, read_parquet
+
+DEFAULT_TEMPLATE = ("Here is a {domain}.", "Its title is {title}.", "Its genre is {genres}.")
+
+
+class EmbedError(RuntimeError):
+    """Missing model files, items without text, or a cache written by something else."""
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    template: tuple[str, ...] = DEFAULT_TEMPLATE
+    domain: str = "movie"
+    wrap: str = "none"  # none | vicuna (ReLLa wraps item texts in the chat prompt) | chat (tokenizer's template)
+    max_length: int = 64
+    batch_size: int = 32
+    pca_dims: int = 512  # 0 keeps the raw hidden size
+    seed: int = 0
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (GPU)
+    missing_text: str = "error"  # error | placeholder (an item without a title gets "an unknown {domain}")
+    items_per_task: int = 4096
+
+
+def _fields(row: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in row.items():
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            continue
+        s = str(v).replace("|", ", ").strip()  # genre lists are stored pipe-separated
+        if s:
+            out[k] = s
+    return out
+
+
+def item_texts(items: pa.Table, opts: EmbedOptions) -> tuple[np.ndarray, list[str]]:
+    """(item ids, description texts), one per item, in items-table order."""
+    rows = items.to_pylist()
+    texts, missing = [], []
+    for row in rows:
+        f = _fields(row)
+        f["domain"] = opts.domain
+        if "title" not in f:
+            missing.append(row["item_id"])
+            f["title"] = f"an unknown {opts.domain}"
+        sentences = []
+        for s in opts.template:
+            names = re.findall(r"{(\w+)}", s)
+            if all(n in f for n in names):
+                sentences.append(s.format(**{n: f[n] for n in names}))
+        texts.append(" ".join(sentences))
+    if missing and opts.missing_text == "error":
+        raise EmbedError(f"items without a title: {sorted(missing)[:20]} ({len(missing)} in all); fix the items or use --missing-text placeholder")
+    return items.column("item_id").to_numpy().astype(np.int64), texts
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """Hash of config.json and the weight files: full content up to 256 MiB per file, else size plus
+    the first and last 16 MiB (rehashing a 14 GB checkpoint on every run is not worth it)."""
+    h = hashlib.sha256()
+    if not os.path.isdir(model_dir):
+        raise EmbedError(f"model folder {model_dir} does not exist")
+    names = sorted(os.listdir(model_dir))
+    weights = [n for n in names if n.endswith((".safetensors", ".bin", ".pt", ".gguf"))]
+    if "config.json" not in names or not weights:
+        raise EmbedError(f"{model_dir}: expected config.json and weight files (*.safetensors), found {names[:20]}")
+    for name in ["config.json", *weights]:
+        path = os.path.join(model_dir, name)
+        size = os.path.getsize(path)
+        h.update(f"{name}:{size}".encode())
+        with open(path, "rb") as f:
+            if size <= 256 * 2**20:
+                h.update(f.read())
+            else:
+                h.update(f.read(16 * 2**20))
+                f.seek(size - 16 * 2**20)
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def cache_key(model_fp: str, ids: np.ndarray, texts: list[str], opts: EmbedOptions) -> str:
+    h = hashlib.sha256()
+    h.update(model_fp.encode())
+    h.update(json.dumps({k: v for k, v in asdict(opts).items() if k not in ("batch_size", "items_per_task")}, sort_keys=True).encode())
+    h.update(ids.tobytes())
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\0")
+    return h.hexdigest()[:20]
+
+
+class EmbedWorker:
+    """Embeds chunks of item texts with one loaded model. Plain Python (runs in-process or as an actor)."""
+
+    def __init__(self, model_dir: str, opts: dict[str, Any], out_url: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.opts = EmbedOptions(**{**opts, "template": tuple(opts["template"])})
+        self.out_url = out_url
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = getattr(torch, self.opts.dtype) if self.device == "cuda" else torch.float32
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        # The decoder stack alone: its last_hidden_state is the (final-normed) input to lm_head.
+        self.model = getattr(model, "base_model", model).to(self.device).eval()
+        self.torch = torch
+
+    def _wrap(self, text: str) -> str:
+        if self.opts.wrap == "vicuna":
+            return f"{VICUNA_SYSTEM} USER: {text} ASSISTANT:"
+        if self.opts.wrap == "chat":
+            return self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+        return text
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        torch = self.torch
+        texts = [self._wrap(t) for t in texts]
+        lengths = [len(self.tok(t, truncation=True, max_length=self.opts.max_length)["input_ids"]) for t in texts]
+        order = np.argsort(lengths, kind="stable")  # similar lengths per batch: less padding
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        with torch.inference_mode():
+            for b in range(0, len(texts), self.opts.batch_size):
+                idx = order[b : b + self.opts.batch_size]
+                enc = self.tok([texts[i] for i in idx], padding=True, truncation=True, max_length=self.opts.max_length,
+                               return_tensors="pt").to(self.device)
+                hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                out[idx] = pooled.float().cpu().numpy()
+        return out
+
+    def run(self, task: dict[str, Any]) -> dict[str, Any]:
+        url = task["part_url"]
+        if storage.exists(url):  # parts are committed atomically; a resumed job reuses them
+            return {"part_url": url, "rows": len(task["item_ids"]), "skipped": True}
+        vec = self.embed(task["texts"])
+        table = pa.table({"item_id": pa.array(task["item_ids"], pa.int64()), "embedding": _list_column(vec)})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        storage.write_bytes_atomic(url, buf.getvalue())
+        return {"part_url": url, "rows": len(vec), "skipped": False}
+
+
+def _list_column(vec: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(vec.astype(np.float32).ravel()), vec.shape[1]).cast(pa.list_(pa.float32()))
+
+
+def _matrix(table: pa.Table) -> np.ndarray:
+    emb = table.column("embedding").combine_chunks()
+    n = table.num_rows
+    return emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1) if n else np.zeros((0, 0), np.float32)
+
+
+def pca_reduce(x: np.ndarray, dims: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Seeded PCA to min(dims, n_items, hidden) components; dims=0 keeps x."""
+    if dims == 0:
+        return x.astype(np.float32), {"pca_dims": 0}
+    from sklearn.decomposition import PCA
+
+    k = min(dims, x.shape[0], x.shape[1])
+    pca = PCA(n_components=k, random_state=seed)
+    y = pca.fit_transform(x.astype(np.float64))
+    return y.astype(np.float32), {"pca_dims": int(k), "explained_variance": float(pca.explained_variance_ratio_.sum())}
+
+
+def embed_items(
+    dataset_url: str, model_dir: str, out_url: str, opts: EmbedOptions | None = None, num_workers: int = 1,
+    gpus_per_worker: float | None = None,
+) -> str:
+    """Embed every item of the dataset (or reuse the cached result). Returns the embeddings folder URL."""
+    opts = opts or EmbedOptions()
+    if opts.wrap not in ("none", "vicuna", "chat"):
+        raise EmbedError(f"wrap must be none, vicuna or chat, got {opts.wrap!r}")
+    ids, texts = item_texts(Dataset.open(dataset_url).read_items(), opts)
+    key = cache_key(model_fingerprint(model_dir), ids, texts, opts)
+    folder = storage.join(out_url, key)
+    meta_url = storage.join(folder, "meta.json")
+    if storage.exists(meta_url):
+        return folder
+    t0 = time.perf_counter()
+    parts_url = storage.join(folder, "parts")
+    tasks = [
+        {"item_ids": ids[i : i + opts.items_per_task].tolist(), "texts": texts[i : i + opts.items_per_task],
+         "part_url": storage.join(parts_url, f"part-{i // opts.items_per_task:05d}.parquet")}
+        for i in range(0, len(ids), opts.items_per_task)
+    ]
+    kwargs = {"model_dir": model_dir, "opts": asdict(opts), "out_url": folder}
+    if num_workers <= 1:
+        worker = EmbedWorker(**kwargs)
+        for t in tasks:
+            worker.run(t)
+    else:
+        from cluster.pool import run_sharded
+
+        if gpus_per_worker is None:
+            import torch
+
+            gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
+        run_sharded(EmbedWorker, kwargs, tasks, num_actors=num_workers, num_gpus_per_actor=gpus_per_worker, desc="embed items")
+    raw = pa.concat_tables([read_parquet(t["part_url"]) for t in tasks])
+    if not np.array_equal(raw.column("item_id").to_numpy(), ids):
+        raise EmbedError(f"{parts_url}: parts do not cover the items in order; delete {folder} and rerun")
+    x = _matrix(raw)
+    vec, info = pca_reduce(x, opts.pca_dims, opts.seed)
+    table = pa.table({"item_id": pa.array(ids, pa.int64()), "embedding": _list_column(vec)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes_atomic(storage.join(folder, "embeddings.parquet"), buf.getvalue())
+    storage.rm(parts_url)
+    meta = {
+        "model_dir": model_dir, "dataset": dataset_url, "num_items": int(len(ids)), "dim": int(vec.shape[1]),
+        "hidden_size": int(x.shape[1]), "options": asdict(opts), **info,
+        "seconds": round(time.perf_counter() - t0, 3), "example_text": texts[0] if texts else "",
+    }
+    storage.write_json_atomic(meta_url, meta)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m retrieval.embed_items", description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--model", required=True, help="local Hugging Face model folder (config.json + safetensors + tokenizer)")
+    p.add_argument("--out", required=True, help="cache root URL; the result goes to {out}/{key}/")
+    p.add_argument("--pca-dims", type=int, default=EmbedOptions.pca_dims)
+    p.add_argument("--batch-size", type=int, default=EmbedOptions.batch_size)
+    p.add_argument("--max-length", type=int, default=EmbedOptions.max_length)
+    p.add_argument("--domain", default=EmbedOptions.domain)
+    p.add_argument("--template", default=None, help="sentences separated by ' || ', e.g. 'Here is a {domain}. || Its title is {title}.'")
+    p.add_argument("--wrap", choices=["none", "vicuna", "chat"], default="none")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--missing-text", choices=["error", "placeholder"], default="error")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    template = tuple(s.strip() for s in a.template.split("||")) if a.template else DEFAULT_TEMPLATE
+    opts = EmbedOptions(template=template, domain=a.domain, wrap=a.wrap, max_length=a.max_length, batch_size=a.batch_size,
+                        pca_dims=a.pca_dims, seed=a.seed, dtype=a.dtype, missing_text=a.missing_text)
+    try:
+        folder = embed_items(a.dataset, a.model, a.out, opts, a.num_workers)
+    except (EmbedError, storage.StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"embeddings": folder, **storage.read_json(storage.join(folder, "meta.json"))}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

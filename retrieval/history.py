@@ -1,0 +1,250 @@
+"""Per-sample history retrieval over one user-sorted interaction block, vectorized.
+
+Input is a block of interactions sorted by (user_id, timestamp, item_id) holding every row of each of its
+users (a user-hash shard, or a streamed slice of one cut at user boundaries). A *target* is a row index
+into the block; its history is the rows of the same user with a strictly smaller timestamp.
+
+The leakage rule: a row with the same timestamp as the target is NOT history, even when it sorts before
+the target (ML data has many same-second ratings; their true order is unknown, so using one to predict
+the other would leak). Because the block is sorted, the history of row r is always the contiguous range
+[user_start(r), tie_start(r)), where tie_start(r) is the first row of r's (user, timestamp) group.
+
+Results are ragged: `Ragged(offsets, index)` where index holds block row positions, time ordered within
+each target. No Python loop runs per row; SUBR loops per block of ~128 targets around one GEMM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class HistoryError(ValueError):
+    """Input that breaks the block contract (unsorted rows, missing embeddings)."""
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """Variable-length lists: list j is index[offsets[j]:offsets[j+1]]."""
+
+    offsets: np.ndarray  # int64, len n+1
+    index: np.ndarray  # int64 block row positions
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def check_sorted(user_ids: np.ndarray, timestamps: np.ndarray, item_ids: np.ndarray, where: str = "block") -> None:
+    """Raise unless rows are sorted by (user_id, timestamp, item_id); every later step relies on it."""
+    if len(user_ids) < 2:
+        return
+    du = np.diff(user_ids)
+    dt = np.diff(timestamps)
+    di = np.diff(item_ids)
+    bad = (du < 0) | ((du == 0) & ((dt < 0) | ((dt == 0) & (di < 0))))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise HistoryError(
+            f"{where}: rows {i} and {i + 1} are out of (user_id, timestamp, item_id) order: "
+            f"({user_ids[i]}, {timestamps[i]}, {item_ids[i]}) then ({user_ids[i + 1]}, {timestamps[i + 1]}, {item_ids[i + 1]}); "
+            f"shards must be written sorted (retrieval.ingest does)"
+        )
+
+
+def history_bounds(user_ids: np.ndarray, timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) per row: its history is rows [start, end) of the block (sorted input assumed)."""
+    n = len(user_ids)
+    pos = np.arange(n, dtype=np.int64)
+    if n == 0:
+        return pos, pos
+    new_user = np.empty(n, dtype=bool)
+    new_user[0] = True
+    np.not_equal(user_ids[1:], user_ids[:-1], out=new_user[1:])
+    new_tie = new_user.copy()
+    new_tie[1:] |= timestamps[1:] != timestamps[:-1]
+    # Forward-fill the position of the latest group start: a running max over start positions.
+    start = np.maximum.accumulate(np.where(new_user, pos, 0))
+    end = np.maximum.accumulate(np.where(new_tie, pos, 0))
+    return start, end
+
+
+def recent(start: np.ndarray, end: np.ndarray, targets: np.ndarray, k: int) -> Ragged:
+    """The last k history rows of each target, oldest first."""
+    lo = np.maximum(start[targets], end[targets] - k)
+    return _ranges(lo, end[targets])
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> Ragged:
+    """Concatenate the ranges [lo_j, hi_j) without a Python loop (offset arithmetic)."""
+    counts = np.maximum(hi - lo, 0).astype(np.int64)
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    total = int(offsets[-1])
+    # index = lo[owner] + (j - offsets[owner]) for flat position j
+    shift = np.repeat(lo - offsets[:-1], counts)
+    return Ragged(offsets, np.arange(total, dtype=np.int64) + shift)
+
+
+def top_similar(
+    start: np.ndarray,
+    end: np.ndarray,
+    targets: np.ndarray,
+    item_rows: np.ndarray,
+    matrix: np.ndarray,
+    k: int,
+    pool: int,
+    block: int = 128,
+) -> Ragged:
+    """For each target, the k rows of its most recent `pool` history rows whose vectors score highest
+    against the target row's vector (dot product; pass unit vectors for cosine), returned in time order.
+
+    Block row r's vector is `matrix[item_rows[r]]` (float32; rows from ItemVectors.rows). Vectors are
+    gathered per block, so memory stays O(block * (pool + block)) however long a user is. Ties in score
+    go to the more recent row, so the result is deterministic and matches `top_similar_reference`.
+    A target with at most k pool rows gets all of them. `pool` bounds the cost per target to
+    O((pool + block) * dim): older history is not considered (ReLLa's ML-25M keeps 80 candidates).
+    """
+    if k < 1 or pool < k:
+        raise ValueError(f"top_similar: need 1 <= k <= pool, got k={k}, pool={pool}")
+    targets = np.asarray(targets, dtype=np.int64)
+    n = len(targets)
+    t_hi = end[targets]
+    t_lo = np.maximum(start[targets], t_hi - pool)
+    if n and np.any(np.diff(targets) <= 0):
+        raise HistoryError("top_similar: targets must be strictly increasing block rows")
+    counts = np.maximum(t_hi - t_lo, 0)
+    # Targets with <= k candidates take them all; only the rest need scoring.
+    out_lo = np.zeros(n, dtype=np.int64)
+    out_counts = np.minimum(counts, k)
+    picked: list[np.ndarray] = []  # per block: selected rows (flat), in (target, time) order
+    owners: list[np.ndarray] = []
+    heavy = np.flatnonzero(counts > k)
+    light = np.flatnonzero(counts <= k)
+    out_lo[light] = t_lo[light]
+    width_cap = pool + block
+    i = 0
+    while i < len(heavy):
+        # Columns needed by targets heavy[i:j] are [t_lo[first], t_hi[last]); lo and hi never decrease
+        # along sorted targets, so cut the block where that span would exceed pool + block.
+        first = heavy[i]
+        j = int(np.searchsorted(t_hi[heavy], t_lo[first] + width_cap, side="right"))
+        j = max(i + 1, min(j, i + block))
+        rows = heavy[i:j]
+        c0, c1 = int(t_lo[rows[0]]), int(t_hi[rows[-1]])
+        scores = matrix[item_rows[targets[rows]]] @ matrix[item_rows[c0:c1]].T  # (b, w), one GEMM
+        col = np.arange(c1 - c0, dtype=np.int64)
+        invalid = (col[None, :] < (t_lo[rows] - c0)[:, None]) | (col[None, :] >= (t_hi[rows] - c0)[:, None])
+        np.putmask(scores, invalid, -np.inf)
+        w = c1 - c0
+        kth = np.partition(scores, w - k, axis=1)[:, w - k : w - k + 1]
+        sel = scores >= kth
+        # Usually exactly k rows reach the k-th score. Where ties push it over k, keep the rows above
+        # it plus the most recent tied ones (count ties from the right); rare, so done on those only.
+        over = np.flatnonzero(sel.sum(axis=1) > k)
+        if len(over):
+            s_o, kth_o = scores[over], kth[over]
+            tied = s_o == kth_o
+            need = k - (s_o > kth_o).sum(axis=1)
+            from_right = np.cumsum(tied[:, ::-1], axis=1)[:, ::-1]
+            sel[over] = (s_o > kth_o) | (tied & (from_right <= need[:, None]))
+        r_idx, c_idx = np.nonzero(sel)  # row-major: per target, columns ascend = time order
+        picked.append(c_idx.astype(np.int64) + c0)
+        owners.append(rows[r_idx])
+        i = j
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(out_counts, out=offsets[1:])
+    index = np.empty(int(offsets[-1]), dtype=np.int64)
+    # Light targets: contiguous ranges written by offset arithmetic.
+    lr = _ranges(out_lo[light], out_lo[light] + out_counts[light])
+    index[np.repeat(offsets[light], out_counts[light]) + _within(out_counts[light])] = lr.index
+    if picked:
+        sel_rows = np.concatenate(picked)
+        sel_owner = np.concatenate(owners)
+        # Owners arrive grouped and ascending, k each; place them at their target's offsets.
+        index[offsets[sel_owner] + _within(np.full(len(heavy), k, dtype=np.int64))] = sel_rows
+    return Ragged(offsets, index)
+
+
+def _within(counts: np.ndarray) -> np.ndarray:
+    """0..c-1 for each count c, concatenated."""
+    total = int(counts.sum())
+    starts = np.zeros(len(counts), dtype=np.int64)
+    if len(counts) > 1:
+        np.cumsum(counts[:-1], out=starts[1:])
+    return np.arange(total, dtype=np.int64) - np.repeat(starts, counts)
+
+
+def top_similar_reference(
+    start: np.ndarray, end: np.ndarray, targets: np.ndarray, item_rows: np.ndarray, matrix: np.ndarray, k: int, pool: int
+) -> list[list[int]]:
+    """Per-target Python loop with the same definition as `top_similar` (for tests and the benchmark)."""
+    out = []
+    for t in targets:
+        hi = int(end[t])
+        lo = max(int(start[t]), hi - pool)
+        cand = list(range(lo, hi))
+        tv = matrix[item_rows[t]].astype(np.float64)
+        scores = [float(np.dot(tv, matrix[item_rows[c]].astype(np.float64))) for c in cand]
+        order = sorted(range(len(cand)), key=lambda j: (-scores[j], -cand[j]))[:k]
+        out.append(sorted(cand[j] for j in order))
+    return out
+
+
+class ItemVectors:
+    """Item embeddings addressed by item id, never by row position.
+
+    Ids are looked up with searchsorted on the sorted id array, so 0- and 1-based or sparse id spaces
+    all work (ReLLa issue #14 indexed a 0-based matrix with 1-based ids)."""
+
+    def __init__(self, item_ids: np.ndarray, matrix: np.ndarray, normalize: bool = True, source: str = "embeddings",
+                 copy: bool = True):
+        """copy=False lets this object sort/normalize `matrix` in place (the caller hands it over)."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        matrix = np.asarray(matrix, dtype=np.float32)
+        if matrix.ndim != 2 or len(matrix) != len(item_ids):
+            raise HistoryError(f"{source}: expected one vector per item id, got {matrix.shape} for {len(item_ids)} ids")
+        if not np.isfinite(matrix).all():
+            bad = item_ids[~np.isfinite(matrix).all(axis=1)]
+            raise HistoryError(f"{source}: non-finite embedding values for item ids {bad[:20].tolist()}")
+        if len(item_ids) > 1 and np.all(np.diff(item_ids) > 0):
+            self.item_ids = item_ids
+            m = matrix.copy() if copy else matrix
+        else:
+            order = np.argsort(item_ids, kind="stable")
+            self.item_ids = item_ids[order]
+            m = matrix[order]
+        if len(self.item_ids) > 1 and np.any(np.diff(self.item_ids) == 0):
+            dup = self.item_ids[1:][np.diff(self.item_ids) == 0]
+            raise HistoryError(f"{source}: duplicate item ids {np.unique(dup)[:20].tolist()}")
+        if normalize:
+            norms = np.linalg.norm(m, axis=1, keepdims=True)
+            zero = norms[:, 0] == 0
+            if zero.any():
+                raise HistoryError(f"{source}: zero vectors (no cosine defined) for item ids {self.item_ids[zero][:20].tolist()}")
+            m /= norms
+        self.matrix = np.ascontiguousarray(m, dtype=np.float32)
+        self.source = source
+
+    @property
+    def dim(self) -> int:
+        return self.matrix.shape[1]
+
+    def rows(self, item_ids: np.ndarray) -> np.ndarray:
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        pos = np.searchsorted(self.item_ids, item_ids)
+        pos_c = np.minimum(pos, len(self.item_ids) - 1)
+        missing = (len(self.item_ids) == 0) | (self.item_ids[pos_c] != item_ids)
+        if np.any(missing):
+            miss = np.unique(item_ids[missing])
+            raise HistoryError(
+                f"{self.source}: no embedding for {len(miss)} item id(s), e.g. {miss[:20].tolist()}; "
+                f"rebuild embeddings from the same dataset (python -m retrieval.embed_items)"
+            )
+        return pos_c
+
+    def lookup(self, item_ids: np.ndarray) -> np.ndarray:
+        return self.matrix[self.rows(item_ids)]
