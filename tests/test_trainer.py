@@ -266,3 +266,45 @@ def _stop_head(tmpdir: str) -> None:
     for p in alive:
         p.kill()
     shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def next_item_inputs(tmp_path_factory):
+    """Next-item data (leave-last-out, fixed 20-candidate lists) and a SASRec teacher."""
+    from retrieval.build import BuildOptions, build_samples
+    from retrieval.ingest import IngestOptions, ingest
+    from teacher.config import TeacherConfig
+    from teacher.score import score_samples
+    from teacher.train import train_teacher
+
+    root = tmp_path_factory.mktemp("trainer-next")
+    src = _synthetic_source(root)
+    ds, sm, tm, rp = (str(root / x) for x in ("dataset", "samples", "teacher", "reps"))
+    ingest("generic", str(src / "inter.csv"), ds, IngestOptions(task="next_item", num_shards=2, progress=False),
+           items=str(src / "items.csv"))
+    build_samples(ds, sm, BuildOptions(k_text=5, k_id=10, text_mode="recent", min_history=3, num_candidates=20,
+                                       max_eval_samples=16), num_workers=1)
+    train_teacher(sm, tm, TeacherConfig(model="sasrec", embed_dim=16, rep_dim=16, attn_layers=1, epochs=1, max_hist=10),
+                  dataset_url=ds, progress=False)
+    score_samples(tm, sm, rp, num_actors=0, expected_rep_dim=16)
+    return {"root": root, "dataset": ds, "samples": sm, "reps": rp}
+
+
+def test_two_workers_zero3_ilora_next_item(next_item_inputs, tmp_path):
+    inp = next_item_inputs
+    cfg = load_config("tiny", [
+        f"run.output_dir={tmp_path}", "run.name=ilora", f"data.dataset_url={inp['dataset']}", "data.task=next_item",
+        f"retrieval.samples_url={inp['samples']}", f"teacher.reps_url={inp['reps']}", "teacher.model=sasrec",
+        "teacher.embed_dim=16", "teacher.rep_dim=16", "trainer.lora.mode=ilora",
+        "trainer.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "trainer.lora.r=8",
+        "trainer.lora.num_experts=4", "trainer.lora.alpha=32", "trainer.lora.dropout=0.1", "trainer.lora.gate_lr_mult=0.3",
+        "trainer.lr=0.02", "trainer.batch_size=8", "trainer.micro_batch_size=2", "trainer.num_workers=2",
+        "trainer.train_subset=96", "trainer.max_steps=8", "trainer.checkpoint_every=0", "trainer.schedule=cosine",
+        "trainer.warmup_ratio=0.1", "retrieval.max_eval_samples=16", "model.max_length=320"])
+    out = run_train(cfg)
+    losses = [h["loss"] for h in out["history"]]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    final = out["metrics"]["final"]
+    assert final["valid_n"] == 16
+    for k in ("valid_hr@1", "valid_hr@10", "valid_ndcg@10", "test_hr@1"):
+        assert k in final and 0.0 <= final[k] <= 1.0, (k, final)
