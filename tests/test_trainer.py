@@ -287,24 +287,57 @@ def next_item_inputs(tmp_path_factory):
     train_teacher(sm, tm, TeacherConfig(model="sasrec", embed_dim=16, rep_dim=16, attn_layers=1, epochs=1, max_hist=10),
                   dataset_url=ds, progress=False)
     score_samples(tm, sm, rp, num_actors=0, expected_rep_dim=16)
-    return {"root": root, "dataset": ds, "samples": sm, "reps": rp}
+    return {"root": root, "dataset": ds, "samples": sm, "reps": rp, "teacher": tm}
 
 
-def test_two_workers_zero3_ilora_next_item(next_item_inputs, tmp_path):
-    inp = next_item_inputs
-    cfg = load_config("tiny", [
-        f"run.output_dir={tmp_path}", "run.name=ilora", f"data.dataset_url={inp['dataset']}", "data.task=next_item",
+def test_curriculum_is_rank_independent_and_grows():
+    from trainer.hybrid import use_hybrid
+
+    draws = [use_hybrid(0, s, 1000) for s in range(1000)]
+    assert draws == [use_hybrid(0, s, 1000) for s in range(1000)]  # no rank or process state involved
+    assert sum(draws[:200]) < sum(draws[-200:])
+
+
+def _ilora_cfg(inp, out, name, *extra):
+    return load_config("tiny", [
+        f"run.output_dir={out}", f"run.name={name}", f"data.dataset_url={inp['dataset']}", "data.task=next_item",
         f"retrieval.samples_url={inp['samples']}", f"teacher.reps_url={inp['reps']}", "teacher.model=sasrec",
-        "teacher.embed_dim=16", "teacher.rep_dim=16", "trainer.lora.mode=ilora",
+        f"teacher.model_url={inp['teacher']}", "teacher.embed_dim=16", "teacher.rep_dim=16", "trainer.lora.mode=ilora",
         "trainer.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "trainer.lora.r=8",
         "trainer.lora.num_experts=4", "trainer.lora.alpha=32", "trainer.lora.dropout=0.1", "trainer.lora.gate_lr_mult=0.3",
         "trainer.lr=0.02", "trainer.batch_size=8", "trainer.micro_batch_size=2", "trainer.num_workers=2",
         "trainer.train_subset=96", "trainer.max_steps=8", "trainer.checkpoint_every=0", "trainer.schedule=cosine",
-        "trainer.warmup_ratio=0.1", "retrieval.max_eval_samples=16", "model.max_length=320"])
-    out = run_train(cfg)
+        "trainer.warmup_ratio=0.1", "retrieval.max_eval_samples=16", "model.max_length=448", *extra])
+
+
+def test_two_workers_zero3_ilora_next_item(next_item_inputs, tmp_path):
+    out = run_train(_ilora_cfg(next_item_inputs, tmp_path, "ilora"))
     losses = [h["loss"] for h in out["history"]]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     final = out["metrics"]["final"]
     assert final["valid_n"] == 16
     for k in ("valid_hr@1", "valid_hr@10", "valid_ndcg@10", "test_hr@1"):
         assert k in final and 0.0 <= final[k] <= 1.0, (k, final)
+
+
+def test_hybrid_item_embeddings_with_curriculum(next_item_inputs, tmp_path):
+    """LLaRA hybrid prompts: placeholders after titles take projector(SASRec item embedding); the
+    curriculum mixes text-only and hybrid steps; text-only steps leave the projector untouched."""
+    out = run_train(_ilora_cfg(next_item_inputs, tmp_path, "hybrid", "trainer.hybrid_item_emb=true",
+                               "trainer.max_steps=10", "trainer.checkpoint_every=1", "trainer.keep_last=20"))
+    kinds = [h["hybrid_prompt"] for h in out["history"]]
+    assert 0 < sum(kinds) < len(kinds), kinds
+    assert all(np.isfinite(h["loss"]) for h in out["history"])
+    assert (Path(out["run_url"]) / "adapter" / "projector.safetensors").exists()
+    ck = Path(out["run_url"]) / "checkpoints"
+
+    def projector(step):
+        t = {}
+        for f in (ck / f"step-{step:08d}").glob("*.safetensors"):
+            t.update({k: v for k, v in load_file(str(f)).items() if k.startswith("projector.") and k.endswith("::param")})
+        return t
+
+    for i, hyb in enumerate(kinds[1:-1], start=2):  # step i's projector vs step i-1's
+        before, after = projector(i - 1), projector(i)
+        same = all(torch.equal(before[k], after[k]) for k in before)
+        assert same == (not hyb), (i, hyb)

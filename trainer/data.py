@@ -34,6 +34,7 @@ STREAM_SCHEMA = pa.schema(
         ("item_id", pa.int64()),  # the target
         ("candidates", pa.list_(pa.int64())),  # next item: fixed candidate list
         ("rep", pa.list_(pa.float32())),  # the frozen teacher's representation (gate input)
+        ("item_slots", pa.list_(pa.int64())),  # hybrid prompts: item id of each placeholder token, in order
     ]
 )
 
@@ -87,8 +88,9 @@ class PromptEncoder:
 
 
 def prepare_split(samples, split: str, sample_ids: np.ndarray, reps_url: str, renderer, encoder: PromptEncoder,
-                  out_url: str, rep_dim: int, row_group_size: int = 256) -> dict[str, Any]:
+                  out_url: str, rep_dim: int, row_group_size: int = 256, slot_token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
     """Write the tokenized stream of `sample_ids` (in that order). Returns counts for the run summary."""
+    from retrieval.prompts import PromptError
     from teacher.score import rep_matrix
 
     table = samples.read(split, sample_ids=sample_ids)
@@ -100,7 +102,13 @@ def prepare_split(samples, split: str, sample_ids: np.ndarray, reps_url: str, re
     for rec, rep in zip(records, reps):
         answer = encoder.answer_ids(_answer(renderer, rec))
         budget = encoder.max_length - len(answer)
-        rendered = renderer.render(rec, count_tokens=encoder.count, max_tokens=budget)
+        try:
+            rendered = renderer.render(rec, count_tokens=encoder.count, max_tokens=budget)
+        except PromptError as e:
+            if "without any history" not in str(e):
+                raise
+            skipped_too_long += 1  # even the question alone does not fit: counted, not trained on
+            continue
         prompt = encoder.prompt_ids(rendered.text)
         if len(prompt) + len(answer) > encoder.max_length:
             skipped_too_long += 1
@@ -112,8 +120,10 @@ def prepare_split(samples, split: str, sample_ids: np.ndarray, reps_url: str, re
         out["item_id"].append(rec["item_id"])
         out["candidates"].append(rec.get("candidates"))
         out["rep"].append(rep)
+        out["item_slots"].append(_slots(rec, rendered.kept, prompt, slot_token_ids) if slot_token_ids else None)
     if not out["sample_id"]:
-        raise TrainDataError(f"{split}: no sample fits model.max_length={encoder.max_length} ({skipped_too_long} too long)")
+        raise TrainDataError(f"{split}: no sample fits model.max_length={encoder.max_length} ({skipped_too_long} too long); "
+                             f"raise model.max_length")
     arrays = [pa.array(out[f.name], type=f.type) if f.name != "rep" else _rep_array(np.stack(out["rep"]))
               for f in STREAM_SCHEMA]
     write_parquet(pa.Table.from_arrays(arrays, schema=STREAM_SCHEMA), out_url, row_group_size=row_group_size)
@@ -122,6 +132,16 @@ def prepare_split(samples, split: str, sample_ids: np.ndarray, reps_url: str, re
                "tokens": int(sum(lengths)), "max_len": int(max(lengths)), "mean_len": float(np.mean(lengths))}
     storage.write_json_atomic(out_url + ".json", summary)
     return summary
+
+
+def _slots(rec, kept: int, prompt: list[int], slot_token_ids) -> list[int]:
+    """Item ids behind the placeholders, in prompt order: the kept history, then the candidates."""
+    hist = list(rec["text_hist_items"] or [])
+    slots = hist[len(hist) - kept:] + list(rec.get("candidates") or [])
+    n = sum(1 for t in prompt if t in slot_token_ids)
+    if n != len(slots):
+        raise TrainDataError(f"sample {rec['sample_id']}: {n} placeholder tokens in the prompt but {len(slots)} items")
+    return slots
 
 
 def _answer(renderer, rec) -> str:
@@ -241,7 +261,10 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     labels = torch.tensor([-1 if r["label"] is None else int(r["label"]) for r in rows], dtype=torch.long)
     cond = torch.tensor(np.stack([np.asarray(r["rep"], dtype=np.float32) for r in rows]))
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "answer_len": answer_len,
+    extra = {}
+    if rows[0].get("item_slots") is not None:
+        extra["item_slots"] = torch.tensor([i for r in rows for i in r["item_slots"]], dtype=torch.long)
+    return {**extra, "input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "answer_len": answer_len,
             "label": labels, "cond": cond, "sample_id": torch.tensor([r["sample_id"] for r in rows], dtype=torch.long)}
 
 

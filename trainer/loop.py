@@ -105,7 +105,7 @@ def _all_gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def build_model(cfg, model_dir: str, ds_cfg: dict, use_gpu: bool):
+def build_model(cfg, model_dir: str, ds_cfg: dict, use_gpu: bool, hybrid: dict | None = None):
     """Base model under zero.Init (via HfDeepSpeedConfig, kept alive by the caller), then the adapter."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -128,6 +128,15 @@ def build_model(cfg, model_dir: str, ds_cfg: dict, use_gpu: bool):
     pm = build_personalized_model(base, mcfg)
     if cfg.trainer.activation_checkpointing:
         pm.activation_checkpointing_enable()
+    if hybrid:
+        from safetensors.torch import load as st_load
+
+        from trainer.hybrid import HybridLM
+
+        fs, path = storage.get_fs(hybrid["item_emb_url"])
+        with storage.storage_errors(hybrid["item_emb_url"]), fs.open(path, "rb") as f:
+            table = st_load(f.read())
+        pm = HybridLM(pm, table["item_ids"].numpy(), table["emb"], hybrid["slot_token_ids"], hybrid["text_token_id"])
     return pm, hf_ds
 
 
@@ -246,7 +255,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
 
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
     ds_cfg = ds_config(t, use_gpu, cfg.model.dtype, world)
-    pm, hf_ds = build_model(cfg, params["model_dir"], ds_cfg, use_gpu)
+    pm, hf_ds = build_model(cfg, params["model_dir"], ds_cfg, use_gpu, params.get("hybrid"))
     names = pm.trainable_parameter_names()
     my_names = [n for i, n in enumerate(names) if i % world == rank]
     parts = fingerprint_parts(cfg)
@@ -301,6 +310,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
         loss_sum = torch.zeros(1)
         tokens = 0
         gstats: dict[str, float] = {}
+        hybrid_step = _curriculum(engine, pm, cfg.run.seed, step, total_steps)
         for micro_rows in sched.rank_rows(step, rank):
             t0 = time.perf_counter()
             batch = {k: v.to(device) for k, v in collate(reader.rows_at(micro_rows), pad_id).items()}
@@ -319,6 +329,8 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
                "lr": float(engine.optimizer.param_groups[0]["lr"]), "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                "tokens_per_s": float(counts[1] / dt), "samples_per_s": t.batch_size / dt, "data_wait_fraction": wait / dt,
                "step_seconds": dt, **gstats}
+        if hybrid_step is not None:
+            rec["hybrid_prompt"] = float(hybrid_step)
         if use_gpu and params.get("flops_per_token"):
             rec["mfu"] = rec["tokens_per_s"] * params["flops_per_token"] / (params["peak_flops"] * world)
         history.append(rec)
@@ -349,6 +361,21 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     reader.close()
     del hf_ds
     return {"metrics": metrics, "history": history if rank == 0 else []}
+
+
+def _curriculum(engine, model, seed: int, step: int, total: int) -> bool | None:
+    """LLaRA curriculum for hybrid prompts; text-only steps give the projector a learning rate of 0
+    (the scheduler restores it at the next step)."""
+    from trainer.hybrid import HybridLM, use_hybrid
+
+    if not isinstance(model, HybridLM):
+        return None
+    model.hybrid = use_hybrid(seed, step, total)
+    if not model.hybrid:
+        for g in engine.optimizer.param_groups:
+            if g.get("name") == "projector":
+                g["lr"] = 0.0
+    return model.hybrid
 
 
 def _maybe_fail(fail_at: dict | None, step: int, rank: int) -> None:
@@ -402,6 +429,8 @@ def evaluate(engine, pm, params, split: str, rank: int, world: int, device) -> d
     valid = idx < n
     idx = np.where(valid, idx, 0)
     bs = params["eval_batch_size"]
+    if hasattr(pm, "hybrid"):
+        pm.hybrid = True  # evaluate with the full hybrid prompt
     engine.eval()
     rows_out = []
     with torch.no_grad():

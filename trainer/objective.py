@@ -14,8 +14,9 @@ def _tail_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     ids = batch["input_ids"]
     n = ids.shape[1]
     k = int(batch["answer_len"].max()) + 1
+    extra = {"item_slots": batch["item_slots"]} if "item_slots" in batch else {}
     out = model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                cond=batch["cond"], logits_to_keep=k, use_cache=False)
+                cond=batch["cond"], logits_to_keep=k, use_cache=False, **extra)
     logits = out.logits[:, -k:].float()
     target = ids[:, n - k + 1:]
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -52,7 +53,7 @@ def candidate_scores(model, rows: list[dict], pad_id: int, answer_ids_of, cond: 
         for cand in r["candidates"]:
             ans = answer_ids_of(cand)
             seqs.append({"input_ids": prompt + ans, "prompt_len": len(prompt), "label": None, "rep": r["rep"],
-                         "sample_id": r["sample_id"]})
+                         "sample_id": r["sample_id"], "item_slots": r.get("item_slots")})
         b = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
         b["cond"] = cond[i:i + 1].expand(len(seqs), -1).to(device)
         logp, mask, _ = _tail_logprobs(model, b)
