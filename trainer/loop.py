@@ -227,6 +227,30 @@ def _prime_optimizer_state(engine) -> None:
         g["lr"] = lr
 
 
+def measured_peak_flops(device, n: int = 8192, reps: int = 10) -> float:
+    """bf16 matmul throughput of this GPU (the denominator of MFU), measured rather than looked up."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def flops_per_token(config) -> float:
+    """Training FLOPs per token of LoRA fine-tuning: forward (2N) + activation gradients (2N) through the
+    frozen base, plus attention scores (forward and backward) over the sequence."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    inter = getattr(config, "intermediate_size", 4 * h)
+    kv = getattr(config, "num_key_value_heads", config.num_attention_heads) * (h // config.num_attention_heads)
+    n = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + config.vocab_size * h
+    return 4.0 * n
+
+
 def gate_stats(pm, cond: torch.Tensor) -> dict[str, float]:
     """Mean gate entropy and per-expert load over the batch (averaged over layers)."""
     if getattr(pm, "gates", None) is None:
@@ -299,6 +323,13 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     history: list[dict] = storage.read_json(log_path + ".json") if (start and storage.exists(log_path + ".json")) else []
     history = [h for h in history if h["step"] <= start]
     tb = _TensorBoard(run_url) if rank == 0 else None
+    if use_gpu and not params.get("peak_flops"):
+        params["peak_flops"] = measured_peak_flops(device)
+    bar = None
+    if rank == 0 and params.get("interactive"):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc="train", unit="step")
     engine.train()
     tokens_seen = 0
     t_run = time.perf_counter()
@@ -331,7 +362,8 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
                "step_seconds": dt, **gstats}
         if hybrid_step is not None:
             rec["hybrid_prompt"] = float(hybrid_step)
-        if use_gpu and params.get("flops_per_token"):
+        if use_gpu:
+            params.setdefault("flops_per_token", flops_per_token(_base_config(pm)))
             rec["mfu"] = rec["tokens_per_s"] * params["flops_per_token"] / (params["peak_flops"] * world)
         history.append(rec)
         if rank == 0 and (step + 1) % t.log_every == 0:
@@ -339,9 +371,15 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
                                          if not k.startswith("expert_load")), flush=True)
             tb.add(rec)
         report({k: v for k, v in rec.items()})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps:
             _save(engine, pm, names, my_names, run_url, step + 1, rank, world, sched, reader, parts, t, history, tb)
         _maybe_fail(params.get("fail_at"), step + 1, rank)
+
+    if bar is not None:
+        bar.close()
 
     # ---- evaluate and save
     metrics = {}
@@ -361,6 +399,11 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     reader.close()
     del hf_ds
     return {"metrics": metrics, "history": history if rank == 0 else []}
+
+
+def _base_config(pm):
+    inner = pm.pm if hasattr(pm, "pm") else pm
+    return inner.lm.get_base_model().config
 
 
 def _curriculum(engine, model, seed: int, step: int, total: int) -> bool | None:

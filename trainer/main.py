@@ -113,6 +113,7 @@ def train(cfg, run_url: str) -> dict:
 
     try:
         params = prepare(cfg, run_url)
+        params["interactive"] = sys.stderr.isatty()
     except (SamplesError, RepsError, TrainDataError) as e:
         raise TrainSetupError(str(e)) from None
     for split, s in params["summaries"].items():
