@@ -14,6 +14,13 @@ def _entry(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     ctx = ray.train.get_context()
+    if loop_config.get("node_report_dir"):  # which node each rank ran on (multi-node tests, debugging)
+        import json as _json
+        import os as _os
+
+        _os.makedirs(loop_config["node_report_dir"], exist_ok=True)
+        with open(_os.path.join(loop_config["node_report_dir"], f"rank-{ctx.get_world_rank()}.json"), "w") as f:
+            _json.dump({"node_id": ray.get_runtime_context().get_node_id(), "pid": _os.getpid()}, f)
     fn = loop_config["fn"]
     result = fn(loop_config["params"], ctx.get_world_rank(), ctx.get_world_size(), lambda m: ray.train.report(m))
     if ctx.get_world_rank() == 0 and loop_config.get("result_path"):
@@ -25,7 +32,8 @@ def _entry(loop_config: dict[str, Any]) -> None:
 
 def run_training(fn: Callable, params: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
                  name: str, max_failures: int, placement: str = "PACK", result_path: str | None = None,
-                 worker_resources: dict[str, float] | None = None, timeout_s: int = 600) -> Any:
+                 worker_resources: dict[str, float] | None = None, timeout_s: int = 600,
+                 node_report_dir: str | None = None) -> Any:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -38,7 +46,7 @@ def run_training(fn: Callable, params: dict[str, Any], *, num_workers: int, use_
     storage_path = os.environ.get("RECLORA_RAY_RESULTS") or os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "results")
     trainer = TorchTrainer(
         _entry,
-        train_loop_config={"fn": fn, "params": params, "result_path": result_path},
+        train_loop_config={"fn": fn, "params": params, "result_path": result_path, "node_report_dir": node_report_dir},
         # A dead peer must surface as an error (then a restart), not as a hang in a collective.
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,

@@ -138,6 +138,9 @@ class TrainerConfig(Strict):
     max_failures: int = Field(2, ge=0)
     hybrid_item_emb: bool = False  # LLaRA hybrid item tokens (iLoRA presets)
     eval_batch_size: int = Field(16, ge=1)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers across nodes
+    worker_resources: dict[str, float] = Field(default_factory=dict)  # extra Ray resources per worker
+    collective_timeout_s: int = Field(600, ge=10)  # a dead peer surfaces as an error after this, not a hang
     resume: Optional[str] = None  # a checkpoint URL; default: the run's latest complete checkpoint
 
     @model_validator(mode="after")

@@ -73,7 +73,7 @@ def tiny_cfg(inputs, out: str, name: str, *extra: str):
         "model.max_length=192", *extra])
 
 
-def run_train(cfg, **params_extra) -> dict:
+def run_train(cfg, node_report_dir: str | None = None, **params_extra) -> dict:
     from cluster.launch import run_training
     from trainer.loop import train_worker
     from trainer.prepare import prepare
@@ -81,8 +81,10 @@ def run_train(cfg, **params_extra) -> dict:
     run_url = storage.join(cfg.run.output_dir, cfg.run.name)
     params = prepare(cfg, run_url)
     params.update(params_extra)
-    run_training(train_worker, params, num_workers=cfg.trainer.num_workers, use_gpu=False, cpus_per_worker=1,
-                 name=f"{cfg.run.name}-{time.time_ns()}", max_failures=cfg.trainer.max_failures)
+    t = cfg.trainer
+    run_training(train_worker, params, num_workers=t.num_workers, use_gpu=False, cpus_per_worker=1,
+                 name=f"{cfg.run.name}-{time.time_ns()}", max_failures=t.max_failures, placement=t.placement,
+                 worker_resources=t.worker_resources, node_report_dir=node_report_dir)
     return {"metrics": storage.read_json(storage.join(run_url, "metrics.json")),
             "history": storage.read_json(storage.join(run_url, "logs", "train.jsonl.json")), "run_url": run_url}
 

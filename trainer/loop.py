@@ -377,6 +377,8 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
         if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps:
             _save(engine, pm, names, my_names, run_url, step + 1, rank, world, sched, reader, parts, t, history, tb)
         _maybe_fail(params.get("fail_at"), step + 1, rank)
+        if params.get("pause_after_checkpoint") and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+            time.sleep(params["pause_after_checkpoint"])  # tests: a window in which to preempt a node
 
     if bar is not None:
         bar.close()

@@ -130,7 +130,8 @@ def train(cfg, run_url: str) -> dict:
         except CheckpointError as e:
             raise SetupError(str(e)) from None
     run_training(train_worker, params, num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
-                 name=cfg.run.name, max_failures=t.max_failures)
+                 name=cfg.run.name, max_failures=t.max_failures, placement=t.placement,
+                 worker_resources=t.worker_resources, timeout_s=t.collective_timeout_s)
     return storage.read_json(storage.join(run_url, "metrics.json"))["final"]
 
 
