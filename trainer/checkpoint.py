@@ -5,7 +5,8 @@
         rank-00001-of-00002.safetensors    it owns (parameter i -> rank i % world), the full fp32 value and
                                            its optimizer moments ("<name>::param", "::exp_avg", ...)
         rank-00000.json                    per-rank metadata: RNG states, data cursor
-        meta.json                          step, optimizer scalars, scheduler state, config hash, metrics
+        meta.json                          step, optimizer step count, config fingerprint, metrics (the LR
+                                           schedule is a function of the step and is rebuilt from it)
         COMPLETE                           written last, by rank 0, after every rank's files are on storage
 
 Only trainable tensors (adapter, gates, projector) are saved; the frozen base never is. Because every

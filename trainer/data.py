@@ -206,7 +206,8 @@ class Schedule:
 
 
 class StreamReader:
-    """Random access to rows of a stream file, one row group at a time (a small LRU of groups)."""
+    """Random access to rows of a stream file, one row group at a time (the few most recently loaded
+    groups are kept; the oldest loaded is dropped first)."""
 
     def __init__(self, url: str, cache_groups: int = 8):
         self.url = url

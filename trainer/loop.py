@@ -43,6 +43,8 @@ def ds_config(t, use_gpu: bool, dtype: str, world: int) -> dict[str, Any]:
             cfg["zero_optimization"]["zero_hpz_partition_size"] = t.zero_hpz_partition_size
     if use_gpu and dtype == "bfloat16":
         cfg["bf16"] = {"enabled": True}
+    elif use_gpu and dtype == "float16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling
     return cfg
 
 
@@ -67,7 +69,7 @@ def fingerprint_parts(cfg) -> dict[str, Any]:
     return {"model": cfg.model.name_or_path, "tiny": cfg.model.tiny.model_dump() if cfg.model.tiny else None,
             "task": cfg.data.task, "lora": {k: v for k, v in cfg.trainer.lora.model_dump().items()
                                            if k not in ("gate_lr_mult", "dropout", "gate_dropout")},
-            "rep_dim": cfg.teacher.rep_dim}
+            "rep_dim": cfg.teacher.rep_dim, "hybrid_item_emb": cfg.trainer.hybrid_item_emb}
 
 
 def _setup_distributed(use_gpu: bool) -> None:
@@ -125,7 +127,7 @@ def build_model(cfg, model_dir: str, ds_cfg: dict, use_gpu: bool, hybrid: dict |
                              cond_dim=cfg.teacher.rep_dim, gate_lr_mult=lo.gate_lr_mult)
     # Same seed on every rank: adapter initialisation must not depend on the number of workers.
     torch.manual_seed(cfg.run.seed)
-    pm = build_personalized_model(base, mcfg)
+    pm = build_personalized_model(base, mcfg, seed=cfg.run.seed)
     if cfg.trainer.activation_checkpointing:
         pm.activation_checkpointing_enable()
     if hybrid:
@@ -241,22 +243,30 @@ def measured_peak_flops(device, n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def flops_per_token(config) -> float:
-    """Training FLOPs per token of LoRA fine-tuning: forward (2N) + activation gradients (2N) through the
-    frozen base, plus attention scores (forward and backward) over the sequence."""
+def flops_per_token(config, seq_len: int, head_positions: int = 1) -> float:
+    """Training FLOPs per token of LoRA fine-tuning: forward (2 FLOPs per weight) and activation gradients
+    (another 2) through the frozen decoder linears, attention scores and values over the sequence
+    (forward 4*L*S*d, backward twice that), and the LM head, which runs only on `head_positions` of every
+    `seq_len` positions (trainer.objective uses logits_to_keep)."""
     h, layers = config.hidden_size, config.num_hidden_layers
     inter = getattr(config, "intermediate_size", 4 * h)
     kv = getattr(config, "num_key_value_heads", config.num_attention_heads) * (h // config.num_attention_heads)
-    n = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + config.vocab_size * h
-    return 4.0 * n
+    linears = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    attention = 12 * layers * seq_len * h
+    head = 4 * config.vocab_size * h * head_positions / max(1, seq_len)
+    return 4.0 * linears + attention + head
 
 
 def gate_stats(pm, cond: torch.Tensor) -> dict[str, float]:
     """Mean gate entropy and per-expert load over the batch (averaged over layers)."""
     if getattr(pm, "gates", None) is None:
         return {}
-    with torch.no_grad():
+    # Deterministic and side-effect free: gate dropout off, and no draw from the training RNG stream.
+    was_training = pm.gates.training
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        pm.gates.eval()
         gates = pm.compute_gates(cond)
+        pm.gates.train(was_training)
         g = torch.stack([v.float().reshape(v.shape[0], -1) for v in gates.values()])  # [layers, b, N]
         ent = -(g.clamp_min(1e-12).log() * g).sum(-1).mean().item()
         load = g.mean(dim=(0, 1))
@@ -351,7 +361,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
             engine.step()
             loss_sum += per_sample.sum().cpu()
             tokens += int(batch["attention_mask"].sum())
-            if not gstats:
+            if not gstats and (step + 1) % t.log_every == 0:
                 gstats = gate_stats(pm, batch["cond"])
         counts = _all_reduce_sum(torch.tensor([loss_sum.item(), float(tokens)], dtype=torch.float64))
         dt = time.perf_counter() - t_step
@@ -363,8 +373,8 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
         if hybrid_step is not None:
             rec["hybrid_prompt"] = float(hybrid_step)
         if use_gpu:
-            params.setdefault("flops_per_token", flops_per_token(_base_config(pm)))
-            rec["mfu"] = rec["tokens_per_s"] * params["flops_per_token"] / (params["peak_flops"] * world)
+            fpt = flops_per_token(_base_config(pm), int(batch["input_ids"].shape[1]), int(batch["answer_len"].max()) + 1)
+            rec["mfu"] = rec["tokens_per_s"] * fpt / (params["peak_flops"] * world)
         history.append(rec)
         if rank == 0 and (step + 1) % t.log_every == 0:
             print("[train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()

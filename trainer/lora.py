@@ -492,8 +492,10 @@ def build_personalized_model(model: nn.Module, config: MixtureLoraConfig, *, ada
         if seed is not None:
             torch.manual_seed(seed)
         lm = get_peft_model(model, config.to_lora_config(), adapter_name=adapter_name)
-        # Gates stay fp32 like PEFT's autocast adapters: they are tiny and run once per sample.
         personalized = PersonalizedLM(lm, config, adapter_name=adapter_name)
+    if personalized.gates is not None:
+        # Same device as the model, but fp32 like PEFT's autocast adapters: tiny, and run once per sample.
+        personalized.gates.to(next(model.parameters()).device)
     return personalized
 
 
