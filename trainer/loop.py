@@ -344,6 +344,11 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     tokens_seen = 0
     t_run = time.perf_counter()
 
+    zero_shot = {}
+    if start == 0 and params.get("eval_zero_shot") and "test" in params["streams"]:
+        # B = 0 at step 0, so the personalized model is exactly the base LLM: its zero-shot score.
+        zero_shot = {f"zeroshot_test_{k}": v for k, v in evaluate(engine, pm, params, "test", rank, world, device).items()}
+
     # ---- train
     for step in range(start, total_steps):
         t_step = time.perf_counter()
@@ -398,6 +403,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     for split in ("valid", "test"):
         if split in params["streams"]:
             metrics.update({f"{split}_{k}": v for k, v in evaluate(engine, pm, params, split, rank, world, device).items()})
+    metrics.update(zero_shot)
     if rank == 0 and metrics:
         print("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
     final = _save(engine, pm, names, my_names, run_url, total_steps, rank, world, sched, reader, parts, t, history, tb,

@@ -101,8 +101,46 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     storage.write_json_atomic(storage.join(p.run, "stage_seconds.json"), timings)
+    if "train" in stages and storage.exists(storage.join(p.run, "metrics.json")):
+        from trainer.report import write_report
+
+        teacher = teacher_metrics(cfg, p)
+        print(final_table(storage.read_json(storage.join(p.run, "metrics.json"))["final"], teacher))
+        print(f"report: {write_report(p.run, {'teacher (' + cfg.teacher.model + ')': teacher} if teacher else None)}")
     print(f"done in {time.perf_counter() - t0:.1f}s; run outputs: {p.run}")
     return 0
+
+
+def teacher_metrics(cfg, p) -> dict:
+    """The teacher's own scores on exactly the LLM's test samples (same ids), for the final table."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from teacher.metrics import ctr_metrics
+    from teacher.score import read_reps
+
+    stream = storage.join(p.run, "data", "test.parquet")
+    if cfg.data.task != "ctr" or not storage.exists(stream):
+        return {}
+    fs, path = storage.get_fs(stream)
+    with fs.open(path, "rb") as f:
+        t = pq.ParquetFile(f).read(columns=["sample_id", "label"])
+    reps = read_reps(p.reps, "test", columns=["sample_id", "teacher_score"])
+    ids, scores = reps["sample_id"].to_numpy(), reps["teacher_score"].to_numpy()
+    order = np.argsort(ids)
+    pos = order[np.searchsorted(ids, t["sample_id"].to_numpy(), sorter=order)]
+    return {f"test_{k}": v for k, v in ctr_metrics(t["label"].to_numpy(), scores[pos]).items()}
+
+
+def final_table(final: dict, teacher: dict) -> str:
+    rows = [("zero-shot LLM", "zeroshot_test_"), ("trained LLM", "test_")]
+    out = [f"{'model':<16} {'test AUC':>9} {'test LogLoss':>13}"]
+    for name, prefix in rows:
+        if f"{prefix}auc" in final:
+            out.append(f"{name:<16} {final[prefix + 'auc']:>9.4f} {final[prefix + 'logloss']:>13.4f}")
+    if teacher:
+        out.append(f"{'teacher':<16} {teacher['test_auc']:>9.4f} {teacher['test_logloss']:>13.4f}")
+    return "\n".join(out)
 
 
 def train(cfg, run_url: str) -> dict:
@@ -117,6 +155,7 @@ def train(cfg, run_url: str) -> dict:
     try:
         params = prepare(cfg, run_url)
         params["interactive"] = sys.stderr.isatty()
+        params["eval_zero_shot"] = cfg.data.task == "ctr"
     except (SamplesError, RepsError, TrainDataError) as e:
         raise SetupError(str(e)) from None
     for split, s in params["summaries"].items():

@@ -1,0 +1,103 @@
+"""The run report: `report.md` plus PNG plots in the run's output prefix.
+
+Reads only what the run wrote (config.yaml, logs/train.jsonl, metrics.json, stage_seconds.json), so it can
+be regenerated for any finished or partial run: `python -m trainer.report RUN_URL`.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from typing import Any
+
+from retrieval import storage
+
+
+def _plot(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _read(url: str, default=None):
+    return storage.read_json(url) if storage.exists(url) else default
+
+
+def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None = None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history: list[dict[str, Any]] = _read(storage.join(run_url, "logs", "train.jsonl.json"), [])
+    metrics = _read(storage.join(run_url, "metrics.json"), {}) or {}
+    stages = _read(storage.join(run_url, "stage_seconds.json"), {}) or {}
+    cfg_url = storage.join(run_url, "config.yaml")
+    config = ""
+    if storage.exists(cfg_url):
+        fs, path = storage.get_fs(cfg_url)
+        with fs.open(path, "rb") as f:
+            config = f.read().decode()
+    images = []
+    if history:
+        steps = [h["step"] for h in history]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
+        ax[0].plot(steps, [h["loss"] for h in history])
+        ax[0].set(title="training loss (answer tokens)", xlabel="step")
+        ax[1].plot(steps, [h["tokens_per_s"] for h in history], label="tokens/s")
+        ax[1].set(title="throughput", xlabel="step", ylabel="tokens/s")
+        images.append(("loss_throughput.png", _plot(fig), "Training loss and throughput"))
+        plt.close(fig)
+        loads = sorted({k for h in history for k in h if k.startswith("expert_load_")}, key=lambda k: int(k.rsplit("_", 1)[1]))
+        if loads:
+            fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
+            ent = [(h["step"], h["gate_entropy"]) for h in history if "gate_entropy" in h]
+            ax[0].plot([s for s, _ in ent], [e for _, e in ent])
+            ax[0].set(title="gate entropy (nats, mean over samples and layers)", xlabel="step")
+            last = next(h for h in reversed(history) if loads[0] in h)
+            ax[1].bar(range(len(loads)), [last[k] for k in loads])
+            ax[1].set(title=f"expert load at step {last['step']}", xlabel="expert", ylabel="mean gate weight")
+            images.append(("gate_usage.png", _plot(fig), "Gate usage"))
+            plt.close(fig)
+    evals = {k: v for k, v in (metrics.get("final") or {}).items()}
+    lines = [f"# Run report: {run_url.rstrip('/').rsplit('/', 1)[-1]}", ""]
+    if evals or extra_metrics:
+        lines += ["## Final metrics", "", "| model | split | metric | value |", "|---|---|---|---|"]
+        for key, v in sorted(evals.items()):
+            split, _, name = key.partition("_")
+            lines.append(f"| trained LLM | {split} | {name} | {v:.4f} |")
+        for model, ms in (extra_metrics or {}).items():
+            for key, v in sorted(ms.items()):
+                split, _, name = key.partition("_")
+                lines.append(f"| {model} | {split} | {name} | {v:.4f} |")
+        lines.append("")
+    if history:
+        h = history[-1]
+        lines += ["## Training", "", f"{len(history)} steps; last step: loss {h['loss']:.4f}, "
+                  f"{h['tokens_per_s']:.0f} tokens/s, {h['samples_per_s']:.1f} samples/s, "
+                  f"data wait {100 * h['data_wait_fraction']:.2f}% of step time" +
+                  (f", MFU {100 * h['mfu']:.1f}%" if "mfu" in h else "") + ".", ""]
+    if stages:
+        lines += ["## Stage wall time", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in stages.items()] + [""]
+    for name, data, title in images:
+        storage.write_bytes_atomic(storage.join(run_url, name), data)
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    if config:
+        lines += ["## Configuration", "", "```yaml", config.rstrip(), "```", ""]
+    url = storage.join(run_url, "report.md")
+    storage.write_bytes_atomic(url, "\n".join(lines).encode())
+    return url
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.report", description="Write report.md and plots for a run.")
+    p.add_argument("run_url")
+    a = p.parse_args(argv)
+    print(write_report(a.run_url))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
