@@ -11,9 +11,11 @@ and writes
 
     {out}/{key}/embeddings.parquet   item_id int64, embedding list<float32> (PCA space)
     {out}/{key}/meta.json            written last: model, template, dims, explained variance
+    {out}/raw-{raw_key}/part-*.parquet   raw mean-pooled vectors (before PCA), one file per task
 
 `key` hashes the model (config + weights), the item texts, the template and every option, so a rerun
-with the same inputs reuses the result and anything different gets a new folder.
+with the same inputs reuses the result and anything different gets a new folder. `raw_key` leaves out
+the PCA options, so trying another pca_dims reuses the LLM pass (delete raw-* to reclaim the space).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import pyarrow.parquet as pq
 
 from retrieval import storage
 from retrieval.prompts import VICUNA_SYSTEM
-from retrieval.schema import Dataset, read_parquet
+from retrieval.schema import Dataset, DatasetError, read_parquet
 
 DEFAULT_TEMPLATE = ("Here is a {domain}.", "Its title is {title}.", "Its genre is {genres}.")
 
@@ -113,25 +115,32 @@ def model_fingerprint(model_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(model_fp: str, ids: np.ndarray, texts: list[str], opts: EmbedOptions) -> str:
+def cache_key(model_fp: str, ids: np.ndarray, texts: list[str], opts: EmbedOptions, ignore: tuple[str, ...] = ()) -> str:
     h = hashlib.sha256()
     h.update(model_fp.encode())
-    h.update(json.dumps({k: v for k, v in asdict(opts).items() if k not in ("batch_size", "items_per_task")}, sort_keys=True).encode())
+    skip = {"batch_size", *ignore}  # batch size changes padding only, and pooling ignores padding
+    h.update(json.dumps({k: v for k, v in asdict(opts).items() if k not in skip}, sort_keys=True).encode())
     h.update(ids.tobytes())
     for t in texts:
         h.update(t.encode("utf-8") + b"\0")
     return h.hexdigest()[:20]
 
 
+def _part_truncated(url: str) -> int:
+    fs, path = storage.get_fs(url)
+    with storage.storage_errors(url), fs.open(path, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    return int(meta.get(b"truncated", b"0"))
+
+
 class EmbedWorker:
     """Embeds chunks of item texts with one loaded model. Plain Python (runs in-process or as an actor)."""
 
-    def __init__(self, model_dir: str, opts: dict[str, Any], out_url: str):
+    def __init__(self, model_dir: str, opts: dict[str, Any]):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.opts = EmbedOptions(**{**opts, "template": tuple(opts["template"])})
-        self.out_url = out_url
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, self.opts.dtype) if self.device == "cuda" else torch.float32
         self.tok = AutoTokenizer.from_pretrained(model_dir)
@@ -150,9 +159,15 @@ class EmbedWorker:
         return text
 
     def embed(self, texts: list[str]) -> np.ndarray:
+        return self.embed_counted(texts)[0]
+
+    def embed_counted(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """(vectors, number of texts cut at max_length). A chat wrapper's system prompt can eat the
+        whole budget and cut the item text itself, so the driver reports the count."""
         torch = self.torch
         texts = [self._wrap(t) for t in texts]
-        lengths = [len(self.tok(t, truncation=True, max_length=self.opts.max_length)["input_ids"]) for t in texts]
+        lengths = [len(ids) for ids in self.tok(texts)["input_ids"]]
+        truncated = sum(n > self.opts.max_length for n in lengths)
         order = np.argsort(lengths, kind="stable")  # similar lengths per batch: less padding
         out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         with torch.inference_mode():
@@ -164,18 +179,19 @@ class EmbedWorker:
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
                 out[idx] = pooled.float().cpu().numpy()
-        return out
+        return out, truncated
 
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
         url = task["part_url"]
         if storage.exists(url):  # parts are committed atomically; a resumed job reuses them
             return {"part_url": url, "rows": len(task["item_ids"]), "skipped": True}
-        vec = self.embed(task["texts"])
+        vec, truncated = self.embed_counted(task["texts"])
         table = pa.table({"item_id": pa.array(task["item_ids"], pa.int64()), "embedding": _list_column(vec)})
+        table = table.replace_schema_metadata({"truncated": str(truncated)})
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         storage.write_bytes_atomic(url, buf.getvalue())
-        return {"part_url": url, "rows": len(vec), "skipped": False}
+        return {"part_url": url, "rows": len(vec), "skipped": False, "truncated": truncated}
 
 
 def _list_column(vec: np.ndarray) -> pa.Array:
@@ -209,31 +225,38 @@ def embed_items(
     if opts.wrap not in ("none", "vicuna", "chat"):
         raise EmbedError(f"wrap must be none, vicuna or chat, got {opts.wrap!r}")
     ids, texts = item_texts(Dataset.open(dataset_url).read_items(), opts)
-    key = cache_key(model_fingerprint(model_dir), ids, texts, opts)
-    folder = storage.join(out_url, key)
+    model_fp = model_fingerprint(model_dir)
+    folder = storage.join(out_url, cache_key(model_fp, ids, texts, opts))
     meta_url = storage.join(folder, "meta.json")
     if storage.exists(meta_url):
         return folder
     t0 = time.perf_counter()
-    parts_url = storage.join(folder, "parts")
+    # Raw (pre-PCA) vectors are cached apart from the PCA result: another pca_dims or seed reuses them
+    # instead of running the LLM again.
+    parts_url = storage.join(out_url, "raw-" + cache_key(model_fp, ids, texts, opts, ignore=("pca_dims", "seed")))
     tasks = [
         {"item_ids": ids[i : i + opts.items_per_task].tolist(), "texts": texts[i : i + opts.items_per_task],
          "part_url": storage.join(parts_url, f"part-{i // opts.items_per_task:05d}.parquet")}
         for i in range(0, len(ids), opts.items_per_task)
     ]
-    kwargs = {"model_dir": model_dir, "opts": asdict(opts), "out_url": folder}
-    if num_workers <= 1:
+    kwargs = {"model_dir": model_dir, "opts": asdict(opts)}
+    todo = [t for t in tasks if not storage.exists(t["part_url"])]  # cached parts need no model at all
+    if todo and num_workers <= 1:
         worker = EmbedWorker(**kwargs)
-        for t in tasks:
+        for t in todo:
             worker.run(t)
-    else:
+    elif todo:
         from cluster.pool import run_sharded
 
         if gpus_per_worker is None:
             import torch
 
             gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
-        run_sharded(EmbedWorker, kwargs, tasks, num_actors=num_workers, num_gpus_per_actor=gpus_per_worker, desc="embed items")
+        run_sharded(EmbedWorker, kwargs, todo, num_actors=num_workers, num_gpus_per_actor=gpus_per_worker, desc="embed items")
+    truncated = sum(_part_truncated(t["part_url"]) for t in tasks)
+    if truncated:
+        print(f"warning: {truncated} of {len(ids)} item texts were cut at max_length={opts.max_length} tokens "
+              f"(wrap={opts.wrap}); raise --max-length if the cut reaches the title", file=sys.stderr)
     raw = pa.concat_tables([read_parquet(t["part_url"]) for t in tasks])
     if not np.array_equal(raw.column("item_id").to_numpy(), ids):
         raise EmbedError(f"{parts_url}: parts do not cover the items in order; delete {folder} and rerun")
@@ -243,11 +266,10 @@ def embed_items(
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     storage.write_bytes_atomic(storage.join(folder, "embeddings.parquet"), buf.getvalue())
-    storage.rm(parts_url)
     meta = {
         "model_dir": model_dir, "dataset": dataset_url, "num_items": int(len(ids)), "dim": int(vec.shape[1]),
         "hidden_size": int(x.shape[1]), "options": asdict(opts), **info,
-        "seconds": round(time.perf_counter() - t0, 3), "example_text": texts[0] if texts else "",
+        "seconds": round(time.perf_counter() - t0, 3), "example_text": texts[0] if texts else "", "truncated_texts": truncated,
     }
     storage.write_json_atomic(meta_url, meta)
     return folder
@@ -274,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                         pca_dims=a.pca_dims, seed=a.seed, dtype=a.dtype, missing_text=a.missing_text)
     try:
         folder = embed_items(a.dataset, a.model, a.out, opts, a.num_workers)
-    except (EmbedError, storage.StorageError) as e:
+    except (EmbedError, DatasetError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"embeddings": folder, **storage.read_json(storage.join(folder, "meta.json"))}, indent=2, default=str))

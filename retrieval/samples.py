@@ -11,6 +11,7 @@ Layout under a samples URL (written by retrieval.build):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -188,6 +189,15 @@ class SampleSet:
     def options(self) -> dict[str, Any]:
         return self.manifest["options"]
 
+    @functools.cached_property
+    def _fs(self) -> tuple[Any, str, Any]:
+        """(fsspec fs, root path, pyarrow fs), made once: an S3 client per file read is slow."""
+        fs, root = storage.get_fs(self.url)
+        return fs, root, storage.arrow_fs(fs)
+
+    def _path(self, url: str) -> str:
+        return self._fs[1] + url[len(self.url.rstrip("/")):]
+
     def files(self, split: str) -> list[str]:
         if split not in self.manifest["splits"]:
             raise SamplesError(f"{self.url}: no split {split!r}; have {sorted(self.manifest['splits'])}")
@@ -199,13 +209,14 @@ class SampleSet:
     def read(self, split: str, columns: list[str] | None = None, sample_ids: np.ndarray | None = None) -> pa.Table:
         """All samples of a split (or only `sample_ids`, returned in the order given)."""
         tables = []
+        fs, _, afs = self._fs
         for url in self.files(split):
-            fs, path = storage.get_fs(url)
+            path = self._path(url)
             read_cols = columns
             if columns is not None and sample_ids is not None:
                 read_cols = list(dict.fromkeys(["sample_id", *columns]))
             with storage.storage_errors(url):
-                t = pq.read_table(path, columns=read_cols, filesystem=storage.arrow_fs(fs))
+                t = pq.read_table(path, columns=read_cols, filesystem=afs)
             if sample_ids is not None:
                 t = t.filter(pc.is_in(t["sample_id"], value_set=pa.array(np.asarray(sample_ids, dtype=np.int64))))
             tables.append(t)
@@ -225,7 +236,7 @@ class SampleSet:
 
     def iter_batches(self, split: str, batch_rows: int = 65536, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         """Stream a split file by file (memory bounded by one batch)."""
+        fs = self._fs[0]
         for url in self.files(split):
-            fs, path = storage.get_fs(url)
-            with storage.storage_errors(url), fs.open(path, "rb") as f:
+            with storage.storage_errors(url), fs.open(self._path(url), "rb") as f:
                 yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)

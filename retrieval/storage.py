@@ -43,8 +43,9 @@ def _s3_options() -> dict[str, Any]:
         opts["endpoint_url"] = env_endpoint
     # Fail fast on a dead endpoint instead of botocore's long default retry loop.
     opts.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}})
-    # New objects must be visible immediately to the process that wrote them.
-    opts.setdefault("skip_instance_cache", True)
+    # One client per set of options (fsspec caches instances; creating an S3 client costs 0.1-0.5 s), but
+    # no cached listings: objects written by other workers must be visible at once.
+    opts.setdefault("use_listings_cache", False)
     return opts
 
 

@@ -74,7 +74,16 @@ def all_samples(url):
     return t.sort_by("sample_id").to_pandas()
 
 
-def reference(df, k_text, k_id, vecs=None, pool=200):
+def _top(h, target, vecs, k, pool):
+    """Brute-force cosine top-k of the last `pool` history rows, ties to the more recent, in time order."""
+    cand = h.iloc[-pool:]
+    t = vecs[target] / np.linalg.norm(vecs[target])
+    sc = [float(np.dot(t, vecs[i] / np.linalg.norm(vecs[i]))) for i in cand.item_id]
+    top = sorted(range(len(cand)), key=lambda j: (-sc[j], -j))[:k]
+    return cand.iloc[sorted(top)]
+
+
+def reference(df, k_text, k_id, vecs=None, pool=200, text_subr=False, id_sim_pool=None):
     """Per-row pandas/Python reference: history = same user, timestamp strictly smaller."""
     out = {}
     for u, g in df.groupby("user_id", sort=False):
@@ -83,15 +92,11 @@ def reference(df, k_text, k_id, vecs=None, pool=200):
             if row.split == "context":
                 continue
             h = g[g.timestamp < row.timestamp]
-            if vecs is None:
-                text = h.item_id.tolist()[-k_text:]
-            else:
-                cand = h.iloc[-pool:]
-                t = vecs[row.item_id] / np.linalg.norm(vecs[row.item_id])
-                sc = [float(np.dot(t, vecs[i] / np.linalg.norm(vecs[i]))) for i in cand.item_id]
-                top = sorted(range(len(cand)), key=lambda j: (-sc[j], -j))[:k_text]
-                text = cand.item_id.to_numpy()[sorted(top)].tolist()
-            out[(u, row.item_id, row.timestamp, row.rating)] = (len(h), text, h.item_id.tolist()[-k_id:], h.timestamp.tolist()[-k_id:])
+            text = _top(h, row.item_id, vecs, k_text, pool) if text_subr else h.tail(k_text)
+            ids = h.tail(k_id) if id_sim_pool is None else _top(h, row.item_id, vecs, k_id, id_sim_pool)
+            out[(u, row.item_id, row.timestamp, row.rating)] = (
+                len(h), text.item_id.tolist(), text.rating.tolist(), ids.item_id.tolist(), ids.rating.tolist(), ids.timestamp.tolist()
+            )
     return out
 
 
@@ -99,10 +104,10 @@ def check_against_reference(samples, df, **kw):
     ref = reference(df, **kw)
     assert len(samples) == len(ref)
     for s in samples.itertuples():
-        hist_len, text, ids, ts = ref[(s.user_id, s.item_id, s.timestamp, s.rating)]
+        hist_len, text, text_r, ids, ids_r, ts = ref[(s.user_id, s.item_id, s.timestamp, s.rating)]
         assert s.hist_len == hist_len
-        assert list(s.text_hist_items) == text
-        assert list(s.id_hist_items) == ids and list(s.id_hist_timestamps) == ts
+        assert list(s.text_hist_items) == text and list(s.text_hist_ratings) == text_r
+        assert list(s.id_hist_items) == ids and list(s.id_hist_ratings) == ids_r and list(s.id_hist_timestamps) == ts
         assert all(t < s.timestamp for t in s.id_hist_timestamps), "leakage"
 
 
@@ -135,7 +140,11 @@ def test_subr_build_matches_brute_force_with_one_based_ids(tmp_path):
     emb_url, vecs = write_embeddings(str(tmp_path / "emb.parquet"), item_base=1)
     opts = BuildOptions(k_text=4, k_id=10, text_mode="subr", subr_pool=15)
     build_samples(ds, str(tmp_path / "s"), opts, num_workers=1, embeddings_url=emb_url)
-    check_against_reference(all_samples(str(tmp_path / "s")), df, k_text=4, k_id=10, vecs=vecs, pool=15)
+    check_against_reference(all_samples(str(tmp_path / "s")), df, k_text=4, k_id=10, vecs=vecs, pool=15, text_subr=True)
+    # SIM-style ID history: top K_id by similarity among the last sim_pool, in time order.
+    sim = BuildOptions(k_text=4, k_id=6, text_mode="recent", id_mode="sim", sim_pool=20)
+    build_samples(ds, str(tmp_path / "sim"), sim, num_workers=1, embeddings_url=emb_url)
+    check_against_reference(all_samples(str(tmp_path / "sim")), df, k_text=4, k_id=6, vecs=vecs, id_sim_pool=20)
 
 
 def test_next_item_candidates_and_history_filters(tmp_path):
@@ -146,7 +155,7 @@ def test_next_item_candidates_and_history_filters(tmp_path):
     m = build_samples(ds, str(tmp_path / "s"), opts, num_workers=1)
     s = all_samples(str(tmp_path / "s"))
     assert (s.hist_len >= 3).all() and s.label.isna().all()
-    ref_len = {k: v[0] for k, v in reference(df, k_text=1, k_id=1).items()}
+    ref_len = {k: v[0] for k, v in reference(df, k_text=1, k_id=1).items()}  # hist_len per sample
     assert m["counts"]["dropped_empty_history"] == sum(v == 0 for v in ref_len.values()) > 0
     assert m["counts"]["dropped_min_history"] == sum(v in (1, 2) for v in ref_len.values()) > 0
     assert m["counts"]["samples"] == len(s) == m["counts"]["targets"] - m["counts"]["dropped_empty_history"] - m["counts"]["dropped_min_history"]
@@ -204,7 +213,7 @@ def test_two_ray_workers_read_and_write_s3(s3_bucket, ray_local, tmp_path):
     opts = BuildOptions(k_text=4, k_id=10, subr_pool=15)
     m = build_samples(ds, out, opts, num_workers=2, embeddings_url=storage.join(s3_bucket, "emb"))
     assert m["shards"]["built"] == 4
-    check_against_reference(all_samples(out), df, k_text=4, k_id=10, vecs=vecs, pool=15)
+    check_against_reference(all_samples(out), df, k_text=4, k_id=10, vecs=vecs, pool=15, text_subr=True)
     storage.rm(commit_marker(out, 1))
     assert build_samples(ds, out, opts, num_workers=2, embeddings_url=storage.join(s3_bucket, "emb"))["shards"]["skipped"] == 3
 

@@ -54,7 +54,7 @@ def test_item_texts_drop_sentences_with_missing_fields():
 
 
 def test_mean_pool_ignores_padding(tiny_model_dir):
-    w = EmbedWorker(tiny_model_dir, {**EmbedOptions().__dict__, "batch_size": 8}, "unused")
+    w = EmbedWorker(tiny_model_dir, {**EmbedOptions().__dict__, "batch_size": 8})
     texts = ["Here is a movie. Its title is A.", "Here is a movie. Its title is a much longer name, with genres and more words."]
     both = w.embed(texts)
     alone = w.embed(texts[:1])
@@ -69,7 +69,11 @@ def test_ml100k_embed_cache_and_subr_samples_match_brute_force(tiny_model_dir, m
     vec = load_item_vectors(folder, normalize=True)
     assert vec.matrix.shape == (1682, 32) and vec.item_ids[0] == 1  # ML ids are 1-based: looked up by id
     assert embed_items(ml100k, tiny_model_dir, cache, opts) == folder  # reused, not recomputed
-    assert embed_items(ml100k, tiny_model_dir, cache, EmbedOptions(pca_dims=16, batch_size=64)) != folder
+    # Another PCA size is a new result but reuses the raw LLM vectors (raw-*/ parts are not rewritten).
+    parts = {p: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("raw-*/*.parquet")}
+    other = embed_items(ml100k, tiny_model_dir, cache, EmbedOptions(pca_dims=16, batch_size=64))
+    assert other != folder and load_item_vectors(other, normalize=False).dim == 16
+    assert parts and parts == {p: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("raw-*/*.parquet")}
 
     out = str(tmp_path / "samples")
     bo = BuildOptions(k_text=10, k_id=60, subr_pool=200, min_history=5, max_eval_samples=1000)
