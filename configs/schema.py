@@ -154,6 +154,8 @@ class TrainerConfig(Strict):
 
 
 class RetrievalConfig(Strict):
+    """Long-short retrieval and sample building (retrieval.build.BuildOptions takes the matching keys)."""
+
     k_text: int = Field(10, ge=0)
     k_id: int = Field(60, ge=1)
     text_mode: Literal["subr", "recent"] = "subr"
@@ -163,7 +165,13 @@ class RetrievalConfig(Strict):
     min_history: int = Field(0, ge=0)
     empty_history: Literal["keep", "drop"] = "keep"
     num_workers: int = Field(2, ge=1)
-    max_eval_samples: Optional[int] = Field(None, ge=1)
+    max_eval_samples: Optional[int] = Field(None, ge=1)  # cap of the persisted valid/test order (RecLoRA: 30000)
+    max_train_samples: Optional[int] = Field(None, ge=1)  # cap of the persisted Few2Many pool
+    few_shot_sizes: list[int] = Field(default_factory=lambda: [70000])  # extra nested sizes besides 64, 256, ...
+    subr_pool: int = Field(200, ge=1)  # SUBR scores the most recent subr_pool history items (bounds cost)
+    sim_pool: int = Field(1000, ge=1)  # the same bound for id_mode=sim
+    metric: Literal["cosine", "dot"] = "cosine"  # ReLLa: cosine on ML-1M, dot on ML-25M
+    missing_text: Literal["error", "placeholder"] = "error"  # items without a title
     # Where the built samples live; relative names resolve under run.output_dir.
     samples_url: str = Field("samples/ml-100k-ctr", min_length=1)
 

@@ -73,13 +73,10 @@ def run_embed(cfg, p: Paths) -> str | None:
 
 
 def run_samples(cfg, p: Paths, embeddings: str | None) -> dict:
-    from retrieval.build import BuildOptions, build_samples
+    from retrieval.build import build_samples, options_from_config
 
-    r = cfg.retrieval
-    opts = BuildOptions(k_text=r.k_text, k_id=r.k_id, text_mode=r.text_mode, id_mode=r.id_mode,
-                        num_candidates=r.num_candidates, min_history=r.min_history, empty_history=r.empty_history,
-                        seed=cfg.run.seed, max_eval_samples=r.max_eval_samples)
-    return build_samples(p.dataset, p.samples, opts, num_workers=r.num_workers, embeddings_url=embeddings)
+    return build_samples(p.dataset, p.samples, options_from_config(cfg), num_workers=cfg.retrieval.num_workers,
+                         embeddings_url=embeddings)
 
 
 def run_teacher(cfg, p: Paths) -> dict:
