@@ -53,13 +53,15 @@ class TeacherConfig:
 
     @classmethod
     def defaults(cls, model: str, **overrides: Any) -> "TeacherConfig":
-        """Paper defaults: DIN as in RecLoRA's CRM (embed 32, MLP 256x3, K_id 60); SASRec as in
-        LLaRA/iLoRA (hidden 64, 2 blocks, 1 head, state size 10)."""
+        """Paper defaults: DIN as in RecLoRA's CRM (embed 32, MLP 256x3, K_id 60), with dropout 0.3 and
+        weight decay 0.05 chosen on ML-100K validation AUC; SASRec as in LLaRA/iLoRA (hidden 64,
+        2 blocks, 1 head, state size 10)."""
         if model == "sasrec":
-            base = dict(model="sasrec", embed_dim=64, rep_dim=64, attn_layers=2, num_heads=1, dropout=0.2,
-                        batch_size=256, max_hist=10, epochs=20, patience=3)
+            # lr 3e-3 / batch 512: on LastFM this reaches in 2 epochs what 1e-3 / 256 reaches in 5.
+            base = dict(model="sasrec", embed_dim=64, rep_dim=64, attn_layers=2, num_heads=1, dropout=0.1,
+                        batch_size=512, lr=3e-3, max_hist=10, epochs=10, patience=3)
         elif model == "din":
-            base = dict(model="din")
+            base = dict(model="din", dropout=0.3, weight_decay=0.05, epochs=8)
         else:
             raise TeacherConfigError(f"model: expected one of {MODELS}, got {model!r}")
         base.update(overrides)

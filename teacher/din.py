@@ -81,7 +81,7 @@ class DIN(nn.Module):
             layers += [nn.ReLU(), nn.Linear(width, nxt)]
             width = nxt
         layers += [nn.ReLU(), nn.Linear(width, 1)]
-        self.att_out = nn.Sequential(*layers)
+        self.att_out = nn.Sequential(*layers)  # [ReLU, Linear]*: the eval path relies on this shape
         # MLP input: user id ‖ profile fields ‖ target ‖ attended history ‖ mean history ‖ log(1+hist_len)
         in_dim = cfg.embed_dim + fd * len(space.user_field_sizes) + d + 2 * (d + fd) + 1
         mlp: list[nn.Module] = []
@@ -116,13 +116,23 @@ class DIN(nn.Module):
             q = self.items(b["item_idx"], b["item_row"])
             k = self.items(b["hist_idx"], b["hist_row"])
             kr = self.att_k(k) + self.att_r(r)
+            a = self.att_q(q).unsqueeze(1) + kr + self.att_p(q.unsqueeze(1) * k)
+            scores = self.att_out(a).squeeze(-1)
         else:
+            # Frozen scoring: same math with per-row lookup tables, the q*k projection fused with the
+            # adds into one GEMM, and activations in place (this loop is the scoring job's hot path).
             feats, ktab, rtab = self._eval_tables()
             q = feats[b["item_row"]]
             k = feats[b["hist_row"]]
-            kr = ktab[b["hist_row"]] + rtab[b["hist_rating"]]
-        a = self.att_q(q).unsqueeze(1) + kr + self.att_p(q.unsqueeze(1) * k)
-        scores = self.att_out(a).squeeze(-1)
+            bsz, n, d = k.shape
+            base = ktab[b["hist_row"]]
+            base += rtab[b["hist_rating"]]
+            base += self.att_q(q).unsqueeze(1)
+            a = torch.addmm(base.view(bsz * n, -1), (q.unsqueeze(1) * k).view(bsz * n, d), self.att_p.weight.t())
+            h = a.relu_()
+            for layer in self.att_out:
+                h = layer(h) if isinstance(layer, nn.Linear) else h.relu_()
+            scores = h.view(bsz, n)
         # Masked softmax that never sees an all -inf row: an empty history pools to an explicit zero
         # vector (log(1+hist_len) = 0 tells the MLP so), never NaN.
         has_any = mask.any(dim=1, keepdim=True)

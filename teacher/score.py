@@ -120,7 +120,8 @@ class ScoreWorker:
         stats: Counter = Counter()
         try:
             with storage.storage_errors(self.reps_url), fs.open(target, "wb") as f:
-                with pq.ParquetWriter(f, self.schema, compression="zstd") as writer:
+                # Dense float vectors: dictionary encoding never pays off and zstd costs more than it saves.
+                with pq.ParquetWriter(f, self.schema, compression="snappy", use_dictionary=False) as writer:
                     for rg in iter_row_groups(in_url):
                         for s in range(0, rg.num_rows, self.batch_size):
                             writer.write_table(self._score(rg.slice(s, self.batch_size), stats, in_url))

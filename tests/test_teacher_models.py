@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -174,3 +173,23 @@ def test_sasrec_learns_synthetic_walks(nxt, tmp_path):
     cfg = TeacherConfig.defaults("sasrec", **{**SMALL_SAS, "epochs": 8, "lr": 3e-3})
     res = train_teacher(nxt, str(tmp_path / "m"), cfg, progress=False)
     assert res["valid"]["hr@1"] > 0.15, res["valid"]  # random is 0.05
+
+
+def test_train_cli_commits_model(ctr, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "teacher.train", "--samples", ctr, "--out", str(out), "--model", "din", "--epochs", "1",
+           "--batch-size", "256", "--mlp-hidden", "64,32", "--max-hist", "20", "--num-threads", "1"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "RECLORA_QUIET": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "auc" in res["valid"] and res["out"] == str(out)
+    meta = json.loads((out / "teacher.json").read_text())
+    assert meta["rep_dim"] == 32 and meta["config"]["mlp_hidden"] == [64, 32]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]

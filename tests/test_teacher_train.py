@@ -1,6 +1,6 @@
 """Few2Many stage 1 on the shared real data: DIN on MovieLens-100K CTR, SASRec on LLaRA LastFM.
-They must beat the popularity and random baselines on validation. The fast tests use a subset and few
-epochs; the full-size runs are marked slow."""
+They must beat the popularity and random baselines on validation (one epoch), and the longer runs check
+the benchmark targets. All are marked slow: real data on 2 shared cores takes minutes."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,14 +46,6 @@ def ml100k(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ml100k_small(tmp_path_factory):
-    src = shared_path("data", "movielens-100k")
-    root = tmp_path_factory.mktemp("ml100k_small")
-    refdata.build_movielens100k_ctr(src, str(root / "ds"), str(root / "samples"), max_users=300)
-    return str(root / "samples")
-
-
-@pytest.fixture(scope="module")
 def lastfm(tmp_path_factory):
     src = shared_path("data", "llara-lastfm")
     root = tmp_path_factory.mktemp("lastfm")
@@ -61,32 +53,34 @@ def lastfm(tmp_path_factory):
     return str(root / "samples")
 
 
-def test_din_beats_popularity_on_ml100k_subset(ml100k_small, tmp_path):
-    cfg = TeacherConfig.defaults("din", epochs=2, num_threads=2, dropout=0.3, weight_decay=0.05)
-    res = train_teacher(ml100k_small, str(tmp_path / "din"), cfg, progress=False, evaluate_test=False)
-    pop = _ctr_pop_auc(ml100k_small, "valid")
+@pytest.mark.slow  # ~20 s alone, over a minute on a shared 2-core machine
+def test_din_beats_popularity_on_ml100k(ml100k, tmp_path):
+    cfg = TeacherConfig.defaults("din", epochs=1, num_threads=2)
+    res = train_teacher(ml100k, str(tmp_path / "din"), cfg, progress=False, evaluate_test=False)
+    pop = _ctr_pop_auc(ml100k, "valid")
     assert res["valid"]["auc"] > pop + 0.01, (res["valid"], pop)
     assert res["unknown"]["train"]["unknown_users"] == 0  # vocabularies come from the training split
 
 
+@pytest.mark.slow
 def test_sasrec_beats_popularity_and_random_on_lastfm(lastfm, tmp_path):
-    cfg = TeacherConfig.defaults("sasrec", epochs=2, num_threads=2)
+    cfg = TeacherConfig.defaults("sasrec", epochs=1, num_threads=2)
     res = train_teacher(lastfm, str(tmp_path / "sasrec"), cfg, progress=False, evaluate_test=False)
     pop_hr1, pop_ndcg = _next_pop(lastfm, "valid")
-    assert res["valid"]["hr@1"] > max(0.05 * 2, pop_hr1), (res["valid"], pop_hr1)
-    assert res["valid"]["ndcg@10"] > pop_ndcg, (res["valid"], pop_ndcg)
+    assert res["valid"]["hr@1"] > max(0.05, pop_hr1), (res["valid"], pop_hr1)  # random HR@1 is 1/20
+    assert res["valid"]["ndcg@10"] > pop_ndcg + 0.05, (res["valid"], pop_ndcg)
 
 
 @pytest.mark.slow
 def test_din_full_ml100k_reaches_target(ml100k, tmp_path):
-    cfg = TeacherConfig.defaults("din", epochs=8, num_threads=2, dropout=0.3, weight_decay=0.05)
+    cfg = TeacherConfig.defaults("din", epochs=6, num_threads=2)
     res = train_teacher(ml100k, str(tmp_path / "din"), cfg, progress=False)
     assert res["test"]["auc"] > _ctr_pop_auc(ml100k, "test") + 0.02, res["test"]
-    assert res["test"]["auc"] >= 0.74, res["test"]
+    assert res["test"]["auc"] >= 0.745, res["test"]
 
 
 @pytest.mark.slow
 def test_sasrec_full_lastfm(lastfm, tmp_path):
-    cfg = TeacherConfig.defaults("sasrec", num_threads=2)
+    cfg = TeacherConfig.defaults("sasrec", num_threads=2, epochs=6)
     res = train_teacher(lastfm, str(tmp_path / "sasrec"), cfg, progress=False)
     assert res["test"]["hr@1"] > 0.15, res["test"]
