@@ -182,7 +182,8 @@ class TeacherConfig(Strict):
     mlp_hidden: list[int] = Field(default_factory=lambda: [256, 256, 256], min_length=1)
     attn_layers: int = Field(2, ge=1)
     num_heads: int = Field(1, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
     rep_dim: int = Field(256, ge=1)  # size of the representation handed to the gates
     epochs: int = Field(5, ge=1)
     lr: float = Field(1e-3, gt=0)

@@ -85,7 +85,8 @@ def run_teacher(cfg, p: Paths) -> dict:
 
     t = cfg.teacher
     tc = TeacherConfig.defaults(t.model, embed_dim=t.embed_dim, mlp_hidden=list(t.mlp_hidden), attn_layers=t.attn_layers,
-                                num_heads=t.num_heads, dropout=t.dropout, rep_dim=t.rep_dim, epochs=t.epochs, lr=t.lr,
+                                num_heads=t.num_heads, dropout=t.dropout, weight_decay=t.weight_decay, rep_dim=t.rep_dim,
+                                epochs=t.epochs, lr=t.lr,
                                 batch_size=t.batch_size, patience=t.patience, seed=cfg.run.seed,
                                 max_hist=cfg.retrieval.k_id)
     return train_teacher(p.samples, p.teacher, tc, dataset_url=p.dataset)
