@@ -70,7 +70,7 @@ def tiny_cfg(inputs, out: str, name: str, *extra: str):
         "teacher.mlp_hidden=[32,16]", "teacher.rep_dim=16", "trainer.lr=0.02", "trainer.batch_size=8",
         "trainer.micro_batch_size=2", "trainer.num_workers=2", "trainer.train_subset=96", "trainer.epochs=1",
         "trainer.checkpoint_every=4", "trainer.max_steps=8", "trainer.max_failures=1", "retrieval.max_eval_samples=32",
-        "model.max_length=192", *extra])
+        "model.max_length=192", "trainer.eval_every=4", *extra])
 
 
 def run_train(cfg, node_report_dir: str | None = None, **params_extra) -> dict:
@@ -121,6 +121,7 @@ def test_two_workers_zero3_ctr_trains_and_evaluates(baseline):
     for key in ("valid_auc", "valid_logloss", "test_auc", "test_logloss"):
         assert np.isfinite(final[key]), key
     assert final["valid_n"] == 32
+    assert "valid_auc" in baseline["history"][3]  # evaluated during training (eval_every=4)
     rec = baseline["history"][-1]
     for key in ("tokens_per_s", "samples_per_s", "data_wait_fraction", "grad_norm", "lr", "gate_entropy", "expert_load_0"):
         assert key in rec

@@ -386,6 +386,13 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
                                          if not k.startswith("expert_load")), flush=True)
             tb.add(rec)
         report({k: v for k, v in rec.items()})
+        if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < total_steps and "valid" in params["streams"]:
+            # Every rank evaluates (ZeRO-3 forwards are collective); rank 0 logs.
+            ev = {f"valid_{k}": v for k, v in evaluate(engine, pm, params, "valid", rank, world, device).items()}
+            rec.update(ev)
+            if rank == 0:
+                print("[eval] step " + str(step + 1) + " " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True)
+                tb.add({"step": rec["step"], **ev})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")

@@ -36,6 +36,7 @@ def parse_args(argv):
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. trainer.lr=5e-4")
     p.add_argument("--stages", default=",".join(st.STAGES), help=f"comma-separated subset of {','.join(st.STAGES)}")
     p.add_argument("--dry-run", action="store_true", help="print the plan (reuse vs build) and exit")
+    p.add_argument("--resume", metavar="URL", help="resume training from this checkpoint (default: the run's latest)")
     return p.parse_args(argv)
 
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # ---- setup: config first, so a bad key fails before any work
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + ([f"trainer.resume={args.resume}"] if args.resume else []))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,87 @@
+"""Checkpoint store and data schedule: the parts of resume that need no Ray or DeepSpeed to check."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval import storage
+from trainer import checkpoint as ckpt
+from trainer.data import Schedule, TrainDataError
+
+
+def _save(run: str, step: int, world: int = 2, parts=None) -> str:
+    """Simulate `world` ranks saving one after another; rank 0 goes last, as it writes the marker."""
+    parts = parts or {"model": "m", "lora": {"r": 4}}
+    meta = {"fingerprint": ckpt.config_fingerprint(parts), "fingerprint_parts": parts, "optimizer_step": step}
+    for r in range(world - 1, -1, -1):
+        url = ckpt.save(run, step, r, world, {f"p{r}::param": torch.full((2, 3), float(step + r))},
+                        {"rng": ckpt.rng_state(), "cursor": {"row": step}}, meta if r == 0 else None, lambda: None)
+    return url
+
+
+def test_latest_skips_partial_and_corrupt(tmp_path):
+    run = str(tmp_path / "run")
+    _save(run, 4)
+    _save(run, 8)
+    _save(run, 12)
+    storage.rm(storage.join(run, "checkpoints", "step-00000012", "COMPLETE"))  # crash before the marker
+    storage.rm(storage.join(run, "checkpoints", "step-00000008", "rank-00001-of-00002.safetensors"))  # lost file
+    with pytest.warns(UserWarning) as warned:
+        latest = ckpt.latest_complete(run)
+    assert latest.endswith("step-00000004")
+    text = " ".join(str(w.message) for w in warned)
+    assert "step-00000012" in text and "incomplete" in text and "step-00000008" in text and "corrupt" in text
+
+
+def test_load_any_world_size_and_refuse_other_config(tmp_path):
+    run = str(tmp_path / "run")
+    parts = {"model": "m", "lora": {"r": 4}}
+    url = _save(run, 4, parts=parts)
+    one = ckpt.load(url, rank=0, world=1, parts=parts)
+    assert set(one.tensors) == {"p0::param", "p1::param"} and one.rank_meta is None and one.step == 4
+    two = ckpt.load(url, rank=1, world=2, parts=parts)
+    assert two.rank_meta["cursor"] == {"row": 4}
+    with pytest.raises(ckpt.CheckpointError, match=r"different lora .*'r': 4.*'r': 8"):
+        ckpt.load(url, rank=0, world=2, parts={"model": "m", "lora": {"r": 8}})
+
+
+def test_prune_keeps_last_k(tmp_path):
+    run = str(tmp_path / "run")
+    for s in (2, 4, 6, 8):
+        _save(run, s)
+    removed = ckpt.prune(run, keep_last=2)
+    assert len(removed) == 2
+    assert [s for s, _, ok in ckpt.list_checkpoints(run) if ok] == [6, 8]
+
+
+def test_rng_roundtrip():
+    import random
+
+    state = ckpt.rng_state()
+    a = (torch.rand(3), random.random(), np.random.rand())
+    ckpt.set_rng_state(state)
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_schedule_is_world_size_independent():
+    """The global batch of a step is the same rows for 1, 2 or 4 workers: only its split differs."""
+    rows = {}
+    for world in (1, 2, 4):
+        s = Schedule(rows=100, global_batch=16, world=world, micro=2, seed=3)
+        for step in (0, 5, 6, 13):  # 6 steps per epoch: 13 is in the third
+            got = np.concatenate([np.concatenate(s.rank_rows(step, r)) for r in range(world)])
+            rows.setdefault(step, got)
+            assert np.array_equal(rows[step], got), (world, step)
+    s = Schedule(rows=100, global_batch=16, world=2, micro=2, seed=3)
+    epoch0 = np.concatenate([np.concatenate(s.rank_rows(k, r)) for k in range(6) for r in range(2)])
+    assert len(set(epoch0.tolist())) == 96  # disjoint within an epoch; the 4 left over are dropped
+    assert s.cursor(13) == {"epoch": 2, "row": 16, "step_in_epoch": 1}
+
+
+def test_schedule_errors_instead_of_idle_workers():
+    with pytest.raises(TrainDataError, match="fewer than trainer.batch_size"):
+        Schedule(rows=10, global_batch=16, world=2, micro=2, seed=0)
+    with pytest.raises(TrainDataError, match="not divisible"):
+        Schedule(rows=100, global_batch=10, world=4, micro=2, seed=0)
