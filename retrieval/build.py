@@ -516,8 +516,11 @@ def _quiet() -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m retrieval.build", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, help="committed dataset URL (retrieval.ingest --out)")
-    p.add_argument("--out", required=True, help="samples URL (local path or s3://)")
+    p.add_argument("--config", help="preset or YAML: dataset, output, retrieval options and workers from it "
+                                    "(the explicit options below are then ignored)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
+    p.add_argument("--dataset", help="committed dataset URL (retrieval.ingest --out)")
+    p.add_argument("--out", help="samples URL (local path or s3://)")
     p.add_argument("--embeddings", default=None, help="item embeddings URL (retrieval.embed_items); needed for subr/sim")
     p.add_argument("--k-text", type=int, default=BuildOptions.k_text)
     p.add_argument("--k-id", type=int, default=BuildOptions.k_id)
@@ -541,6 +544,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.config:
+        return _main_from_config(a)
+    if not a.dataset or not a.out:
+        print("error: --dataset and --out are required (or use --config)", file=sys.stderr)
+        return 2
     opts = BuildOptions(
         k_text=a.k_text, k_id=a.k_id, text_mode=a.text_mode, id_mode=a.id_mode, subr_pool=a.subr_pool, sim_pool=a.sim_pool,
         metric=a.metric, num_candidates=a.num_candidates, min_history=a.min_history, empty_history=a.empty_history,
@@ -554,6 +562,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = {s: v["rows"] for s, v in m["splits"].items()}
     print(json.dumps({"out": a.out, "rows": summary, "counts": m["counts"], "shards": m["shards"]}, indent=2))
+    return 0
+
+
+def _main_from_config(a: argparse.Namespace) -> int:
+    from configs.loader import ConfigError, load_config
+
+    from retrieval.embed_items import embeddings_root, latest_embeddings
+
+    try:
+        cfg = load_config(a.config, a.overrides)
+        opts = options_from_config(cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    root = cfg.run.output_dir
+    dataset = storage.resolve(cfg.data.dataset_url, root)
+    out = storage.resolve(cfg.retrieval.samples_url, root)
+    embeddings = a.embeddings
+    if opts.needs_embeddings and not embeddings:
+        embeddings = latest_embeddings(embeddings_root(cfg))
+        if embeddings is None:
+            print(f"error: text_mode={opts.text_mode}/id_mode={opts.id_mode} needs item embeddings and none are under "
+                  f"{embeddings_root(cfg)}; run `python -m retrieval.embed_items --config {a.config}` first", file=sys.stderr)
+            return 2
+    try:
+        m = build_samples(dataset, out, opts, cfg.retrieval.num_workers, embeddings, overwrite=a.overwrite)
+    except (SamplesError, DatasetError, ValueError, storage.StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": out, "rows": {s: v["rows"] for s, v in m["splits"].items()}, "counts": m["counts"]}, indent=2))
     return 0
 
 

@@ -275,11 +275,33 @@ def embed_items(
     return folder
 
 
+def embeddings_root(cfg: Any) -> str:
+    """Where a config's item embeddings are cached: {output_dir}/embeddings/{dataset name}."""
+    name = cfg.data.dataset_url.rstrip("/").rsplit("/", 1)[-1]
+    return storage.resolve(f"embeddings/{name}", cfg.run.output_dir)
+
+
+def latest_embeddings(root: str) -> str | None:
+    """The most recently completed embeddings folder under a cache root (None when there is none)."""
+    fs, path = storage.get_fs(root)
+    with storage.storage_errors(root):
+        if not fs.exists(path):
+            return None
+        done = [d for d in fs.ls(path, detail=False) if fs.exists(f"{d}/meta.json")]
+        if not done:
+            return None
+        newest = max(done, key=lambda d: fs.info(f"{d}/meta.json").get("mtime") or fs.info(f"{d}/meta.json").get("LastModified"))
+    return storage.join(root, newest.rstrip("/").rsplit("/", 1)[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m retrieval.embed_items", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--model", required=True, help="local Hugging Face model folder (config.json + safetensors + tokenizer)")
-    p.add_argument("--out", required=True, help="cache root URL; the result goes to {out}/{key}/")
+    p.add_argument("--config", help="preset or YAML: dataset, output folder, PCA size, domain and seed from it")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
+    p.add_argument("--dataset")
+    p.add_argument("--model", help="local Hugging Face model folder (config.json + safetensors + tokenizer); "
+                                   "with --config, defaults to model.name_or_path when that is a local folder")
+    p.add_argument("--out", help="cache root URL; the result goes to {out}/{key}/")
     p.add_argument("--pca-dims", type=int, default=EmbedOptions.pca_dims)
     p.add_argument("--batch-size", type=int, default=EmbedOptions.batch_size)
     p.add_argument("--max-length", type=int, default=EmbedOptions.max_length)
@@ -291,6 +313,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.config:
+        from configs.loader import ConfigError, load_config
+
+        try:
+            cfg = load_config(a.config, a.overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        a.dataset = a.dataset or storage.resolve(cfg.data.dataset_url, cfg.run.output_dir)
+        a.out = a.out or embeddings_root(cfg)
+        a.pca_dims, a.domain, a.seed, a.num_workers = cfg.retrieval.pca_dim, cfg.data.domain, cfg.run.seed, cfg.retrieval.num_workers
+        if not a.model:
+            local = cfg.model.name_or_path
+            if not storage.is_local(local) or not storage.exists(storage.join(local, "config.json")) or cfg.model.tiny:
+                print(f"error: --model: model.name_or_path={local!r} is not a local model folder; pass --model DIR, or run "
+                      f"`python trainer/main.py --config {a.config} --stages embed`, which fetches and converts it", file=sys.stderr)
+                return 2
+            a.model = local
+    missing = [n for n in ("dataset", "model", "out") if not getattr(a, n)]
+    if missing:
+        print(f"error: missing {', '.join('--' + m for m in missing)} (or use --config)", file=sys.stderr)
+        return 2
     template = tuple(s.strip() for s in a.template.split("||")) if a.template else DEFAULT_TEMPLATE
     opts = EmbedOptions(template=template, domain=a.domain, wrap=a.wrap, max_length=a.max_length, batch_size=a.batch_size,
                         pca_dims=a.pca_dims, seed=a.seed, dtype=a.dtype, missing_text=a.missing_text)

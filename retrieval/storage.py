@@ -73,6 +73,13 @@ def join(url: str, *parts: str) -> str:
     return posixpath.join(base, *[p.strip("/") for p in parts])
 
 
+def resolve(url: str, root: str) -> str:
+    """Relative names live under `root` (a run's output_dir); absolute paths and URLs are used as given."""
+    if "://" in url or url.startswith("/"):
+        return url
+    return join(root, url)
+
+
 def describe_endpoint(url: str) -> str:
     if is_local(url):
         return "local filesystem"

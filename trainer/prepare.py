@@ -17,11 +17,7 @@ from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_FALLBACK
 from trainer.model_source import ASSETS, resolve_model, tokenizer_dir
 
 
-def resolve(url: str, root: str) -> str:
-    """Relative names live under the run root; absolute paths and URLs are used as given."""
-    if "://" in url or url.startswith("/"):
-        return url
-    return storage.join(root, url)
+resolve = storage.resolve
 
 
 def base_model_dir(cfg, run_url: str) -> str:

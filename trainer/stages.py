@@ -26,14 +26,11 @@ class Paths:
 
 def paths(cfg) -> Paths:
     root = cfg.run.output_dir
-    return Paths(dataset=resolve(cfg.data.dataset_url, root),
-                 embeddings=resolve(f"embeddings/{_name(cfg.data.dataset_url)}", root),
+    from retrieval.embed_items import embeddings_root
+
+    return Paths(dataset=resolve(cfg.data.dataset_url, root), embeddings=embeddings_root(cfg),
                  samples=resolve(cfg.retrieval.samples_url, root), teacher=resolve(cfg.teacher.model_url, root),
                  reps=resolve(cfg.teacher.reps_url, root), run=storage.join(root, cfg.run.name))
-
-
-def _name(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def done(stage: str, cfg, p: Paths) -> bool:

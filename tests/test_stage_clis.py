@@ -1,0 +1,27 @@
+"""Stage command lines driven by a config preset, as `python -m retrieval.build --config ...`."""
+from __future__ import annotations
+
+from retrieval import storage
+from tests.conftest import shared_path
+
+
+def test_build_and_embed_from_config(tmp_path, capsys):
+    from retrieval.build import main as build_main
+    from retrieval.embed_items import main as embed_main
+    from retrieval.ingest import IngestOptions, ingest
+    from retrieval.samples import SampleSet
+
+    out = str(tmp_path)
+    ingest("movielens", str(shared_path("data", "movielens-100k")), f"{out}/datasets/ml-100k-ctr",
+           IngestOptions(num_shards=2, progress=False))
+    # SUBR needs item embeddings: without them the error says which command makes them.
+    assert build_main(["--config", "tiny", f"run.output_dir={out}"]) == 2
+    assert "python -m retrieval.embed_items --config tiny" in capsys.readouterr().err
+    # A model that is not a local folder is named, with the pipeline command that fetches it.
+    assert embed_main(["--config", "demo", f"run.output_dir={out}"]) == 2
+    assert "--stages embed" in capsys.readouterr().err
+    code = build_main(["--config", "tiny", f"run.output_dir={out}", "retrieval.text_mode=recent", "retrieval.num_workers=1"])
+    assert code == 0, capsys.readouterr().err
+    samples = SampleSet.open(storage.join(out, "samples/ml-100k-ctr"))
+    assert samples.options["k_text"] == 10 and samples.options["k_id"] == 60 and samples.options["min_history"] == 5
+    assert samples.num_rows("test") > 0
