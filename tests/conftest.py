@@ -81,3 +81,12 @@ def ray_local():
     ray = init_ray(num_cpus=2)
     yield ray
     shutdown_ray()
+
+
+@pytest.fixture(autouse=True)
+def _reset_storage_options():
+    """A CLI test may point storage at another endpoint (storage.configure is process-wide): undo it."""
+    yield
+    from retrieval import storage
+
+    storage.configure()
