@@ -28,7 +28,7 @@ def build_inputs(root: Path) -> dict:
     from teacher.config import TeacherConfig
     from teacher.score import score_samples
     from teacher.train import train_teacher
-    from tests.test_trainer import _synthetic_source
+    from retrieval.synthetic import preference_dataset as _synthetic_source
 
     src = _synthetic_source(root)
     ds, sm, tm, rp = (str(root / x) for x in ("dataset", "samples", "teacher", "reps"))

@@ -134,26 +134,9 @@ def tail(path: Path, n: int = 40) -> str:
 
 # ------------------------------------------------------------------------------------------------- CPU: inputs
 def _synthetic_source(root: Path) -> Path:
-    """tests/test_trainer.py's source: 120 users x 24 ratings of 60 films, each user likes one genre."""
-    import numpy as np
-    import pandas as pd
+    from retrieval.synthetic import preference_dataset
 
-    rng = np.random.default_rng(0)
-    n_users, n_items, per_user = 120, 60, 24
-    genres = ["Comedy", "Drama", "Horror", "Sci-Fi"]
-    item_genre = rng.integers(0, len(genres), n_items)
-    rows = []
-    for u in range(n_users):
-        fav = u % len(genres)
-        for k, i in enumerate(rng.choice(n_items, per_user, replace=False)):
-            r = 5 if item_genre[i] == fav else int(rng.integers(1, 4))
-            rows.append((u, int(i), 1_000_000 + u * 7 + k * 1000, float(r)))
-    d = root / "src"
-    d.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]).to_csv(d / "inter.csv", index=False)
-    pd.DataFrame({"item_id": np.arange(n_items), "title": [f"Film {i} ({1990 + i % 20})" for i in range(n_items)],
-                  "genres": [genres[g] for g in item_genre]}).to_csv(d / "items.csv", index=False)
-    return d
+    return preference_dataset(root)
 
 
 def build_inputs(root: Path) -> dict[str, str]:

@@ -7,7 +7,6 @@ null when the source has none) and, for sources with their own splits, a `split`
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,23 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _synthetic_source(root: Path) -> Path:
-    """A small dataset with preference structure a recommender can learn: users like one genre."""
-    rng = np.random.default_rng(0)
-    n_users, n_items, per_user = 120, 60, 24
-    genres = ["Comedy", "Drama", "Horror", "Sci-Fi"]
-    item_genre = rng.integers(0, len(genres), n_items)
-    rows = []
-    for u in range(n_users):
-        fav = u % len(genres)
-        for k, i in enumerate(rng.choice(n_items, per_user, replace=False)):
-            r = 5 if item_genre[i] == fav else int(rng.integers(1, 4))
-            rows.append((u, int(i), 1_000_000 + u * 7 + k * 1000, float(r)))
-    d = root / "src"
-    d.mkdir(parents=True)
-    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]).to_csv(d / "inter.csv", index=False)
-    pd.DataFrame({"item_id": np.arange(n_items), "title": [f"Film {i} ({1990 + i % 20})" for i in range(n_items)],
-                  "genres": [genres[g] for g in item_genre]}).to_csv(d / "items.csv", index=False)
-    return d
+    from retrieval.synthetic import preference_dataset
+
+    return preference_dataset(root)
 
 
 @pytest.fixture(scope="module")

@@ -342,7 +342,6 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
         bar = tqdm(total=total_steps, initial=start, desc="train", unit="step")
     engine.train()
     tokens_seen = 0
-    t_run = time.perf_counter()
 
     zero_shot = {}
     if start == 0 and params.get("eval_zero_shot") and "test" in params["streams"]:
