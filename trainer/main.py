@@ -54,6 +54,9 @@ def main(argv=None) -> int:
         print(f"error: --stages: unknown stage(s) {unknown}; choose from {list(st.STAGES)}", file=sys.stderr)
         return 2
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
+    if storage.is_local(cfg.run.output_dir):
+        # Workers (Ray actors, Ray Train) run in other directories: hand them absolute paths.
+        cfg.run.output_dir = str(Path(cfg.run.output_dir.removeprefix("file://")).resolve())
     p = st.paths(cfg)
     where = {"ingest": p.dataset, "embed": p.embeddings, "samples": p.samples, "teacher": p.teacher, "score": p.reps,
              "train": p.run}
