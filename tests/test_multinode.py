@@ -48,6 +48,7 @@ def _node_procs(marker: str):
 
 
 def _kill(procs, sig=signal.SIGKILL) -> None:
+    """Signal the processes; whatever is still alive after 20 s (gcs_server ignores SIGTERM) is killed."""
     import psutil
 
     for p in procs:
@@ -55,7 +56,12 @@ def _kill(procs, sig=signal.SIGKILL) -> None:
             p.send_signal(sig)
         except psutil.NoSuchProcess:
             continue
-    psutil.wait_procs(procs, timeout=20)
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            continue
 
 
 @pytest.fixture
