@@ -8,16 +8,15 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-# ../shared sits next to the repository checkout, not inside it.
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
-TINY_SOURCE_CONFIG = SHARED_DIR / "models" / "smollm2-135m-instruct-tokenizer" / "config.json"
+# The SmolLM2 config vendored in the repository (trainer/assets), the same file as ../shared's copy.
+TINY_SOURCE_CONFIG = Path(__file__).resolve().parent / "assets" / "smollm2-135m-instruct" / "config.json"
 
 
 def shared_config_missing_reason() -> str | None:
     """None when the shared config exists, else a message suitable for pytest.skip."""
     if TINY_SOURCE_CONFIG.is_file():
         return None
-    return f"shared model config not found at {TINY_SOURCE_CONFIG} (../shared is absent in this checkout)"
+    return f"model config not found at {TINY_SOURCE_CONFIG} (trainer/assets is incomplete in this checkout)"
 
 
 def tiny_llama_config(
