@@ -39,7 +39,7 @@ def run_sharded(
     actors = [actor_cls.remote(worker_cls, worker_kwargs) for _ in range(n)]
     results: list[dict[str, Any] | None] = [None] * len(tasks)
     pending: dict[Any, tuple[int, Any]] = {}
-    next_task = 0
+    next_task = finished = 0
     bar = tqdm(total=len(tasks), desc=desc or worker_cls.__name__, unit="shard", disable=_quiet())
     try:
         for actor in actors:
@@ -54,6 +54,8 @@ def run_sharded(
             if on_result is not None:
                 on_result(idx, results[idx])
             bar.update(1)
+            finished += 1
+            _maybe_die(desc, finished)
             if next_task < len(tasks):
                 pending[actor.run.remote(tasks[next_task])] = (next_task, actor)
                 next_task += 1
@@ -76,3 +78,13 @@ class _Host:
 
 def _quiet() -> bool:
     return os.environ.get("RECLORA_QUIET", "0") == "1"
+
+
+def _maybe_die(desc: str, finished: int) -> None:
+    """Fault injection for tests: RECLORA_KILL_AFTER=DESC:N kills this process (SIGKILL, no cleanup) once
+    N tasks of the pool named DESC have finished, i.e. a crash in the middle of a sharded stage."""
+    spec = os.environ.get("RECLORA_KILL_AFTER", "")
+    if spec and spec.rpartition(":")[0] == desc and finished >= int(spec.rpartition(":")[2]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

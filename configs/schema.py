@@ -142,6 +142,15 @@ class TrainerConfig(Strict):
     worker_resources: dict[str, float] = Field(default_factory=dict)  # extra Ray resources per worker
     collective_timeout_s: int = Field(600, ge=10)  # a dead peer surfaces as an error after this, not a hang
     resume: Optional[str] = None  # a checkpoint URL; default: the run's latest complete checkpoint
+    # The feed (trainer/feed.py) builds the tokenized streams in parts on Ray actors. With overlap, training
+    # starts on the first committed parts while later ones are built; otherwise all parts come first.
+    overlap: bool = True
+    feed_workers: int = Field(2, ge=0)  # 0: build in the driver process
+    # Fractional by default so feed actors and trainer workers fit on the same CPUs together (an actor
+    # pool holding every CPU would starve the trainer's placement group).
+    feed_cpus_per_worker: float = Field(0.5, gt=0)
+    feed_part_rows: int = Field(256, ge=1)
+    feed_timeout_s: float = Field(3600.0, gt=0)  # a trainer waiting longer for a part stops with an error
 
     @model_validator(mode="after")
     def _check(self):
@@ -189,7 +198,8 @@ class TeacherConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(1024, ge=1)
     patience: int = Field(2, ge=0)
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1)  # scoring actors
+    train_workers: int = Field(1, ge=1)  # data-parallel training workers (Ray Train); 1 = in-process, no Ray
     # The trained teacher and its scored representations; relative names resolve under run.output_dir.
     model_url: str = Field("teachers/ml-100k-din", min_length=1)
     reps_url: str = Field("reps/ml-100k-din", min_length=1)

@@ -576,9 +576,10 @@ def _main_from_config(a: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    root = cfg.run.output_dir
-    dataset = storage.resolve(cfg.data.dataset_url, root)
-    out = storage.resolve(cfg.retrieval.samples_url, root)
+    from trainer.stages import paths  # the pipeline's layout, so this CLI and trainer/main.py agree
+
+    p = paths(cfg)
+    dataset, out = p.dataset, p.samples
     embeddings = a.embeddings
     if opts.needs_embeddings and not embeddings:
         embeddings = latest_embeddings(embeddings_root(cfg))

@@ -321,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        a.dataset = a.dataset or storage.resolve(cfg.data.dataset_url, cfg.run.output_dir)
+        from trainer.stages import paths  # the pipeline's layout, so this CLI and trainer/main.py agree
+
+        a.dataset = a.dataset or paths(cfg).dataset
         a.out = a.out or embeddings_root(cfg)
         a.pca_dims, a.domain, a.seed, a.num_workers = cfg.retrieval.pca_dim, cfg.data.domain, cfg.run.seed, cfg.retrieval.num_workers
         if not a.model:

@@ -151,6 +151,19 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         fs.mv(tmp, path)
 
 
+def upload_file_atomic(local_path: str, url: str) -> None:
+    """Copy a local file to url under a temporary name, then rename (streamed from disk, never held in
+    memory whole: object stores get a multipart upload)."""
+    fs, path = get_fs(url)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    with storage_errors(url):
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        fs.put_file(local_path, tmp)
+        fs.mv(tmp, path)
+
+
 def write_json_atomic(url: str, obj: Any) -> None:
     write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 

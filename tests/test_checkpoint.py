@@ -85,3 +85,17 @@ def test_schedule_errors_instead_of_idle_workers():
         Schedule(rows=10, global_batch=16, world=2, micro=2, seed=0)
     with pytest.raises(TrainDataError, match="not divisible"):
         Schedule(rows=100, global_batch=10, world=4, micro=2, seed=0)
+
+
+def test_ranks_stage_on_local_disk_then_upload_to_s3(s3_bucket, tmp_path, monkeypatch):
+    """Shares go through a node-local staging folder (RECLORA_STAGING_DIR) to object storage; the folder is
+    emptied after the upload and the checkpoint loads back from S3."""
+    staging = tmp_path / "nvme"
+    monkeypatch.setenv("RECLORA_STAGING_DIR", str(staging))
+    run = f"{s3_bucket}/runs/r"
+    parts = {"model": "m", "lora": {"r": 4}}
+    url = _save(run, 4, parts=parts)
+    assert url.startswith("s3://") and ckpt.latest_complete(run) == url
+    assert (staging / "reclora-staging").is_dir() and not any(p.is_file() for p in staging.rglob("*"))
+    loaded = ckpt.load(url, rank=0, world=1, parts=parts)
+    assert torch.equal(loaded.tensors["p1::param"], torch.full((2, 3), 5.0))

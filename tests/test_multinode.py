@@ -1,6 +1,7 @@
 """Two Ray nodes on one machine (a head and a second node joined with `ray start --address`, both on
-127.0.0.1, each with its own custom resource), trainer workers forced onto different nodes, checkpoints
-on the moto S3 server, and a preemption: the second node's processes are killed mid-training."""
+127.0.0.1, each with its own custom resource): the whole tiny pipeline (`trainer/main.py`) on that cluster
+with trainer workers forced onto different nodes and every output on the moto S3 server, then a preemption:
+the second node's processes are killed mid-training and the run finishes like the uninterrupted one."""
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ import pytest
 import torch
 
 from retrieval import storage
-from tests.conftest import free_port
-from tests.test_trainer import inputs, run_train, tiny_cfg  # noqa: F401  (module fixture reused)
+from tests.conftest import REPO, free_port
+from tests.test_pipeline import data_args, source  # noqa: F401  (module fixture reused)
+from tests.test_trainer import run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -86,9 +88,10 @@ def cluster(tmp_path, monkeypatch):
     _kill(_node_procs(state["node_b_marker"]), signal.SIGTERM)
 
 
-def _cfg(inputs, s3_bucket, name):
-    return tiny_cfg(inputs, f"{s3_bucket}/runs", name, "trainer.placement=SPREAD",
-                    "trainer.worker_resources={trainer_slot: 1}", "trainer.max_failures=3")
+def _overrides(src, s3_bucket, s3_server, name) -> list[str]:
+    return [f"run.output_dir={s3_bucket}/runs", f"run.name={name}", f"storage.endpoint_url={s3_server}", *data_args(src),
+            "trainer.placement=SPREAD", "trainer.worker_resources={trainer_slot: 1}", "trainer.max_failures=3",
+            "trainer.lr=0.02", "trainer.max_steps=8", "trainer.checkpoint_every=4"]
 
 
 def _adapter(run_url: str) -> dict[str, torch.Tensor]:
@@ -97,24 +100,34 @@ def _adapter(run_url: str) -> dict[str, torch.Tensor]:
     return adapter_tensors(run_url)
 
 
-def test_spread_across_nodes_and_survive_preemption(inputs, cluster, s3_bucket, tmp_path):  # noqa: F811
+def test_pipeline_across_nodes_and_survive_preemption(source, s3_server, s3_bucket, cluster, tmp_path):  # noqa: F811
     import ray
 
-    # Uninterrupted reference on two nodes, one worker on each.
-    ref = run_train(_cfg(inputs, s3_bucket, "ref"), node_report_dir=str(tmp_path / "ref-nodes"))
+    from configs.loader import load_config
+
+    # Uninterrupted reference: the whole pipeline, joining the 2-node cluster through RAY_ADDRESS (as under
+    # `ray job submit`), one trainer worker on each node.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RECLORA_NODE_REPORT_DIR": str(tmp_path / "ref-nodes")}
+    proc = subprocess.run([sys.executable, str(REPO / "trainer" / "main.py"), "--config", "tiny",
+                           *_overrides(source, s3_bucket, s3_server, "ref")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     fs, _ = storage.get_fs(s3_bucket)
     names = [p.rsplit("/", 1)[-1] for p in fs.find(f"{s3_bucket.removeprefix('s3://')}/runs/ref/checkpoints")]
     assert "rank-00000-of-00002.safetensors" in names and "rank-00001-of-00002.safetensors" in names
     nodes = {json.loads(p.read_text())["node_id"] for p in (tmp_path / "ref-nodes").glob("*.json")}
     assert len(nodes) == 2, "SPREAD with one trainer slot per node must put the workers on different nodes"
+    ref = {"history": storage.read_json(f"{s3_bucket}/runs/ref/logs/train.jsonl.json"), "run_url": f"{s3_bucket}/runs/ref"}
 
     # The same run, with the second node's processes killed while training sits after its step-4 checkpoint.
-    cfg = _cfg(inputs, s3_bucket, "pre")
+    # The same training on the pipeline's stored stages (content-addressed, so found from the config alone).
+    storage.configure(endpoint_url=s3_server)
+    cfg = load_config("tiny", _overrides(source, s3_bucket, s3_server, "pre"))
     result: dict = {}
 
     def go():
         try:
-            result["out"] = run_train(cfg, pause_after_checkpoint=20)
+            result["out"] = run_train(cfg, pause_after_checkpoint=20, eval_zero_shot=True)
         except BaseException as e:  # surfaced to the test thread below
             result["error"] = e
 

@@ -18,14 +18,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
 from retrieval import storage
 
@@ -129,13 +132,31 @@ class TrainState:
     rank_meta: dict[str, Any] | None  # this rank's RNG and cursor (None when the world size changed)
 
 
+def staging_dir(run_url: str, step: int, rank: int) -> str:
+    """A fresh node-local folder for one rank's checkpoint share: RECLORA_STAGING_DIR (e.g. a node's local
+    NVMe on a cluster) or the system temp folder."""
+    root = os.environ.get("RECLORA_STAGING_DIR") or tempfile.gettempdir()
+    run = hashlib.sha256(run_url.encode()).hexdigest()[:12]
+    path = os.path.join(root, "reclora-staging", run, f"step-{step:08d}-rank-{rank:05d}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    return path
+
+
 def save(run_url: str, step: int, rank: int, world: int, my_tensors: dict[str, torch.Tensor], rank_meta: dict,
          meta: dict | None, barrier) -> str:
     """Collective save. Every rank writes its tensor share and metadata; after a barrier, rank 0 writes
     meta.json and then the COMPLETE marker, so the checkpoint is visible only when whole."""
     url = step_dir(run_url, step)
-    blob = st_save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in my_tensors.items()})
-    storage.write_bytes_atomic(storage.join(url, _rank_tensors(rank, world)), blob)
+    # Each rank stages its share on node-local disk first, then uploads the file: the serialized copy never
+    # sits in memory beside the tensors, and a slow or failed upload leaves the training state untouched.
+    staging = staging_dir(run_url, step, rank)
+    local = os.path.join(staging, _rank_tensors(rank, world))
+    try:
+        st_save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in my_tensors.items()}, local)
+        storage.upload_file_atomic(local, storage.join(url, _rank_tensors(rank, world)))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     storage.write_json_atomic(storage.join(url, f"rank-{rank:05d}.json"), rank_meta)
     barrier()
     if rank == 0:

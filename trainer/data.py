@@ -14,6 +14,7 @@ resumed on another worker count sees the same global batches.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -23,7 +24,6 @@ import pyarrow.parquet as pq
 import torch
 
 from retrieval import storage
-from retrieval.schema import write_parquet
 
 STREAM_SCHEMA = pa.schema(
     [
@@ -35,6 +35,7 @@ STREAM_SCHEMA = pa.schema(
         ("candidates", pa.list_(pa.int64())),  # next item: fixed candidate list
         ("rep", pa.list_(pa.float32())),  # the frozen teacher's representation (gate input)
         ("item_slots", pa.list_(pa.int64())),  # hybrid prompts: item id of each placeholder token, in order
+        ("teacher_score", pa.float32()),  # the frozen teacher's own prediction (its metrics on the same samples)
     ]
 )
 
@@ -87,51 +88,46 @@ class PromptEncoder:
         return len(self.prompt_ids(text))
 
 
-def prepare_split(samples, split: str, sample_ids: np.ndarray, reps_url: str, renderer, encoder: PromptEncoder,
-                  out_url: str, rep_dim: int, row_group_size: int = 256, slot_token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
-    """Write the tokenized stream of `sample_ids` (in that order). Returns counts for the run summary."""
-    from retrieval.prompts import PromptError
-    from teacher.score import rep_matrix
+def encode_rows(records: list[dict[str, Any]], reps: np.ndarray, scores: np.ndarray, renderer, encoder: PromptEncoder,
+                slot_token_ids: tuple[int, ...] = ()) -> tuple[pa.Table, dict[str, int]]:
+    """Rows of the stream for `records` (in that order), one per record: a stream never drops a sample, so
+    its row count is known before it is built and the trainer can start on its first parts.
 
-    table = samples.read(split, sample_ids=sample_ids)
-    # Joined by sample key, never by row order; a sample without a representation is an error naming it.
-    reps = rep_matrix(reps_url, split, table["sample_id"].to_numpy(), expected_rep_dim=rep_dim)
-    records = table.to_pylist()
-    out = {k: [] for k in STREAM_SCHEMA.names}
-    skipped_too_long = 0
-    for rec, rep in zip(records, reps):
+    The history is cut (oldest first) to fit model.max_length; a prompt too long even without history keeps
+    its last tokens (the question and target) and is counted as `prompt_truncated`."""
+    from retrieval.prompts import PromptError
+
+    out: dict[str, list] = {k: [] for k in STREAM_SCHEMA.names if k != "rep"}
+    counts = {"history_truncated": 0, "prompt_truncated": 0}
+    for rec, score in zip(records, scores):
         answer = encoder.answer_ids(_answer(renderer, rec))
         budget = encoder.max_length - len(answer)
+        if budget < 1:
+            raise TrainDataError(f"sample {rec['sample_id']}: the answer alone needs {len(answer)} tokens, "
+                                 f"model.max_length={encoder.max_length}")
         try:
             rendered = renderer.render(rec, count_tokens=encoder.count, max_tokens=budget)
+            prompt = encoder.prompt_ids(rendered.text)
+            kept = rendered.kept
+            counts["history_truncated"] += int(rendered.truncated)
         except PromptError as e:
             if "without any history" not in str(e):
                 raise
-            skipped_too_long += 1  # even the question alone does not fit: counted, not trained on
-            continue
-        prompt = encoder.prompt_ids(rendered.text)
-        if len(prompt) + len(answer) > encoder.max_length:
-            skipped_too_long += 1
-            continue
+            bare = renderer.render({**rec, "text_hist_items": [], "text_hist_ratings": []})
+            prompt, kept = encoder.prompt_ids(bare.text)[-budget:], 0
+            counts["prompt_truncated"] += 1
+            counts["history_truncated"] += int(bool(rec.get("text_hist_items")))
         out["sample_id"].append(rec["sample_id"])
         out["input_ids"].append(prompt + answer)
         out["prompt_len"].append(len(prompt))
         out["label"].append(rec.get("label"))
         out["item_id"].append(rec["item_id"])
         out["candidates"].append(rec.get("candidates"))
-        out["rep"].append(rep)
-        out["item_slots"].append(_slots(rec, rendered.kept, prompt, slot_token_ids) if slot_token_ids else None)
-    if not out["sample_id"]:
-        raise TrainDataError(f"{split}: no sample fits model.max_length={encoder.max_length} ({skipped_too_long} too long); "
-                             f"raise model.max_length")
-    arrays = [pa.array(out[f.name], type=f.type) if f.name != "rep" else _rep_array(np.stack(out["rep"]))
+        out["teacher_score"].append(float(score))
+        out["item_slots"].append(_slots(rec, kept, prompt, slot_token_ids) if slot_token_ids else None)
+    arrays = [pa.array(out[f.name], type=f.type) if f.name != "rep" else _rep_array(np.asarray(reps).reshape(len(records), -1))
               for f in STREAM_SCHEMA]
-    write_parquet(pa.Table.from_arrays(arrays, schema=STREAM_SCHEMA), out_url, row_group_size=row_group_size)
-    lengths = [len(x) for x in out["input_ids"]]
-    summary = {"rows": len(lengths), "skipped_too_long": skipped_too_long, "history_truncated": renderer.truncated,
-               "tokens": int(sum(lengths)), "max_len": int(max(lengths)), "mean_len": float(np.mean(lengths))}
-    storage.write_json_atomic(out_url + ".json", summary)
-    return summary
+    return pa.Table.from_arrays(arrays, schema=STREAM_SCHEMA), counts
 
 
 def _slots(rec, kept: int, prompt: list[int], slot_token_ids) -> list[int]:
@@ -205,47 +201,92 @@ class Schedule:
         return {"epoch": epoch, "row": j * self.global_batch, "step_in_epoch": j}
 
 
+FEED_FAILED = "FEED_FAILED.json"  # written beside the split folders when the feed stops with an error
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def part_marker(part_url: str) -> str:
+    return part_url.removesuffix(".parquet") + ".json"
+
+
 class StreamReader:
-    """Random access to rows of a stream file, one row group at a time (the few most recently loaded
-    groups are kept; the oldest loaded is dropped first)."""
+    """Random access to the rows of a stream: `{run}/data/{split}/` holds plan.json (row count, rows per part,
+    cache key) and parts, each committed by its marker `part-XXXXX.json` after its data file is complete.
 
-    def __init__(self, url: str, cache_groups: int = 8):
-        self.url = url
-        fs, path = storage.get_fs(url)
-        with storage.storage_errors(url):
-            if not fs.exists(path):
-                raise TrainDataError(f"{url}: prepared stream missing (prepare data first)")
-            self._fh = fs.open(path, "rb")
-        self._pf = pq.ParquetFile(self._fh)
-        sizes = [self._pf.metadata.row_group(i).num_rows for i in range(self._pf.num_row_groups)]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)])
-        self.rows = int(self.starts[-1])
+    Row i lives in part i // part_rows. A part that is not committed yet is waited for (the feed may
+    still be building it while training runs): the time spent is `waited`, and a failed feed or a part
+    missing for `timeout_s` is an error, never a hang."""
+
+    def __init__(self, url: str, cache_parts: int = 4, timeout_s: float = 3600.0, poll_s: float = 0.2):
+        self.url = url.rstrip("/")
+        plan_url = storage.join(self.url, "plan.json")
+        if not storage.exists(plan_url):
+            raise TrainDataError(f"{self.url}: prepared stream missing (no plan.json; prepare data first)")
+        plan = storage.read_json(plan_url)
+        self.rows, self.part_rows, self.key = int(plan["rows"]), int(plan["part_rows"]), plan["key"]
+        self._failed_url = storage.join(self.url.rsplit("/", 1)[0], FEED_FAILED)
         self._cache: dict[int, dict[str, Any]] = {}
-        self._cache_groups = cache_groups
+        self._cache_parts, self.timeout_s, self.poll_s = cache_parts, timeout_s, poll_s
+        self.waited = 0.0
 
-    def _group(self, g: int) -> dict[str, Any]:
-        if g not in self._cache:
-            if len(self._cache) >= self._cache_groups:
+    def _wait_committed(self, k: int) -> str:
+        url = storage.join(self.url, part_name(k))
+        t0 = time.perf_counter()
+        while True:
+            marker = part_marker(url)
+            if storage.exists(marker) and storage.read_json(marker).get("key") == self.key:
+                self.waited += time.perf_counter() - t0
+                return url
+            if storage.exists(self._failed_url):
+                raise TrainDataError(f"{url}: the feed failed: {storage.read_json(self._failed_url).get('error')}")
+            if time.perf_counter() - t0 > self.timeout_s:
+                raise TrainDataError(f"{url}: not committed after {self.timeout_s:.0f}s (trainer.feed_timeout_s); "
+                                     f"is the feed running?")
+            time.sleep(self.poll_s)
+
+    def _part(self, k: int) -> dict[str, Any]:
+        if k not in self._cache:
+            url = self._wait_committed(k)
+            if len(self._cache) >= self._cache_parts:
                 self._cache.pop(next(iter(self._cache)))
-            t = self._pf.read_row_group(g)
-            self._cache[g] = {name: t[name].to_pylist() for name in t.column_names}
-        return self._cache[g]
+            fs, path = storage.get_fs(url)
+            with storage.storage_errors(url), fs.open(path, "rb") as f:
+                t = pq.read_table(f)
+            expect = min(self.part_rows, self.rows - k * self.part_rows)
+            if t.num_rows != expect:
+                raise TrainDataError(f"{url}: {t.num_rows} rows, the plan says {expect}; delete {self.url} and rerun")
+            self._cache[k] = {name: t[name].to_pylist() for name in t.column_names}
+        return self._cache[k]
 
     def rows_at(self, idx: np.ndarray) -> list[dict[str, Any]]:
         out = []
-        groups = np.searchsorted(self.starts, idx, side="right") - 1
-        for i, g in zip(idx, groups):
-            data = self._group(int(g))
-            off = int(i - self.starts[g])
+        for i in np.asarray(idx, dtype=np.int64):
+            if not 0 <= i < self.rows:
+                raise IndexError(f"{self.url}: row {i} out of range [0, {self.rows})")
+            data = self._part(int(i // self.part_rows))
+            off = int(i % self.part_rows)
             out.append({k: v[off] for k, v in data.items()})
         return out
 
     def position(self, row: int) -> dict[str, int]:
-        g = int(np.searchsorted(self.starts, row, side="right") - 1)
-        return {"file": self.url, "row_group": g, "offset": int(row - self.starts[g])}
+        k = row // self.part_rows
+        return {"file": storage.join(self.url, part_name(k)), "row_group": 0, "offset": int(row - k * self.part_rows)}
+
+    def read_columns(self, columns: list[str]) -> pa.Table:
+        """Every row of the stream (waiting for parts), only `columns`."""
+        tables = []
+        for k in range(-(-self.rows // self.part_rows)):
+            url = self._wait_committed(k)
+            fs, path = storage.get_fs(url)
+            with storage.storage_errors(url), fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+        return pa.concat_tables(tables)
 
     def close(self):
-        self._fh.close()
+        self._cache.clear()
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -275,10 +316,6 @@ def iter_eval_batches(reader: StreamReader, rank: int, world: int, batch: int) -
     mine = np.arange(rank, reader.rows, world)
     for s in range(0, len(mine), batch):
         yield reader.rows_at(mine[s:s + batch])
-
-
-def stream_summary(url: str) -> dict[str, Any]:
-    return storage.read_json(url + ".json")
 
 
 def dumps(obj: Any) -> str:

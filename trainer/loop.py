@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -284,6 +285,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
 
     # ---- setup
+    t_setup = time.perf_counter()
     _setup_distributed(use_gpu)
     import deepspeed
 
@@ -294,7 +296,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     my_names = [n for i, n in enumerate(names) if i % world == rank]
     parts = fingerprint_parts(cfg)
 
-    reader = StreamReader(params["streams"]["train"])
+    reader = StreamReader(params["streams"]["train"], timeout_s=params.get("feed_timeout_s", 3600.0))
     sched = Schedule(rows=reader.rows, global_batch=t.batch_size, world=world, micro=t.micro_batch_size, seed=cfg.run.seed)
     schedule_epochs = t.schedule_epochs or t.epochs
     total_steps = t.max_steps or sched.steps_per_epoch * t.epochs
@@ -349,6 +351,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
         zero_shot = {f"zeroshot_test_{k}": v for k, v in evaluate(engine, pm, params, "test", rank, world, device).items()}
 
     # ---- train
+    t_train, wait_total = time.perf_counter(), 0.0
     for step in range(start, total_steps):
         t_step = time.perf_counter()
         wait = 0.0
@@ -369,6 +372,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
                 gstats = gate_stats(pm, batch["cond"])
         counts = _all_reduce_sum(torch.tensor([loss_sum.item(), float(tokens)], dtype=torch.float64))
         dt = time.perf_counter() - t_step
+        wait_total += wait
         tokens_seen += int(counts[1])
         rec = {"step": step + 1, "epoch": sched.cursor(step)["epoch"], "loss": float(counts[0] / t.batch_size),
                "lr": float(engine.optimizer.param_groups[0]["lr"]), "grad_norm": float(engine.get_global_grad_norm() or 0.0),
@@ -403,6 +407,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
 
     if bar is not None:
         bar.close()
+    train_seconds = time.perf_counter() - t_train
 
     # ---- evaluate and save
     metrics = {}
@@ -416,8 +421,12 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
                   metrics=metrics)
     _export_adapter(pm, run_url, rank)
     if rank == 0:
+        # Data wait: time the step loop spent on batches, including waiting for feed parts still being built.
+        timing = {"setup_seconds": t_train - t_setup, "train_seconds": train_seconds, "data_wait_seconds": wait_total,
+                  "data_wait_fraction": wait_total / train_seconds if train_seconds > 0 else 0.0,
+                  "steps_run": total_steps - start}
         storage.write_json_atomic(storage.join(run_url, "metrics.json"), {"final": metrics, "steps": total_steps,
-                                                                          "checkpoint": final})
+                                                                          "checkpoint": final, "timing": timing})
         tb.close()
     report({"step": total_steps, **metrics, "done": 1})
     reader.close()
@@ -489,7 +498,7 @@ def evaluate(engine, pm, params, split: str, rank: int, world: int, device) -> d
     """Score the whole split; every rank runs the same number of forwards (ZeRO-3 forwards are collective)."""
     from teacher.metrics import ctr_metrics, ranking_metrics
 
-    reader = StreamReader(params["streams"][split])
+    reader = StreamReader(params["streams"][split], timeout_s=params.get("feed_timeout_s", 3600.0))
     n = reader.rows
     per_rank = -(-n // world)
     idx = np.arange(rank, per_rank * world, world)  # padded: indices >= n repeat row 0 and are dropped
@@ -548,3 +557,4 @@ class _TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+        shutil.rmtree(self.dir, ignore_errors=True)  # its files are already uploaded beside the run

@@ -13,6 +13,7 @@ output is already complete, so a rerun continues where the last one stopped.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="trainer/main.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/demo.yaml", help="preset name or YAML path (default: demo)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. trainer.lr=5e-4")
-    p.add_argument("--stages", default=",".join(st.STAGES), help=f"comma-separated subset of {','.join(st.STAGES)}")
+    p.add_argument("--stages", default=",".join(st.DEFAULT_STAGES),
+                   help=f"comma-separated subset of {','.join(st.STAGES)} (default: {','.join(st.DEFAULT_STAGES)})")
     p.add_argument("--dry-run", action="store_true", help="print the plan (reuse vs build) and exit")
     p.add_argument("--resume", metavar="URL", help="resume training from this checkpoint (default: the run's latest)")
     return p.parse_args(argv)
@@ -58,14 +60,20 @@ def main(argv=None) -> int:
         # Workers (Ray actors, Ray Train) run in other directories: hand them absolute paths.
         cfg.run.output_dir = str(Path(cfg.run.output_dir.removeprefix("file://")).resolve())
     p = st.paths(cfg)
-    where = {"ingest": p.dataset, "embed": p.embeddings, "samples": p.samples, "teacher": p.teacher, "score": p.reps,
-             "train": p.run}
+    where = st.where(p)
 
     if args.dry_run:
+        print(f"{'stage':<8} {'plan':<6} {'output':<60} note")
         for s in stages:
-            print(f"{s:<8} {'reuse' if st.done(s, cfg, p) else 'build':<6} {where[s]}")
+            done = st.done(s, cfg, p)
+            note = "" if done else st.progress(s, cfg, p)
+            print(f"{s:<8} {'reuse' if done else ('resume' if note else 'build'):<6} {where[s]:<60} {note}".rstrip())
         return 0
 
+    if "train" in stages and st.trained_with_other_inputs(p):
+        print(f"error: {p.run} holds a run trained with another config ({storage.join(p.run, 'inputs.json')}); "
+              f"pick a new run.name or delete that folder", file=sys.stderr)
+        return 2
     storage.write_bytes_atomic(storage.join(p.run, "config.yaml"), to_yaml(cfg).encode())
     t0 = time.perf_counter()
     timings = {}
@@ -98,8 +106,11 @@ def main(argv=None) -> int:
             elif s == "score":
                 st.run_score(cfg, p)
             elif s == "train":
+                st.record_inputs(cfg, p, s)  # first: a rerun with another config must not resume this run
                 metrics = train(cfg, p.run)
                 print("[train] final: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if s != "train":
+                st.record_inputs(cfg, p, s)
             timings[s] = round(time.perf_counter() - ts, 2)
     except (IngestError, storage.StorageError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -109,31 +120,25 @@ def main(argv=None) -> int:
         from trainer.report import write_report
 
         teacher = teacher_metrics(cfg, p)
-        print(final_table(storage.read_json(storage.join(p.run, "metrics.json"))["final"], teacher))
+        final = storage.read_json(storage.join(p.run, "metrics.json"))["final"]
+        print(final_table(final, teacher))
+        storage.write_json_atomic(storage.join(p.run, "results.json"), {"llm": final, "teacher": teacher,
+                                                                        "stage_seconds": timings})
         print(f"report: {write_report(p.run, {'teacher (' + cfg.teacher.model + ')': teacher} if teacher else None)}")
     print(f"done in {time.perf_counter() - t0:.1f}s; run outputs: {p.run}")
     return 0
 
 
 def teacher_metrics(cfg, p) -> dict:
-    """The teacher's own scores on exactly the LLM's test samples (same ids), for the final table."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
+    """The teacher's own scores on exactly the LLM's test samples (the feed stores them in the stream)."""
     from teacher.metrics import ctr_metrics
-    from teacher.score import read_reps
+    from trainer.data import StreamReader
 
-    stream = storage.join(p.run, "data", "test.parquet")
-    if cfg.data.task != "ctr" or not storage.exists(stream):
+    stream = storage.join(p.run, "data", "test")
+    if cfg.data.task != "ctr" or not storage.exists(storage.join(stream, "plan.json")):
         return {}
-    fs, path = storage.get_fs(stream)
-    with fs.open(path, "rb") as f:
-        t = pq.ParquetFile(f).read(columns=["sample_id", "label"])
-    reps = read_reps(p.reps, "test", columns=["sample_id", "teacher_score"])
-    ids, scores = reps["sample_id"].to_numpy(), reps["teacher_score"].to_numpy()
-    order = np.argsort(ids)
-    pos = order[np.searchsorted(ids, t["sample_id"].to_numpy(), sorter=order)]
-    return {f"test_{k}": v for k, v in ctr_metrics(t["label"].to_numpy(), scores[pos]).items()}
+    t = StreamReader(stream, timeout_s=1.0).read_columns(["label", "teacher_score"])
+    return {f"test_{k}": v for k, v in ctr_metrics(t["label"].to_numpy(), t["teacher_score"].to_numpy()).items()}
 
 
 def final_table(final: dict, teacher: dict) -> str:
@@ -154,17 +159,14 @@ def train(cfg, run_url: str) -> dict:
     from trainer.checkpoint import CheckpointError, check_compatible, latest_complete
     from trainer.data import TrainDataError
     from trainer.loop import fingerprint_parts, train_worker
-    from trainer.prepare import prepare
+    from trainer.prepare import plan_training
 
     try:
-        params = prepare(cfg, run_url)
+        params, feed = plan_training(cfg, run_url, zero_shot_first=cfg.data.task == "ctr")
         params["interactive"] = sys.stderr.isatty()
         params["eval_zero_shot"] = cfg.data.task == "ctr"
-    except (SamplesError, RepsError, TrainDataError) as e:
+    except (SamplesError, RepsError, TrainDataError, FileNotFoundError) as e:
         raise SetupError(str(e)) from None
-    for split, s in params["summaries"].items():
-        print(f"[data] {split}: {s['rows']} samples, {s['tokens']} tokens, mean length {s['mean_len']:.0f}, "
-              f"{s['skipped_too_long']} too long, {s['history_truncated']} with history truncated")
     t = cfg.trainer
     resume = t.resume or latest_complete(run_url)
     if resume:
@@ -172,10 +174,45 @@ def train(cfg, run_url: str) -> dict:
             check_compatible(resume, fingerprint_parts(cfg))  # refuse before any worker starts
         except CheckpointError as e:
             raise SetupError(str(e)) from None
-    run_training(train_worker, params, num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
-                 name=cfg.run.name, max_failures=t.max_failures, placement=t.placement,
-                 worker_resources=t.worker_resources, timeout_s=t.collective_timeout_s)
-    return storage.read_json(storage.join(run_url, "metrics.json"))["final"]
+    # The feed builds the streams part by part; with overlap the trainer starts at once and waits only for
+    # parts a step needs, otherwise every part is built first.
+    parts = len(feed.tasks)
+    if t.overlap:
+        print(f"[feed] building {parts} parts on {feed.num_workers or 'the driver'} worker(s) while training starts", flush=True)
+        feed.start()
+    else:
+        print(f"[feed] building {parts} parts before training", flush=True)
+        _print_summaries(feed.run())
+    try:
+        run_training(train_worker, params, num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
+                     name=cfg.run.name, max_failures=t.max_failures, placement=t.placement,
+                     worker_resources=t.worker_resources, timeout_s=t.collective_timeout_s,
+                     # which node each rank ran on, one JSON per rank (multi-node debugging and tests)
+                     node_report_dir=os.environ.get("RECLORA_NODE_REPORT_DIR"))
+    except Exception:
+        if feed.error is not None:  # the trainer stopped because the feed did: report the cause
+            raise SetupError(f"feed failed: {type(feed.error).__name__}: {feed.error}") from feed.error
+        raise
+    if t.overlap:
+        try:
+            _print_summaries(feed.join())
+        except (SamplesError, RepsError, TrainDataError) as e:
+            raise SetupError(f"feed failed: {e}") from None
+    out = storage.read_json(storage.join(run_url, "metrics.json"))
+    timing = out.get("timing", {})
+    if timing:
+        print(f"[train] {timing['steps_run']} steps in {timing['train_seconds']:.1f}s after {timing['setup_seconds']:.1f}s of "
+              f"setup; data wait {100 * timing['data_wait_fraction']:.2f}% of the step loop "
+              f"(feed: {feed.seconds:.1f}s, {'overlapped' if t.overlap else 'before training'})", flush=True)
+        storage.write_json_atomic(storage.join(run_url, "feed.json"), {"overlap": t.overlap, "feed_seconds": feed.seconds,
+                                                                       "parts": parts, **timing})
+    return out["final"]
+
+
+def _print_summaries(summaries: dict) -> None:
+    for split, s in summaries.items():
+        print(f"[data] {split}: {s['rows']} samples, {s['tokens']} tokens, mean length {s['mean_len']:.0f}, "
+              f"{s['history_truncated']} with history truncated, {s['prompt_truncated']} prompts cut to fit", flush=True)
 
 
 if __name__ == "__main__":

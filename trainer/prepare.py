@@ -6,13 +6,12 @@ reused when the inputs that shaped them (samples, subset size, tokenizer, max le
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from typing import Any
 
 from retrieval import storage
-from trainer.data import PromptEncoder, answer_token_ids, prepare_split
+from trainer.data import FEED_FAILED, PromptEncoder, answer_token_ids
 from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_FALLBACK
 from trainer.model_source import ASSETS, resolve_model, tokenizer_dir
 
@@ -56,63 +55,98 @@ def worker_model_dir(model_dir: str) -> str:
     return resolve_model(model_dir)
 
 
-def prepare(cfg, run_url: str, splits=("train", "valid", "test")) -> dict[str, Any]:
+def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_shot_first: bool = False):
+    """Fix every stream's sample order and layout and return (worker params, FeedJob). Nothing is built
+    yet: `FeedJob.run()` builds the parts, `.start()` builds them in the background while training runs."""
     from transformers import AutoTokenizer
 
-    from retrieval.prompts import PromptRenderer, style_for
     from retrieval.samples import SampleSet
     from retrieval.schema import Dataset
     from retrieval.subsets import load_subset
+    from teacher.score import MANIFEST, check_rep_dim
+    from trainer.feed import FeedJob, plan_split, stream_key
+    from trainer.stages import paths
 
-    root = cfg.run.output_dir
-    samples_url = resolve(cfg.retrieval.samples_url, root)
-    reps_url = resolve(cfg.teacher.reps_url, root)
+    p = paths(cfg)
     model_dir = base_model_dir(cfg, run_url)
-    tok = AutoTokenizer.from_pretrained(worker_model_dir(model_dir) if cfg.model.tiny is None else
-                                        (ASSETS if not os.path.exists(os.path.join(str(model_dir), "tokenizer.json")) else model_dir))
-    samples = SampleSet.open(samples_url)
+    tok_dir = worker_model_dir(model_dir) if cfg.model.tiny is None else (
+        ASSETS if not os.path.exists(os.path.join(str(model_dir), "tokenizer.json")) else model_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    samples = SampleSet.open(p.samples)
     if samples.task != cfg.data.task:
-        raise ValueError(f"data.task is {cfg.data.task!r} but {samples_url} holds {samples.task!r} samples")
-    ds = Dataset.open(samples.manifest.get("dataset_url") or resolve(cfg.data.dataset_url, root))
+        raise ValueError(f"data.task is {cfg.data.task!r} but {p.samples} holds {samples.task!r} samples")
+    dataset_url = samples.manifest.get("dataset_url") or p.dataset
+    ds = Dataset.open(dataset_url)
     hybrid = cfg.trainer.hybrid_item_emb
-    style = style_for(cfg.data.domain, **({"history_token": HISTORY_TOKEN, "candidate_token": CANDIDATE_TOKEN} if hybrid else {}))
+    slot_tokens = [HISTORY_TOKEN, CANDIDATE_TOKEN] if hybrid else None
     slot_ids: tuple[int, ...] = ()
     if hybrid:
         # New tokens for the placeholders: their ids never reach the embedding table (HybridLM swaps them).
-        tok.add_special_tokens({"additional_special_tokens": [HISTORY_TOKEN, CANDIDATE_TOKEN]})
-        slot_ids = tuple(tok.convert_tokens_to_ids([HISTORY_TOKEN, CANDIDATE_TOKEN]))
-    renderer = PromptRenderer(ds.read_items(), cfg.data.task, style, ds.read_users())
-    encoder = PromptEncoder(tok, cfg.model.max_length)
-    streams, summaries = {}, {}
-    for split in splits:
+        tok.add_special_tokens({"additional_special_tokens": slot_tokens})
+        slot_ids = tuple(tok.convert_tokens_to_ids(slot_tokens))
+    # Representations: the score stage's output when it exists for this teacher, else the feed runs the
+    # teacher itself on the samples it feeds.
+    from teacher.model_io import META_FILE, MODEL_FILE
+
+    meta_url = storage.join(p.teacher, META_FILE)
+    teacher_id = storage.read_json(meta_url)["sha256"][MODEL_FILE] if storage.exists(meta_url) else None
+    reps_url = None
+    if storage.exists(storage.join(p.reps, MANIFEST)):
+        reps_meta = storage.read_json(storage.join(p.reps, MANIFEST))
+        if teacher_id in (None, reps_meta["model_sha256"]):
+            check_rep_dim(reps_meta["rep_dim"], cfg.teacher.rep_dim, p.reps)
+            reps_url, teacher_id = p.reps, reps_meta["model_sha256"]
+    if teacher_id is None:
+        raise FileNotFoundError(f"{p.teacher}: no trained teacher ({META_FILE}) and no representations under {p.reps}; "
+                                f"run the teacher stage first")
+    data_url = storage.join(run_url, "data")
+    t = cfg.trainer
+    order = [s for s in (["test"] if zero_shot_first else []) + ["train", "valid", "test"] if s in splits]
+    tasks, plans = [], {}
+    for split in dict.fromkeys(order):
         if split not in samples.manifest["splits"]:
             continue
-        n = cfg.trainer.train_subset if split == "train" else cfg.retrieval.max_eval_samples
-        avail = len(load_subset(samples_url, split))
-        ids = load_subset(samples_url, split, None if n is None else min(n, avail))
-        url = storage.join(run_url, "data", f"{split}.parquet")
-        key = hashlib.sha256(json.dumps([samples.manifest.get("fingerprint"), reps_url, len(ids), cfg.model.max_length,
-                                         str(model_dir), cfg.data.task, hybrid], default=str).encode()).hexdigest()[:16]
-        meta_url = url + ".json"
-        if storage.exists(meta_url) and storage.read_json(meta_url).get("key") == key:
-            summaries[split] = storage.read_json(meta_url)
-        else:
-            summaries[split] = prepare_split(samples, split, ids, reps_url, renderer, encoder, url, cfg.teacher.rep_dim,
-                                             slot_token_ids=slot_ids)
-            summaries[split]["key"] = key
-            storage.write_json_atomic(meta_url, summaries[split])
-        streams[split] = url
+        n = t.train_subset if split == "train" else cfg.retrieval.max_eval_samples
+        ids = load_subset(p.samples, split)
+        ids = ids if n is None else ids[:n]
+        key = stream_key([samples.manifest.get("fingerprint"), teacher_id, hashlib.sha256(ids.tobytes()).hexdigest(),
+                          cfg.model.max_length, str(model_dir), cfg.data.task, cfg.data.domain, hybrid, t.feed_part_rows])
+        plans[split], split_tasks = plan_split(data_url, split, ids, t.feed_part_rows, key)
+        tasks += split_tasks
+    if "train" not in plans:
+        raise ValueError(f"{p.samples}: no train split to train on")
+    # A failure marker from an earlier run must not stop this one's readers.
+    if storage.exists(storage.join(data_url, FEED_FAILED)):
+        fs, path = storage.get_fs(storage.join(data_url, FEED_FAILED))
+        with storage.storage_errors(data_url):
+            fs.rm(path)
+    job = FeedJob(
+        worker_kwargs={"samples_url": p.samples, "dataset_url": dataset_url, "tokenizer_dir": str(tok_dir),
+                       "max_length": cfg.model.max_length, "task": cfg.data.task, "domain": cfg.data.domain,
+                       "rep_dim": cfg.teacher.rep_dim, "teacher_url": p.teacher, "reps_url": reps_url,
+                       "slot_tokens": slot_tokens, "s3_endpoint": storage._s3_options().get("endpoint_url"),
+                       "num_threads": max(1, int(t.feed_cpus_per_worker))},
+        tasks=tasks, data_url=data_url, num_workers=t.feed_workers, cpus_per_worker=t.feed_cpus_per_worker, splits=plans)
     ids = answer_token_ids(tok, cfg.data.task)
-    params = {"config": cfg.model_dump(mode="json"), "run_url": run_url, "model_dir": model_dir, "streams": streams,
+    params = {"config": cfg.model_dump(mode="json"), "run_url": run_url, "model_dir": model_dir,
+              "streams": {s: storage.join(data_url, s) for s in plans},
               "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, "task": cfg.data.task,
-              "yes_id": ids.get("Yes"), "no_id": ids.get("No"), "eval_batch_size": cfg.trainer.eval_batch_size,
-              "resume": cfg.trainer.resume, "summaries": summaries}
+              "yes_id": ids.get("Yes"), "no_id": ids.get("No"), "eval_batch_size": t.eval_batch_size,
+              "resume": t.resume, "feed_timeout_s": t.feed_timeout_s}
     if hybrid:
         params["hybrid"] = {"slot_token_ids": list(slot_ids), "text_token_id": tok(TEXT_FALLBACK, add_special_tokens=False)["input_ids"][0],
                             "item_emb_url": _item_table(cfg, run_url, ds)}
     if cfg.data.task == "next_item":
         items = ds.read_items()
+        encoder = PromptEncoder(tok, cfg.model.max_length)
         params["answer_ids"] = {str(i): encoder.answer_ids(t) for i, t in zip(items["item_id"].to_pylist(), items["title"].to_pylist())}
+    return params, job
+
+
+def prepare(cfg, run_url: str, splits=("train", "valid", "test")) -> dict[str, Any]:
+    """Plan and build every stream now (no overlap); the worker params, with per-split `summaries`."""
+    params, job = plan_training(cfg, run_url, splits)
+    params["summaries"] = job.run()
     return params
 
 
@@ -124,7 +158,9 @@ def _item_table(cfg, run_url: str, ds) -> str:
 
     from teacher.model_io import load_teacher
 
-    teacher = load_teacher(resolve(cfg.teacher.model_url, cfg.run.output_dir))
+    from trainer.stages import paths
+
+    teacher = load_teacher(paths(cfg).teacher)
     if not hasattr(teacher.model, "item_embeddings"):
         raise ValueError(f"trainer.hybrid_item_emb needs a teacher with item embeddings (SASRec), got {cfg.teacher.model}")
     ids = np.sort(ds.read_items()["item_id"].to_numpy())
