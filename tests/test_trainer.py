@@ -272,3 +272,27 @@ def test_hybrid_item_embeddings_with_curriculum(next_item_inputs, tmp_path):
         before, after = projector(i - 1), projector(i)
         same = all(torch.equal(before[k], after[k]) for k in before)
         assert same == (not hyb), (i, hyb)
+
+
+def test_feed_scores_inline_like_the_score_stage(inputs, tmp_path):
+    """Without the score stage's output the feed runs the teacher itself on just the LLM's samples: the
+    streams equal those built from the score stage's representations (same tokens, reps, teacher scores)."""
+    import pyarrow.parquet as pq
+
+    from trainer.prepare import plan_training
+
+    def stream(name, *extra):
+        cfg = tiny_cfg(inputs, str(tmp_path), name, "trainer.feed_workers=0", "trainer.feed_part_rows=32", *extra)
+        params, job = plan_training(cfg, str(tmp_path / name), splits=("train", "test"))
+        assert job.worker_kwargs["reps_url"] == (None if "missing" in " ".join(extra) else inputs["reps"])
+        summaries = job.run()
+        assert summaries["train"]["rows"] == 96 and summaries["test"]["rows"] == 32
+        return {s: pq.read_table(sorted((tmp_path / name / "data" / s).glob("part-*.parquet"))) for s in ("train", "test")}
+
+    from_reps = stream("fromreps")
+    inline = stream("inline", f"teacher.reps_url={tmp_path / 'missing'}", f"teacher.model_url={inputs['root'] / 'teacher'}")
+    for split in from_reps:
+        a, b = from_reps[split], inline[split]
+        assert a["sample_id"].equals(b["sample_id"]) and a["input_ids"].equals(b["input_ids"])
+        np.testing.assert_allclose(np.stack(a["rep"].to_pylist()), np.stack(b["rep"].to_pylist()), atol=1e-6)
+        np.testing.assert_allclose(a["teacher_score"].to_numpy(), b["teacher_score"].to_numpy(), atol=1e-6)

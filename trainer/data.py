@@ -1,10 +1,10 @@
 """Training data: sample records + teacher representations -> tokenized streams -> per-rank micro-batches.
 
-Preparation (once per run, on the driver, cached on storage): for one split, take the persisted sample
-order (Few2Many subset for train), read those samples, join the teacher representation BY SAMPLE KEY,
-render prompts (retrieval.prompts), apply the chat template, tokenize, and write
-`{run}/data/{split}.parquet` in order, in row groups. Prompts too long even after dropping history
-are skipped and counted; a sample without a representation is an error naming it.
+Building (trainer/feed.py, in parts on Ray actors): for one split, the persisted sample order (Few2Many subset
+for train), the teacher representation joined BY SAMPLE KEY, prompts rendered (retrieval.prompts) with the
+chat template, tokenized by `encode_rows`, written as `{run}/data/{split}/part-XXXXX.parquet` and committed by
+a marker. A stream never drops a sample (history is cut first; a prompt too long even without history keeps
+its last tokens, counted), so its row count is fixed before it is built.
 
 Reading (every worker): the global batch of step s is a fixed slice of a seeded per-epoch permutation
 of the stream, the same for any number of workers; rank r takes its contiguous share and splits it
