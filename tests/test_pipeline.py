@@ -190,5 +190,12 @@ def test_kill_during_retrieval_then_rerun_reuses_committed_shards(source, tmp_pa
         assert (load_subset(str(samples), split) == load_subset(str(_samples_dir(tmp_path / "clean")), split)).all()
     run = work / "runs" / "tiny"
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2
-    assert (run / "report.md").exists() and (run / "adapter" / "gates.safetensors").exists()
+    assert (run / "adapter" / "gates.safetensors").exists() and (run / "loss_throughput.png").stat().st_size > 0
+    report = (run / "report.md").read_text()
+    for row in ("| trained LLM | test | auc |", "| zero-shot LLM | test | auc |", "| teacher (din) | test | auc |",
+                "waiting for data", "## Gate usage", "## Configuration"):
+        assert row in report, row
+    results = json.loads((run / "results.json").read_text())
+    assert math.isfinite(results["teacher"]["test_auc"]) and math.isfinite(results["llm"]["zeroshot_test_auc"])
+    assert "trained LLM" in rerun.stdout and "teacher" in rerun.stdout  # the final table
 

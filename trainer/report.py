@@ -59,13 +59,23 @@ def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None
             ax[1].set(title=f"expert load at step {last['step']}", xlabel="expert", ylabel="mean gate weight")
             images.append(("gate_usage.png", _plot(fig), "Gate usage"))
             plt.close(fig)
+        curves = sorted({k for h in history for k in h if k.startswith("valid_") and k != "valid_n"})
+        if curves:  # trainer.eval_every > 0: validation metrics over training
+            fig, ax = plt.subplots(1, len(curves), figsize=(3.4 * len(curves), 3.2), squeeze=False)
+            for a, k in zip(ax[0], curves):
+                pts = [(h["step"], h[k]) for h in history if k in h]
+                a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+                a.set(title=k, xlabel="step")
+            images.append(("eval_curves.png", _plot(fig), "Validation metrics during training"))
+            plt.close(fig)
     evals = {k: v for k, v in (metrics.get("final") or {}).items()}
     lines = [f"# Run report: {run_url.rstrip('/').rsplit('/', 1)[-1]}", ""]
     if evals or extra_metrics:
         lines += ["## Final metrics", "", "| model | split | metric | value |", "|---|---|---|---|"]
-        for key, v in sorted(evals.items()):
-            split, _, name = key.partition("_")
-            lines.append(f"| trained LLM | {split} | {name} | {v:.4f} |")
+        for key, v in sorted(evals.items(), key=lambda kv: (kv[0].startswith("zeroshot_"), kv[0])):
+            model = "zero-shot LLM" if key.startswith("zeroshot_") else "trained LLM"
+            split, _, name = key.removeprefix("zeroshot_").partition("_")
+            lines.append(f"| {model} | {split} | {name} | {v:.4f} |")
         for model, ms in (extra_metrics or {}).items():
             for key, v in sorted(ms.items()):
                 split, _, name = key.partition("_")
@@ -77,6 +87,11 @@ def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None
                   f"{h['tokens_per_s']:.0f} tokens/s, {h['samples_per_s']:.1f} samples/s, "
                   f"data wait {100 * h['data_wait_fraction']:.2f}% of step time" +
                   (f", MFU {100 * h['mfu']:.1f}%" if "mfu" in h else "") + ".", ""]
+        timing = metrics.get("timing")
+        if timing:
+            lines += [f"Worker setup (model load, ZeRO-3 init, zero-shot evaluation) {timing['setup_seconds']:.1f}s; "
+                      f"{timing['steps_run']} steps in {timing['train_seconds']:.1f}s, of which "
+                      f"{timing['data_wait_seconds']:.2f}s ({100 * timing['data_wait_fraction']:.2f}%) waiting for data.", ""]
     if stages:
         lines += ["## Stage wall time", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in stages.items()] + [""]
