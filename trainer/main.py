@@ -177,6 +177,10 @@ def train(cfg, run_url: str) -> dict:
     # The feed builds the streams part by part; with overlap the trainer starts at once and waits only for
     # parts a step needs, otherwise every part is built first.
     parts = len(feed.tasks)
+    if feed.num_workers:
+        from cluster.runtime import init_ray
+
+        init_ray()  # here, before the feed thread and Ray Train could both try to start it
     if t.overlap:
         print(f"[feed] building {parts} parts on {feed.num_workers or 'the driver'} worker(s) while training starts", flush=True)
         feed.start()

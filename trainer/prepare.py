@@ -75,7 +75,7 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
     samples = SampleSet.open(p.samples)
     if samples.task != cfg.data.task:
         raise ValueError(f"data.task is {cfg.data.task!r} but {p.samples} holds {samples.task!r} samples")
-    dataset_url = samples.manifest.get("dataset_url") or p.dataset
+    dataset_url = samples.manifest.get("dataset") or p.dataset  # the dataset the samples were built from
     ds = Dataset.open(dataset_url)
     hybrid = cfg.trainer.hybrid_item_emb
     slot_tokens = [HISTORY_TOKEN, CANDIDATE_TOKEN] if hybrid else None
