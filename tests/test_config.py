@@ -82,3 +82,10 @@ def test_cli_reports_config_error_before_work():
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "trainer.lora.num_experts: expected int >= 1, got 'x'" in proc.stderr
+
+
+def test_main_accepts_overrides_before_and_after_options():
+    from trainer.main import parse_args
+
+    a = parse_args(["--config", "tiny", "trainer.lr=0.1", "--stages", "train", "trainer.max_steps=2", "--dry-run"])
+    assert a.overrides == ["trainer.lr=0.1", "trainer.max_steps=2"] and a.stages == "train" and a.dry_run

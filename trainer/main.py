@@ -39,7 +39,7 @@ def parse_args(argv):
                    help=f"comma-separated subset of {','.join(st.STAGES)} (default: {','.join(st.DEFAULT_STAGES)})")
     p.add_argument("--dry-run", action="store_true", help="print the plan (reuse vs build) and exit")
     p.add_argument("--resume", metavar="URL", help="resume training from this checkpoint (default: the run's latest)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after --stages etc.
 
 
 def main(argv=None) -> int:
