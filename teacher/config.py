@@ -1,6 +1,6 @@
-"""Teacher (CRM) configuration. Field names follow `configs.schema.TeacherConfig` so the typed run
-config maps onto it directly (`TeacherConfig.from_dict(cfg.teacher.model_dump(), max_hist=cfg.retrieval.k_id)`);
-the extra fields are the ones the run config does not carry yet."""
+"""Teacher (CRM) configuration. Field names follow `configs.schema.TeacherConfig`; the typed run config
+maps onto it with `TeacherConfig.from_run_config(cfg)`. The extra fields are the ones the run config
+does not carry yet."""
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +31,8 @@ class TeacherConfig:
     batch_size: int = 1024
     patience: int = 2
     num_workers: int = 2  # scoring actors
+    # Data-parallel training workers (Ray Train + DistributedDataParallel); 1 trains in-process without Ray.
+    train_workers: int = 1
     # ---- not (yet) in the run config ----
     max_hist: int = 60  # K_id: most recent (or retrieved) history items fed to the model
     field_dim: int = 8  # profile fields, year, rating bucket
@@ -68,6 +70,22 @@ class TeacherConfig:
         return cls(**base)
 
     @classmethod
+    def from_run_config(cls, run_cfg: Any, **overrides: Any) -> "TeacherConfig":
+        """From the typed run config (configs.schema.Config): its `teacher` section, `run.seed`, and
+        `retrieval.k_id` as the history length. Fields the run config does not carry keep the model's
+        defaults (`defaults(model)`), except that a data-parallel worker uses one thread: Ray reserves
+        `num_threads` CPUs per training worker, so N workers fit on N cores."""
+        t = run_cfg.teacher
+        base: dict[str, Any] = dict(
+            embed_dim=t.embed_dim, mlp_hidden=list(t.mlp_hidden), attn_layers=t.attn_layers, num_heads=t.num_heads,
+            dropout=t.dropout, weight_decay=t.weight_decay, rep_dim=t.rep_dim, epochs=t.epochs, lr=t.lr,
+            batch_size=t.batch_size, patience=t.patience, num_workers=t.num_workers, train_workers=t.train_workers,
+            seed=run_cfg.run.seed, max_hist=run_cfg.retrieval.k_id)
+        if t.train_workers > 1:
+            base["num_threads"] = 1
+        return cls.defaults(t.model, **{**base, **overrides})
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides: Any) -> "TeacherConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         merged = {**d, **overrides}
@@ -95,7 +113,7 @@ class TeacherConfig:
         if self.model == "sasrec" and self.embed_dim % self.num_heads:
             raise TeacherConfigError(f"num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
         for name in ("embed_dim", "attn_layers", "num_heads", "rep_dim", "epochs", "batch_size", "max_hist",
-                     "field_dim", "genre_dim", "attn_hidden", "num_threads", "max_valid_samples"):
+                     "field_dim", "genre_dim", "attn_hidden", "num_threads", "max_valid_samples", "train_workers"):
             if int(getattr(self, name)) < 1:
                 raise TeacherConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("dropout", "id_dropout", "user_dropout"):

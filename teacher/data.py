@@ -58,12 +58,69 @@ def iter_row_groups(url: str, columns: list[str] | None = None) -> Iterator[pa.T
             yield pf.read_row_group(rg, columns=cols)
 
 
-def _take(batch: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: v[idx] for k, v in batch.items()}
-
-
 def _concat(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+
+def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of an n-row global batch that `rank` of `world` trains on: contiguous, sizes differ by
+    at most one, together they cover the batch exactly once."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def iter_train_parts(
+    shard_urls: list[str],
+    encoder: Encoder,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    stats: Counter | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
+    """(this rank's encoded rows, their offset in the global batch, global batch size) per global batch.
+
+    The global batches do not depend on `world`: shard order and the row order within each shard come
+    from `default_rng([seed, epoch])` and leftovers roll into the next shard, so every batch but the last
+    is full. Each rank then encodes only its `rank_slice` of every batch, so data-parallel training sees
+    exactly the batches a single process sees. (Every rank reads every shard file: a Parquet read is cheap
+    next to encoding and the forward/backward pass, which are split.)"""
+    rng = np.random.default_rng([seed, epoch])
+    carry: pa.Table | None = None
+    url = ""
+    for si in rng.permutation(len(shard_urls)):
+        url = shard_urls[si]
+        t = read_shard(url)
+        t = t.take(rng.permutation(t.num_rows))
+        if carry is not None:
+            t = pa.concat_tables([carry, t])
+        n = t.num_rows
+        full = n - n % batch_size
+        if full:
+            yield from _encode_parts(t.slice(0, full), [batch_size] * (full // batch_size), encoder, stats, url, rank, world)
+        carry = t.slice(full) if full < n else None
+    if carry is not None:
+        yield from _encode_parts(carry, [carry.num_rows], encoder, stats, url, rank, world)
+
+
+def _encode_parts(t: pa.Table, sizes: list[int], encoder: Encoder, stats: Counter | None, where: str,
+                  rank: int, world: int) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
+    # One encode call per shard for this rank's rows of all its batches (per-batch calls cost more).
+    spans, idx, start = [], [], 0
+    for n in sizes:
+        lo, hi = rank_slice(n, rank, world)
+        spans.append((lo, hi, n))
+        idx.append(np.arange(start + lo, start + hi))
+        start += n
+    rows = np.concatenate(idx)
+    if len(rows):
+        enc = encoder.encode(t.take(rows), stats, where=where)
+    else:  # a last batch smaller than the world leaves some ranks nothing: empty arrays of the right shapes
+        enc = {k: v[:0] for k, v in encoder.encode(t.slice(0, 1), None, where=where).items()}
+    s = 0
+    for lo, hi, n in spans:
+        yield {k: v[s : s + hi - lo] for k, v in enc.items()}, lo, n
+        s += hi - lo
 
 
 def iter_train_batches(
@@ -74,23 +131,9 @@ def iter_train_batches(
     epoch: int,
     stats: Counter | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Seeded shuffle: shard order per epoch, rows within each shard; leftovers roll into the next shard
-    so every batch but the last is full."""
-    rng = np.random.default_rng([seed, epoch])
-    carry: dict[str, np.ndarray] | None = None
-    for si in rng.permutation(len(shard_urls)):
-        url = shard_urls[si]
-        enc = encoder.encode(read_shard(url), stats, where=url)
-        enc = _take(enc, rng.permutation(len(enc["sample_id"])))
-        if carry is not None:
-            enc = _concat(carry, enc)
-        n = len(enc["sample_id"])
-        full = n - n % batch_size
-        for s in range(0, full, batch_size):
-            yield {k: v[s : s + batch_size] for k, v in enc.items()}
-        carry = {k: v[full:] for k, v in enc.items()} if full < n else None
-    if carry is not None:
-        yield carry
+    """The global training batches of one epoch (single process)."""
+    for batch, _, _ in iter_train_parts(shard_urls, encoder, batch_size, seed, epoch, stats):
+        yield batch
 
 
 def load_encoded(shard_urls: list[str], encoder: Encoder, limit: int | None = None, stats: Counter | None = None) -> dict[str, np.ndarray]:

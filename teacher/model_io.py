@@ -54,14 +54,24 @@ def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return out
 
 
-def apply_unk_dropout(b: dict[str, torch.Tensor], rates: dict[str, float], gen: torch.Generator) -> None:
+def apply_unk_dropout(b: dict[str, torch.Tensor], rates: dict[str, float], gen: torch.Generator,
+                      part: tuple[int, int] | None = None) -> None:
     """Replace a share of known ids by UNK during training (rates per input field) so the reserved
-    unknown embedding is trained and means 'an id not seen in training' at inference."""
+    unknown embedding is trained and means 'an id not seen in training' at inference.
+
+    `part=(offset, global_batch_size)`: `b` holds rows [offset, offset + len) of a global batch (data-
+    parallel training). The draws are made for the whole global batch and sliced, so every rank consumes
+    the same generator stream and each row gets the draw it would get in a single process."""
     for name, p in rates.items():
         if p <= 0 or name not in b:
             continue
         t = b[name]
-        drop = (torch.rand(t.shape, generator=gen) < p).to(t.device) & (t > UNK)
+        if part is None:
+            u = torch.rand(t.shape, generator=gen)
+        else:
+            off, total = part
+            u = torch.rand((total, *t.shape[1:]), generator=gen)[off : off + t.shape[0]]
+        drop = (u < p).to(t.device) & (t > UNK)
         b[name] = torch.where(drop, torch.full_like(t, UNK), t)
 
 

@@ -1,6 +1,7 @@
 """Score every sample the LLM will see with the frozen teacher; write its gate representation.
 
     python -m teacher.score --model URL --samples URL --out REPS_URL [--num-actors 2] [--splits train,valid,test]
+    python -m teacher.score --config NAME_OR_PATH [key=value ...]
 
 Output, one file per input sample shard (same name), rows in input order:
     {reps}/{split}/shard-XXXXX.parquet          sample_id int64, rep fixed_size_list<float32>[d],
@@ -124,7 +125,7 @@ class ScoreWorker:
                 with pq.ParquetWriter(f, self.schema, compression="snappy", use_dictionary=False) as writer:
                     for rg in iter_row_groups(in_url):
                         for s in range(0, rg.num_rows, self.batch_size):
-                            writer.write_table(self._score(rg.slice(s, self.batch_size), stats, in_url))
+                            writer.write_table(self.score_table(rg.slice(s, self.batch_size), stats, in_url))
         except BaseException:
             if self.local and fs.exists(target):
                 fs.rm(target)
@@ -139,7 +140,8 @@ class ScoreWorker:
         return {**marker, "skipped": False, "seconds": time.time() - t0}
 
     @torch.inference_mode()
-    def _score(self, table: pa.Table, stats: Counter, where: str) -> pa.Table:
+    def score_table(self, table: pa.Table, stats: Counter, where: str) -> pa.Table:
+        """Teacher output for one batch of sample records (rows in input order); also used by the trainer's feed."""
         enc = self.encoder.encode(table, stats, where=where)
         b = to_tensors(enc, self.device)
         out = self.teacher.model(b)
@@ -280,9 +282,13 @@ def pc_flatten(col: pa.ChunkedArray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m teacher.score", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="committed teacher URL (teacher.train --out)")
-    p.add_argument("--samples", required=True)
-    p.add_argument("--out", required=True, help="reps URL")
+    p.add_argument("--config", help="preset name or YAML: model, samples and reps URLs (trainer.stages.paths), actors "
+                                    "(teacher.num_workers) and the expected size (teacher.rep_dim) from it; "
+                                    "--model/--samples/--out/--num-actors/--expected-rep-dim are then ignored")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
+    p.add_argument("--model", help="committed teacher URL (teacher.train --out)")
+    p.add_argument("--samples")
+    p.add_argument("--out", help="reps URL")
     p.add_argument("--num-actors", type=int, default=2, help="Ray actors; 0 = in this process")
     p.add_argument("--splits", default=",".join(SPLITS))
     p.add_argument("--batch-size", type=int, default=4096)
@@ -290,10 +296,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--expected-rep-dim", type=int, default=None)
     a = p.parse_args(argv)
-    res = score_samples(a.model, a.samples, a.out, a.num_actors, [s for s in a.splits.split(",") if s], a.batch_size,
-                        a.cpus_per_actor, a.gpu, a.expected_rep_dim)
-    print(json.dumps({k: res[k] for k in ("rep_dim", "splits", "shards_total", "shards_skipped", "rows_scored", "seconds",
-                                          "samples_per_s")}))
+    from configs.loader import ConfigError
+    from teacher.features import FeatureError
+    from teacher.model_io import TeacherLoadError
+
+    try:
+        if a.config:
+            from configs.loader import load_config
+            from trainer.stages import paths
+
+            cfg = load_config(a.config, a.overrides)
+            storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
+            pt = paths(cfg)
+            model, samples, out = pt.teacher, pt.samples, pt.reps
+            num_actors, rep_dim = cfg.teacher.num_workers, cfg.teacher.rep_dim
+            if not storage.exists(storage.join(model, META_FILE)):
+                cmd = " ".join(["python -m teacher.train --config", a.config, *a.overrides])
+                raise RepsError(f"{model}: no committed teacher ({META_FILE} missing); run `{cmd}` first")
+        else:
+            missing = [f"--{n}" for n in ("model", "samples", "out") if not getattr(a, n)]
+            if missing:
+                raise RepsError(f"{', '.join(missing)} required (or use --config)")
+            if a.overrides:
+                raise RepsError(f"key=value overrides {a.overrides} need --config")
+            model, samples, out, num_actors, rep_dim = a.model, a.samples, a.out, a.num_actors, a.expected_rep_dim
+        res = score_samples(model, samples, out, num_actors, [s for s in a.splits.split(",") if s], a.batch_size,
+                            a.cpus_per_actor, a.gpu, rep_dim)
+    except (ConfigError, RepsError, SamplesError, FeatureError, TeacherLoadError, storage.StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": out, **{k: res[k] for k in ("rep_dim", "splits", "shards_total", "shards_skipped",
+                                                          "rows_scored", "seconds", "samples_per_s")}}))
     return 0
 
 

@@ -1,12 +1,14 @@
 """Few2Many stage 1: train the conventional recommender on the FULL training split.
 
     python -m teacher.train --samples URL --out URL --model din|sasrec [--dataset URL] [--epochs N] ...
+    python -m teacher.train --config NAME_OR_PATH [key=value ...]
 
 Streams the training shards, evaluates on validation every epoch (AUC for CTR, NDCG@10 over the
 persisted candidates for next item), early-stops on it, keeps the best epoch, and commits
 safetensors + JSON to `--out` (teacher.json written last). Deterministic for a given seed and thread
-count. Single process (CPU or one GPU); data-parallel training over Ray Train is not implemented: the
-datasets this targets (ML-100K/1M, LastFM, ML-25M at K_id=60) train in minutes on one device.
+count. One process by default (CPU or one GPU); `--num-workers N` / `teacher.train_workers=N` trains
+data-parallel on N Ray Train workers (cluster.launch, DistributedDataParallel) over the same global
+batches. With --config, the URLs come from `trainer.stages.paths`, the same ones the pipeline uses.
 """
 from __future__ import annotations
 
@@ -17,21 +19,23 @@ import logging
 import os
 import sys
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from retrieval import storage
-from retrieval.schema import Dataset
+from retrieval.schema import Dataset, DatasetError
 from teacher import metrics as M
-from teacher.config import TeacherConfig
-from teacher.data import SamplesError, iter_train_batches, list_shards, load_encoded, read_shard
+from teacher.config import TeacherConfig, TeacherConfigError
+from teacher.data import SamplesError, iter_train_parts, list_shards, load_encoded, read_shard
 from teacher.features import Encoder, FeatureSpace, training_ids
-from teacher.model_io import apply_unk_dropout, build_model, pick_device, save_teacher, to_tensors
+from teacher.model_io import META_FILE, apply_unk_dropout, build_model, pick_device, save_teacher, to_tensors
 
 log = logging.getLogger("teacher.train")
 
@@ -105,6 +109,10 @@ def _check_labels(task: str, shard_urls: list[str]) -> None:
             raise SamplesError(f"{url}: field 'label' is null for sample_id {sid}: CTR training needs labels (is this a next-item dataset?)")
 
 
+# Unknown-id counters the encoder keeps; summed over ranks in data-parallel training.
+STAT_KEYS = ("samples", "unknown_users", "unknown_items", "unknown_hist_items", "empty_history", "unknown_candidates")
+
+
 def train_teacher(
     samples_url: str,
     out_url: str,
@@ -112,72 +120,175 @@ def train_teacher(
     dataset_url: str | None = None,
     progress: bool | None = None,
     evaluate_test: bool = True,
+    num_workers: int | None = None,
 ) -> dict[str, Any]:
     """Train on `{samples_url}/train`, select on `{samples_url}/valid`, commit to `out_url`.
-    Returns {"valid": best metrics, "test": metrics (if a test split exists), "history": per epoch, ...}."""
-    t0 = time.time()
+    Returns {"valid": best metrics, "test": metrics (if a test split exists), "history": per epoch, ...}.
+
+    `num_workers` (default `cfg.train_workers`) > 1 trains data-parallel on that many Ray Train workers
+    (cluster.launch, DistributedDataParallel): the same global batches as one process, each worker
+    computing its slice; 1 trains in this process without Ray."""
     cfg.validate()
+    workers = cfg.train_workers if num_workers is None else int(num_workers)
+    if workers < 1:
+        raise TeacherConfigError(f"num_workers: must be >= 1, got {workers}")
+    show = (not _quiet()) if progress is None else progress
+    if workers == 1:
+        return _fit(samples_url, out_url, cfg, dataset_url, show, evaluate_test)
+    return _fit_on_ray(samples_url, out_url, cfg, dataset_url, show, evaluate_test, workers)
+
+
+def _fit_on_ray(samples_url: str, out_url: str, cfg: TeacherConfig, dataset_url: str | None, show: bool,
+                evaluate_test: bool, workers: int) -> dict[str, Any]:
+    from cluster.launch import run_training
+
+    # Missing input fails here, in seconds, not after Ray Train has started a worker group.
+    list_shards(samples_url, "train")
+    list_shards(samples_url, "valid")
+    # Workers rebuild the config from plain JSON-able values; the S3 endpoint is process state here.
+    params = {"samples_url": samples_url, "out_url": out_url, "cfg": {**cfg.to_dict(), "train_workers": workers},
+              "dataset_url": dataset_url,
+              "progress": show, "evaluate_test": evaluate_test, "s3_endpoint": storage._s3_options().get("endpoint_url")}
+    # The model is committed by rank 0 with its metrics in teacher.json: the driver reads them from
+    # storage (rank 0 may run on another node). Remove an old commit first so a stale one is never read.
+    storage.rm(storage.join(out_url, META_FILE))
+    # No restarts: the teacher keeps no checkpoints, and a data or config error would just repeat.
+    run_training(ddp_worker, params, num_workers=workers, use_gpu=cfg.device == "cuda",
+                 cpus_per_worker=float(cfg.num_threads), name=f"teacher-{cfg.model}-{uuid.uuid4().hex[:8]}",
+                 max_failures=0)
+    meta_url = storage.join(out_url, META_FILE)
+    if not storage.exists(meta_url):
+        raise RuntimeError(f"{out_url}: data-parallel teacher training finished without committing {META_FILE}")
+    return storage.read_json(meta_url)["metrics"]
+
+
+def ddp_worker(params: dict[str, Any], rank: int, world: int, report: Any = None) -> dict[str, Any]:
+    """One rank of data-parallel training (run by cluster.launch on a Ray Train worker, whose torch
+    process group is already initialised). Rank 0 returns the result; the others return {}."""
+    if params.get("s3_endpoint"):
+        storage.configure(endpoint_url=params["s3_endpoint"])
+    if not dist.is_initialized():
+        raise RuntimeError("teacher.train.ddp_worker: no torch.distributed process group (run it through cluster.launch)")
+    cfg = TeacherConfig.from_dict(params["cfg"])
+    res = _fit(params["samples_url"], params["out_url"], cfg, params["dataset_url"], bool(params["progress"]) and rank == 0,
+               bool(params["evaluate_test"]), rank=rank, world=world)
+    return res if rank == 0 else {}
+
+
+def _sum_over_ranks(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _fit(samples_url: str, out_url: str, cfg: TeacherConfig, dataset_url: str | None, show: bool, evaluate_test: bool,
+         rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """The training loop. world == 1: this process alone. world > 1: one rank of a torch.distributed group;
+    every rank builds the same feature space and model, trains on its slice of each global batch (DDP
+    averages the gradients), and rank 0 alone evaluates, early-stops (the decision is broadcast so no rank
+    waits in a collective the others have left), tests and commits the model."""
+    t0 = time.time()
+    lead = rank == 0
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.num_threads)
     device = pick_device(cfg.device)
-    show = (not _quiet()) if progress is None else progress
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # the GPU Ray Train gave this worker
 
     train_shards = list_shards(samples_url, "train")
     valid_shards = list_shards(samples_url, "valid")
     _check_labels(cfg.task, train_shards)
     items, users, ds_url = side_tables(samples_url, dataset_url)
     space = build_feature_space(train_shards, items, users)
-    log.info("feature space: %s", space.summary())
+    if lead:
+        log.info("feature space: %s", space.summary())
     encoder = Encoder(space, cfg.max_hist, cfg.task)
     valid_stats: Counter = Counter()
-    valid = load_encoded(valid_shards, encoder, cfg.max_valid_samples, valid_stats)
+    valid = load_encoded(valid_shards, encoder, cfg.max_valid_samples, valid_stats) if lead else None
 
     model = build_model(cfg, space).to(device)
+    net: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers are lookup tables built identically on every rank from the same feature space: no need
+        # to broadcast them every step. The wrapper broadcasts rank 0's initial weights once.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      forward_sync_buffers=False)
+        if rank:
+            # Distinct dropout masks per rank (rank 0 keeps the single-process stream).
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     key = selection_metric(cfg.task)
     best_value, best_state, best_epoch, bad = -np.inf, None, -1, 0
     history = []
-    train_stats: Counter = Counter()
+    train_stats: dict[str, int] = {}
     for epoch in range(cfg.epochs):
-        model.train()
+        net.train()
         stats: Counter = Counter()
         total, count = 0.0, 0
         bar = tqdm(desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", unit="sample", disable=not show, file=sys.stderr, mininterval=5)
-        for nb in iter_train_batches(train_shards, encoder, cfg.batch_size, cfg.seed, epoch, stats):
+        for nb, offset, size in iter_train_parts(train_shards, encoder, cfg.batch_size, cfg.seed, epoch, stats, rank, world):
             b = to_tensors(nb, device)
-            apply_unk_dropout(b, model.unk_dropout_rates(), gen)
-            out = model(b)
-            loss = model.loss(b, out)
-            if not torch.isfinite(loss):
+            apply_unk_dropout(b, model.unk_dropout_rates(), gen, part=(offset, size))
+            n = len(nb["sample_id"])
+            out = net(b)
+            if n:
+                loss = model.loss(b, out)
+            else:  # this rank has no rows of a short last batch: zero gradients, but still in the all-reduce
+                loss = sum(v.sum() for v in out.values()) * 0.0
+            if world == 1:
+                batch_loss = float(loss.detach())
+            else:
+                # The batch's mean loss over all ranks: what a single process would log and check.
+                s, c = _sum_over_ranks([float(loss.detach()) * n, n], world)
+                batch_loss = s / c
+            if not np.isfinite(batch_loss):
                 raise FloatingPointError(f"{cfg.model}: non-finite training loss at epoch {epoch + 1} (lr {cfg.lr} too high?)")
             opt.zero_grad(set_to_none=True)
+            scale = n * world / size
+            if scale != 1.0:
+                # DDP averages per-rank gradients; weighting each rank's mean by its share of the batch makes
+                # that average the gradient of the global batch mean when the shares are unequal.
+                loss = loss * scale
             loss.backward()
             opt.step()
-            n = len(nb["sample_id"])
-            total += float(loss.detach()) * n
-            count += n
-            bar.update(n)
+            total += batch_loss * size
+            count += size
+            bar.update(size)
             bar.set_postfix(loss=f"{total / count:.4f}")
         bar.close()
-        train_stats = stats
-        m = evaluate(model, valid, cfg.task, max(cfg.batch_size, 4096), device)
-        row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), **{f"valid_{k}": v for k, v in m.items()}}
-        history.append(row)
-        msg = f"[teacher] {cfg.model} epoch {epoch + 1}: loss {row['train_loss']:.4f} valid " + " ".join(
-            f"{k}={v:.4f}" for k, v in m.items() if k != "n")
-        if show:
-            print(msg, file=sys.stderr, flush=True)
-        else:
-            log.debug(msg)
-        if m[key] > best_value:
-            best_value, best_epoch, bad = m[key], epoch + 1, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
-            if bad > cfg.patience:
-                break
+        summed = _sum_over_ranks([float(stats[k]) for k in STAT_KEYS], world)
+        train_stats = {k: int(v) for k, v in zip(STAT_KEYS, summed) if k in stats or v}
+        stop = False
+        if lead:
+            m = evaluate(model, valid, cfg.task, max(cfg.batch_size, 4096), device)
+            row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), **{f"valid_{k}": v for k, v in m.items()}}
+            history.append(row)
+            msg = f"[teacher] {cfg.model} epoch {epoch + 1}: loss {row['train_loss']:.4f} valid " + " ".join(
+                f"{k}={v:.4f}" for k, v in m.items() if k != "n")
+            if show:
+                print(msg, file=sys.stderr, flush=True)
+            else:
+                log.debug(msg)
+            if m[key] > best_value:
+                best_value, best_epoch, bad = m[key], epoch + 1, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad += 1
+                stop = bad > cfg.patience
+        if world > 1:
+            flag = torch.tensor([int(stop)])
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        if stop:
+            break
+    if not lead:
+        return {}
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
@@ -187,8 +298,9 @@ def train_teacher(
         "best_epoch": best_epoch,
         "selection_metric": key,
         "history": history,
-        "train_samples": int(train_stats["samples"]),
-        "unknown": {"train": dict(train_stats), "valid": dict(valid_stats)},
+        "train_samples": int(train_stats.get("samples", 0)),
+        "train_workers": world,
+        "unknown": {"train": train_stats, "valid": dict(valid_stats)},
     }
     result["valid"] = {k.removeprefix("valid_"): v for k, v in history[best_epoch - 1].items() if k.startswith("valid_")}
     test_shards = list_shards(samples_url, "test", required=False) if evaluate_test else []
@@ -202,11 +314,14 @@ def train_teacher(
     return result
 
 
-def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, TeacherConfig]:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m teacher.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--samples", required=True, help="samples URL ({samples}/{split}/shard-*.parquet)")
-    p.add_argument("--out", required=True, help="model URL to commit to")
-    p.add_argument("--model", choices=["din", "sasrec"], required=True)
+    p.add_argument("--config", help="preset name or YAML: samples, dataset, model URL and teacher settings from it "
+                                    "(trainer.stages.paths); the explicit options below are then ignored")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
+    p.add_argument("--samples", help="samples URL ({samples}/{split}/shard-*.parquet)")
+    p.add_argument("--out", help="model URL to commit to")
+    p.add_argument("--model", choices=["din", "sasrec"])
     p.add_argument("--dataset", default=None, help="canonical dataset URL for item/user attributes")
     for name, typ in (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int), ("max-hist", int),
                       ("embed-dim", int), ("attn-layers", int), ("dropout", float), ("patience", int),
@@ -214,26 +329,64 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, TeacherConfig]:
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--mlp-hidden", default=None, help="comma-separated, e.g. 256,256,256 (DIN)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    a = p.parse_args(argv)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data-parallel Ray Train workers (each takes --num-threads CPUs); default 1: this process")
+    return p.parse_args(argv)
+
+
+def _config_from_args(a: argparse.Namespace) -> TeacherConfig:
     over: dict[str, Any] = {}
     for name in ("epochs", "batch_size", "lr", "seed", "max_hist", "embed_dim", "attn_layers", "dropout", "patience",
                  "num_threads", "weight_decay", "device"):
         v = getattr(a, name)
         if v is not None:
             over[name] = v
+    if a.num_workers is not None:
+        over["train_workers"] = a.num_workers
     if a.mlp_hidden:
         over["mlp_hidden"] = [int(x) for x in a.mlp_hidden.split(",")]
         over.setdefault("rep_dim", over["mlp_hidden"][-1])
     if a.model == "sasrec" and "embed_dim" in over:
         over.setdefault("rep_dim", over["embed_dim"])
-    return a, TeacherConfig.defaults(a.model, **over)
+    return TeacherConfig.defaults(a.model, **over)
+
+
+def _resolve(a: argparse.Namespace) -> tuple[str, str, str | None, TeacherConfig]:
+    """(samples URL, model URL, dataset URL, teacher config) from --config or the explicit options."""
+    if not a.config:
+        missing = [f"--{n}" for n in ("samples", "out", "model") if not getattr(a, n)]
+        if missing:
+            raise TeacherConfigError(f"{', '.join(missing)} required (or use --config)")
+        if a.overrides:
+            raise TeacherConfigError(f"key=value overrides {a.overrides} need --config")
+        return a.samples, a.out, a.dataset, _config_from_args(a)
+    from configs.loader import load_config
+    from trainer.stages import paths
+
+    cfg = load_config(a.config, a.overrides)
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
+    p = paths(cfg)
+    return p.samples, p.teacher, p.dataset, TeacherConfig.from_run_config(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from configs.loader import ConfigError
+    from teacher.features import FeatureError
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    a, cfg = _parse(argv)
-    res = train_teacher(a.samples, a.out, cfg, dataset_url=a.dataset)
-    print(json.dumps({"valid": res["valid"], "test": res.get("test"), "best_epoch": res["best_epoch"], "out": a.out}))
+    a = _parse(argv)
+    try:
+        samples, out, dataset, cfg = _resolve(a)
+        # A samples folder without its manifest was never completely built (retrieval.build writes it last).
+        if a.config and not storage.exists(storage.join(samples, "manifest.json")):
+            cmd = " ".join(["python -m retrieval.build --config", a.config, *a.overrides])
+            raise SamplesError(f"{samples}: no manifest.json: the samples are not built; run `{cmd}` first")
+        res = train_teacher(samples, out, cfg, dataset_url=dataset)
+    except (ConfigError, TeacherConfigError, SamplesError, FeatureError, DatasetError, storage.StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"valid": res["valid"], "test": res.get("test"), "best_epoch": res["best_epoch"],
+                      "train_workers": res["train_workers"], "out": out}))
     return 0
 
 

@@ -3,6 +3,8 @@ They must beat the popularity and random baselines on validation (one epoch), an
 the benchmark targets. All are marked slow: real data on 2 shared cores takes minutes."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -71,7 +73,14 @@ def test_sasrec_beats_popularity_and_random_on_lastfm(lastfm, tmp_path):
     assert res["valid"]["ndcg@10"] > pop_ndcg + 0.05, (res["valid"], pop_ndcg)
 
 
+# The full-length runs repeat bench/teacher.py's quality figures (several minutes each on 2 cores): they run
+# only when asked for, e.g. `RECLORA_LONG_TESTS=1 pytest tests/test_teacher_train.py`.
+long_test = pytest.mark.skipif(os.environ.get("RECLORA_LONG_TESTS") != "1",
+                               reason="full-length teacher training; set RECLORA_LONG_TESTS=1 (bench/teacher.py measures it)")
+
+
 @pytest.mark.slow
+@long_test
 def test_din_full_ml100k_reaches_target(ml100k, tmp_path):
     cfg = TeacherConfig.defaults("din", epochs=6, num_threads=2)
     res = train_teacher(ml100k, str(tmp_path / "din"), cfg, progress=False)
@@ -80,6 +89,7 @@ def test_din_full_ml100k_reaches_target(ml100k, tmp_path):
 
 
 @pytest.mark.slow
+@long_test
 def test_sasrec_full_lastfm(lastfm, tmp_path):
     cfg = TeacherConfig.defaults("sasrec", num_threads=2, epochs=6)
     res = train_teacher(lastfm, str(tmp_path / "sasrec"), cfg, progress=False)

@@ -193,7 +193,7 @@ class FeedWorker:
     def _teacher(self, split: str, table, where: str) -> tuple[np.ndarray, np.ndarray]:
         ids = table["sample_id"].to_numpy()
         if self.scorer is not None:
-            out = self.scorer._score(table, Counter(), where)
+            out = self.scorer.score_table(table, Counter(), where)
             if not np.array_equal(out["sample_id"].to_numpy(), ids):
                 raise TrainDataError(f"{where}: teacher output is not in sample order")
             d = out.schema.field("rep").type.list_size

@@ -47,7 +47,7 @@ def stage_inputs(cfg) -> dict[str, dict]:
     samples = {"ingest": _digest(ingest), "embed": embed and _digest(embed), "options": opts.content_dict()}
     t = cfg.teacher.model_dump(mode="json")
     teacher = {"samples": _digest(samples), "seed": cfg.run.seed, "k_id": cfg.retrieval.k_id,
-               **{k: v for k, v in t.items() if k not in ("num_workers", "model_url", "reps_url")}}
+               **{k: v for k, v in t.items() if k not in ("num_workers", "train_workers", "model_url", "reps_url")}}
     reps = {"teacher": _digest(teacher), "samples": _digest(samples)}
     tr = cfg.trainer.model_dump(mode="json")
     train = {"samples": _digest(samples), "teacher": _digest(teacher), "model": cfg.model.model_dump(mode="json"),
@@ -170,13 +170,8 @@ def run_teacher(cfg, p: Paths) -> dict:
     from teacher.config import TeacherConfig
     from teacher.train import train_teacher
 
-    t = cfg.teacher
-    tc = TeacherConfig.defaults(t.model, embed_dim=t.embed_dim, mlp_hidden=list(t.mlp_hidden), attn_layers=t.attn_layers,
-                                num_heads=t.num_heads, dropout=t.dropout, weight_decay=t.weight_decay, rep_dim=t.rep_dim,
-                                epochs=t.epochs, lr=t.lr,
-                                batch_size=t.batch_size, patience=t.patience, seed=cfg.run.seed,
-                                max_hist=cfg.retrieval.k_id)
-    return train_teacher(p.samples, p.teacher, tc, dataset_url=p.dataset)
+    # The same settings `python -m teacher.train --config` uses (teacher.train_workers > 1: data-parallel).
+    return train_teacher(p.samples, p.teacher, TeacherConfig.from_run_config(cfg), dataset_url=p.dataset)
 
 
 def run_score(cfg, p: Paths) -> dict:
