@@ -45,13 +45,16 @@ def main_py(args: list[str], log: Path) -> float:
 
 
 def wait_fractions(run: Path) -> dict:
+    """Waiting for data / trainer time. Waits: every step's and every evaluation's wait for feed parts
+    (zero-shot evaluation runs while the feed may still build the test split); sequentially the trainer
+    also sits idle for the whole feed, which starts once it could have started."""
     f = json.loads((run / "feed.json").read_text())
-    busy = f["setup_seconds"] + f["train_seconds"]
+    waits = f["data_wait_seconds"] + f["eval_wait_seconds"]
     if f["overlap"]:
-        frac = f["data_wait_seconds"] / busy
+        frac = waits / f["worker_seconds"]
     else:
-        frac = (f["feed_seconds"] + f["data_wait_seconds"]) / (f["feed_seconds"] + busy)
-    return {"fraction": frac, **f}
+        frac = (f["feed_seconds"] + waits) / (f["feed_seconds"] + f["worker_seconds"])
+    return {"fraction": frac, "waits": waits, **f}
 
 
 def main() -> None:
@@ -86,10 +89,11 @@ def main() -> None:
                 "trained_auc": r["llm"].get("test_auc"), "teacher_auc": r["teacher"].get("test_auc")}
 
     print(f"\ntiny preset, end to end: {tiny_s:.1f}s  (" + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()) + ")")
-    print(f"\n{'train stage':<22} {'wall s':>8} {'feed s':>8} {'setup s':>8} {'steps s':>8} {'wait s':>8} {'wait frac':>10}")
+    print(f"\n{'train stage':<12} {'wall s':>8} {'feed s':>8} {'worker s':>9} {'setup s':>8} {'steps s':>8} {'waits s':>8} "
+          f"{'wait frac':>10}")
     for overlap, m in modes.items():
-        print(f"{'overlap' if overlap else 'sequential':<22} {m['wall']:>8.1f} {m['feed_seconds']:>8.1f} {m['setup_seconds']:>8.1f} "
-              f"{m['train_seconds']:>8.1f} {m['data_wait_seconds']:>8.2f} {m['fraction']:>10.4f}")
+        print(f"{'overlap' if overlap else 'sequential':<12} {m['wall']:>8.1f} {m['feed_seconds']:>8.1f} {m['worker_seconds']:>9.1f} "
+              f"{m['setup_seconds']:>8.1f} {m['train_seconds']:>8.1f} {m['waits']:>8.2f} {m['fraction']:>10.4f}")
     if demo:
         print(f"\ndemo preset, end to end: {demo['minutes']:.1f} min (" + ", ".join(f"{k} {v:.0f}s" for k, v in demo["stages"].items()) + ")")
         print(f"{'model':<16} {'test AUC':>9}")

@@ -286,6 +286,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
 
     # ---- setup
     t_setup = time.perf_counter()
+    _EVAL_WAIT[0] = 0.0
     _setup_distributed(use_gpu)
     import deepspeed
 
@@ -422,8 +423,12 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     _export_adapter(pm, run_url, rank)
     if rank == 0:
         # Data wait: time the step loop spent on batches, including waiting for feed parts still being built.
+        worker_seconds = time.perf_counter() - t_setup
         timing = {"setup_seconds": t_train - t_setup, "train_seconds": train_seconds, "data_wait_seconds": wait_total,
                   "data_wait_fraction": wait_total / train_seconds if train_seconds > 0 else 0.0,
+                  "eval_wait_seconds": _EVAL_WAIT[0], "worker_seconds": worker_seconds,
+                  # every wait for data (steps and evaluations) over the worker's whole life
+                  "total_wait_fraction": (wait_total + _EVAL_WAIT[0]) / worker_seconds,
                   "steps_run": total_steps - start}
         storage.write_json_atomic(storage.join(run_url, "metrics.json"), {"final": metrics, "steps": total_steps,
                                                                           "checkpoint": final, "timing": timing})
@@ -496,9 +501,21 @@ def _export_adapter(pm, run_url: str, rank: int) -> None:
 
 def evaluate(engine, pm, params, split: str, rank: int, world: int, device) -> dict[str, float]:
     """Score the whole split; every rank runs the same number of forwards (ZeRO-3 forwards are collective)."""
+    reader = StreamReader(params["streams"][split], timeout_s=params.get("feed_timeout_s", 3600.0))
+    try:
+        return _evaluate(engine, pm, params, split, rank, world, device, reader)
+    finally:
+        _EVAL_WAIT[0] += reader.waited  # time the evaluation spent waiting for feed parts
+
+
+# Seconds evaluations of this worker spent waiting for feed parts (zero-shot evaluation may run while the
+# feed is still building the test split).
+_EVAL_WAIT = [0.0]
+
+
+def _evaluate(engine, pm, params, split: str, rank: int, world: int, device, reader) -> dict[str, float]:
     from teacher.metrics import ctr_metrics, ranking_metrics
 
-    reader = StreamReader(params["streams"][split], timeout_s=params.get("feed_timeout_s", 3600.0))
     n = reader.rows
     per_rank = -(-n // world)
     idx = np.arange(rank, per_rank * world, world)  # padded: indices >= n repeat row 0 and are dropped
