@@ -10,7 +10,7 @@ import json
 import os
 import posixpath
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import pyarrow.fs as pafs
@@ -138,30 +138,31 @@ def read_json(url: str) -> Any:
             return json.loads(f.read().decode("utf-8"))
 
 
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write to a temporary name beside the target, then rename; readers never see a partial file."""
+def _write_atomic(url: str, write: Callable[[fsspec.AbstractFileSystem, str], None]) -> None:
+    """`write(fs, tmp_path)` to a temporary name beside the target, then rename: readers never see a partial
+    file."""
     fs, path = get_fs(url)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     with storage_errors(url):
         parent = posixpath.dirname(path)
         if parent:
             fs.makedirs(parent, exist_ok=True)
+        write(fs, tmp)
+        fs.mv(tmp, path)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    def write(fs, tmp):
         with fs.open(tmp, "wb") as f:
             f.write(data)
-        fs.mv(tmp, path)
+
+    _write_atomic(url, write)
 
 
 def upload_file_atomic(local_path: str, url: str) -> None:
-    """Copy a local file to url under a temporary name, then rename (streamed from disk, never held in
-    memory whole: object stores get a multipart upload)."""
-    fs, path = get_fs(url)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    with storage_errors(url):
-        parent = posixpath.dirname(path)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        fs.put_file(local_path, tmp)
-        fs.mv(tmp, path)
+    """Copy a local file to url atomically, streamed from disk (object stores get a multipart upload), so
+    the bytes are never held in memory whole."""
+    _write_atomic(url, lambda fs, tmp: fs.put_file(local_path, tmp))
 
 
 def write_json_atomic(url: str, obj: Any) -> None:
