@@ -6,6 +6,7 @@ Datasets: MovieLens-100K (../shared, skipped when absent) and a synthetic generi
 (heavy-tailed users and items, Zipf-like) of 10M interactions (--quick: 2M). Each measurement runs in
 its own process so peak RSS is that run's alone. Last line: one JSON object with the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from recdata.ingest import IngestOptions, ingest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -35,17 +38,18 @@ def make_synthetic(path: Path, rows: int, seed: int = 0) -> None:
     items = (rng.pareto(1.0, rows) * n_items / 50).astype(np.int64) % n_items
     ts = rng.integers(1_500_000_000, 1_700_000_000, rows, dtype=np.int64)
     rating = rng.integers(1, 6, rows).astype(np.float32)
-    pq.write_table(pa.table({"user_id": users, "item_id": items, "timestamp": ts, "rating": rating}), path,
-                   row_group_size=1 << 20)
-    pq.write_table(pa.table({"item_id": np.arange(n_items, dtype=np.int64), "title": [f"Item {i}" for i in range(n_items)]}),
-                   path.with_name("items.parquet"))
+    pq.write_table(
+        pa.table({"user_id": users, "item_id": items, "timestamp": ts, "rating": rating}), path, row_group_size=1 << 20
+    )
+    pq.write_table(
+        pa.table({"item_id": np.arange(n_items, dtype=np.int64), "title": [f"Item {i}" for i in range(n_items)]}),
+        path.with_name("items.parquet"),
+    )
 
 
 def child(kind: str, fmt: str, src: str, items: str | None, out: str) -> None:
     t0 = time.perf_counter()
     if kind == "ours":
-        from retrieval.ingest import IngestOptions, ingest
-
         m = ingest(fmt, src, out, IngestOptions(task="ctr", num_shards=16, progress=False, overwrite=True), items=items)
         rows = m["rows_read"]
     else:
@@ -69,7 +73,7 @@ def pandas_baseline(fmt: str, src: str, out: str) -> int:
     n = len(df)
     split = np.full(n, "test", dtype=object)
     split[: int(n * 0.8)] = "train"
-    split[int(n * 0.8): int(n * 0.9)] = "valid"
+    split[int(n * 0.8) : int(n * 0.9)] = "valid"
     df["split"] = split
     df["label"] = (df["rating"] >= 4).astype("int8")
     df = df.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
@@ -121,11 +125,15 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n{'dataset':<16} {'impl':<8} {'rows':>12} {'seconds':>8} {'rows/s':>12} {'rows/s/core':>12} {'peak RSS MB':>12}")
+    print(
+        f"\n{'dataset':<16} {'impl':<8} {'rows':>12} {'seconds':>8} {'rows/s':>12} {'rows/s/core':>12} {'peak RSS MB':>12}"
+    )
     for name, ours, base in results:
         for impl, r in (("reclora", ours), ("pandas", base)):
             rps = r["rows"] / r["seconds"]
-            print(f"{name:<16} {impl:<8} {r['rows']:>12,} {r['seconds']:>8.2f} {rps:>12,.0f} {rps / cores:>12,.0f} {r['peak_rss_mb']:>12,.0f}")
+            print(
+                f"{name:<16} {impl:<8} {r['rows']:>12,} {r['seconds']:>8.2f} {rps:>12,.0f} {rps / cores:>12,.0f} {r['peak_rss_mb']:>12,.0f}"
+            )
         print(f"{'':<16} speedup vs pandas: {base['seconds'] / ours['seconds']:.2f}x")
     name, ours, base = results[-1]
     figures = {

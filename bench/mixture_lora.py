@@ -56,10 +56,16 @@ VOCAB = 1024  # a small head keeps the measurement on the decoder stack
 
 
 def base_model(shape: dict, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                         num_key_value_heads=shape["heads"], vocab_size=VOCAB,
-                         max_position_embeddings=max(shape["seq"], 128), attention_dropout=0.0)
+    config = LlamaConfig(
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        vocab_size=VOCAB,
+        max_position_embeddings=max(shape["seq"], 128),
+        attention_dropout=0.0,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
@@ -98,8 +104,8 @@ class LoopILoraLinear(nn.Module):
         r = self.lora_A.out_features // self.experts
         x = x.to(self.lora_A.weight.dtype)
         for k in range(self.experts):
-            a_k = self.lora_A.weight[k * r:(k + 1) * r]
-            b_k = self.lora_B.weight[:, k * r:(k + 1) * r]
+            a_k = self.lora_A.weight[k * r : (k + 1) * r]
+            b_k = self.lora_B.weight[:, k * r : (k + 1) * r]
             y = y + (self.scaling * gate[:, k, None, None] * F.linear(F.linear(x, a_k), b_k)).to(y.dtype)
         return y
 
@@ -107,8 +113,9 @@ class LoopILoraLinear(nn.Module):
 class RecLoraHookAdapter(nn.Module):
     """RecLoRA-style: Linear(N, d_in*r) / Linear(N, r*d_out) turn the gate into A_u, B_u; a hook adds the bmm."""
 
-    def __init__(self, d_in: int, d_out: int, experts: int, rank: int, alpha: float, cond_dim: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, experts: int, rank: int, alpha: float, cond_dim: int, device: torch.device
+    ) -> None:
         super().__init__()
         self.d_in, self.d_out, self.rank = d_in, d_out, rank
         self.lora_A_adapter = nn.Linear(experts, d_in * rank, bias=False, device=device)
@@ -145,20 +152,33 @@ def build_variant(name: str, shape: dict, device: str, dtype: torch.dtype, data:
     if name.startswith("plain"):
         targets = QV if name == "plain_qv" else ALL7
         peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
-        return Variant(name, ",".join(t[0] for t in targets), peft,
-                       lambda: peft(input_ids=ids, attention_mask=mask, labels=ids).loss)
+        return Variant(
+            name,
+            ",".join(t[0] for t in targets),
+            peft,
+            lambda: peft(input_ids=ids, attention_mask=mask, labels=ids).loss,
+        )
     if name.startswith("ours"):
         if name == "ours_ilora":
-            cfg = MixtureLoraConfig(mode="ilora", target_modules=ALL7, r=8, alpha=32, num_experts=4,
-                                    cond_dim=ILORA_COND)
+            cfg = MixtureLoraConfig(
+                mode="ilora", target_modules=ALL7, r=8, alpha=32, num_experts=4, cond_dim=ILORA_COND
+            )
             cond = data["cond_ilora"]
         else:
-            cfg = MixtureLoraConfig(mode="reclora", target_modules=QV, r=8, alpha=16, num_experts=16,
-                                    cond_dim=RECLORA_COND, gate_dropout=0.0)
+            cfg = MixtureLoraConfig(
+                mode="reclora",
+                target_modules=QV,
+                r=8,
+                alpha=16,
+                num_experts=16,
+                cond_dim=RECLORA_COND,
+                gate_dropout=0.0,
+            )
             cond = data["cond_reclora"]
         ours = build_personalized_model(model, cfg).train().to(device)
-        return Variant(name, ",".join(t[0] for t in cfg.target_modules), ours,
-                       lambda: ours(ids, mask, cond, labels=ids).loss)
+        return Variant(
+            name, ",".join(t[0] for t in cfg.target_modules), ours, lambda: ours(ids, mask, cond, labels=ids).loss
+        )
     if name == "ref_ilora":
         holder: dict = {}
         _replace(model, ALL7, lambda _, lin: LoopILoraLinear(lin, 8, 4, 32, holder))
@@ -175,8 +195,9 @@ def build_variant(name: str, shape: dict, device: str, dtype: torch.dtype, data:
         hooked = []
         for mod_name, module in list(model.named_modules()):
             if mod_name.rsplit(".", 1)[-1] in QV and isinstance(module, nn.Linear):
-                adapter = RecLoraHookAdapter(module.in_features, module.out_features, 16, 8, 16, RECLORA_COND,
-                                             module.weight.device)
+                adapter = RecLoraHookAdapter(
+                    module.in_features, module.out_features, 16, 8, 16, RECLORA_COND, module.weight.device
+                )
                 adapters[mod_name.replace(".", "__")] = adapter
                 module.register_forward_hook(adapter.hook)
                 hooked.append(module)
@@ -195,8 +216,14 @@ def build_variant(name: str, shape: dict, device: str, dtype: torch.dtype, data:
 # Ordered so each variant runs next to its baseline: ratios are taken within a round (paired), which cancels
 # the slow drift of a shared machine's load.
 VARIANTS = ["plain_all7", "ours_ilora", "ref_ilora", "plain_qv", "ours_reclora", "ref_reclora"]
-BASELINE = {"ours_ilora": "plain_all7", "ref_ilora": "plain_all7", "ours_reclora": "plain_qv",
-            "ref_reclora": "plain_qv", "plain_qv": "plain_qv", "plain_all7": "plain_all7"}
+BASELINE = {
+    "ours_ilora": "plain_all7",
+    "ref_ilora": "plain_all7",
+    "ours_reclora": "plain_qv",
+    "ref_reclora": "plain_qv",
+    "plain_qv": "plain_qv",
+    "plain_all7": "plain_all7",
+}
 
 
 # ---- measurement ----------------------------------------------------------------------------------------------------
@@ -284,13 +311,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="timed repeats per variant (default 7, quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed warmup steps per variant (default 2, quick 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: cores)")
-    parser.add_argument("--max-interference", type=float, default=0.05,
-                        help="CPU: retry a timed step while other processes used more than this share of the "
-                             "machine's CPU time during it (default 0.05)")
+    parser.add_argument(
+        "--max-interference",
+        type=float,
+        default=0.05,
+        help="CPU: retry a timed step while other processes used more than this share of the "
+        "machine's CPU time during it (default 0.05)",
+    )
     parser.add_argument("--retries", type=int, help="CPU: retries per timed step (default 3, quick 1)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="series behind the JSON time ratios: wall clock (default) or process CPU time, "
-                             "which other jobs on a shared machine disturb much less (best with --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="series behind the JSON time ratios: wall clock (default) or process CPU time, "
+        "which other jobs on a shared machine disturb much less (best with --threads 1)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -303,9 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (shape["batch"], shape["seq"]), generator=generator).to(args.device)
-    data = {"ids": ids, "mask": torch.ones_like(ids),
-            "cond_ilora": torch.randn(shape["batch"], ILORA_COND, generator=generator).to(args.device),
-            "cond_reclora": torch.randn(shape["batch"], RECLORA_COND, generator=generator).to(args.device)}
+    data = {
+        "ids": ids,
+        "mask": torch.ones_like(ids),
+        "cond_ilora": torch.randn(shape["batch"], ILORA_COND, generator=generator).to(args.device),
+        "cond_reclora": torch.randn(shape["batch"], RECLORA_COND, generator=generator).to(args.device),
+    }
 
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     cpu_times: dict[str, list[float]] = {name: [] for name in VARIANTS}
@@ -349,30 +387,42 @@ def main(argv: list[str] | None = None) -> int:
         """Median over repeats of the per-round time ratio (rounds are paired on CPU; sequential on GPU)."""
         return statistics.median(t / b for t, b in zip(series[name], series[base]))
 
-    mib = 1024 ** 2
-    print(f"shape={shape_name} {shape} device={args.device} dtype={str(dtype).removeprefix('torch.')} "
-          f"threads={torch.get_num_threads()} warmup={warmup} repeats={repeats} torch={torch.__version__} "
-          f"loadavg(1 min) before/after={load_before:.1f}/{os.getloadavg()[0]:.1f} json clock={args.clock}")
-    header = (f"{'variant':<13} {'targets':<14} {'trainable':>11} {'step ms':>9} {'min ms':>8} {'vs plain':>8} "
-              f"{'cpu vs plain':>12} {'act MiB':>9} {'peak MiB':>9} {'mem vs plain':>12}")
+    mib = 1024**2
+    print(
+        f"shape={shape_name} {shape} device={args.device} dtype={str(dtype).removeprefix('torch.')} "
+        f"threads={torch.get_num_threads()} warmup={warmup} repeats={repeats} torch={torch.__version__} "
+        f"loadavg(1 min) before/after={load_before:.1f}/{os.getloadavg()[0]:.1f} json clock={args.clock}"
+    )
+    header = (
+        f"{'variant':<13} {'targets':<14} {'trainable':>11} {'step ms':>9} {'min ms':>8} {'vs plain':>8} "
+        f"{'cpu vs plain':>12} {'act MiB':>9} {'peak MiB':>9} {'mem vs plain':>12}"
+    )
     print(header)
     print("-" * len(header))
     for name in VARIANTS:
         base = BASELINE[name]
         mem = memory[name]
-        print(f"{name:<13} {targets[name]:<14} {trainable[name]:>11,} {median[name] * 1e3:>9.1f} "
-              f"{min(times[name]) * 1e3:>8.1f} {ratio(name, base):>8.3f} {ratio(name, base, cpu_times):>12.3f} "
-              f"{mem['act'] / mib:>9.1f} "
-              f"{mem['peak'] / mib:>9.1f} {mem['peak'] / memory[base]['peak']:>12.3f}")
+        print(
+            f"{name:<13} {targets[name]:<14} {trainable[name]:>11,} {median[name] * 1e3:>9.1f} "
+            f"{min(times[name]) * 1e3:>8.1f} {ratio(name, base):>8.3f} {ratio(name, base, cpu_times):>12.3f} "
+            f"{mem['act'] / mib:>9.1f} "
+            f"{mem['peak'] / mib:>9.1f} {mem['peak'] / memory[base]['peak']:>12.3f}"
+        )
     if args.device == "cpu":
         noisy = {n: statistics.median(v) for n, v in interference.items() if v}
-        print("median share of CPU used by other processes during kept steps: "
-              + ", ".join(f"{n} {v:.1%}" for n, v in noisy.items()))
-    print("vs plain: median per-round wall-time ratio to plain LoRA r=8 on the same target modules; cpu vs plain: "
-          "the same with process CPU time (less sensitive to other load on a shared machine); "
-          "peak on CPU = params + trainable grads + saved activations")
-    print(f"cross pairs: ours_ilora vs plain_qv {ratio('ours_ilora', 'plain_qv'):.3f}, "
-          f"ours_reclora vs plain_all7 {ratio('ours_reclora', 'plain_all7'):.3f}")
+        print(
+            "median share of CPU used by other processes during kept steps: "
+            + ", ".join(f"{n} {v:.1%}" for n, v in noisy.items())
+        )
+    print(
+        "vs plain: median per-round wall-time ratio to plain LoRA r=8 on the same target modules; cpu vs plain: "
+        "the same with process CPU time (less sensitive to other load on a shared machine); "
+        "peak on CPU = params + trainable grads + saved activations"
+    )
+    print(
+        f"cross pairs: ours_ilora vs plain_qv {ratio('ours_ilora', 'plain_qv'):.3f}, "
+        f"ours_reclora vs plain_all7 {ratio('ours_reclora', 'plain_all7'):.3f}"
+    )
     headline = times if args.clock == "wall" else cpu_times
     summary = {
         "ilora_vs_plain_time": round(ratio("ours_ilora", "plain_all7", headline), 4),

@@ -18,6 +18,7 @@ overlapping training.
 Last line: one JSON object with demo_minutes, tiny_seconds, data_wait_fraction (with overlap),
 data_wait_fraction_sequential, zero_shot_auc, trained_auc, teacher_auc.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from recdata.synthetic import preference_dataset  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -37,8 +40,13 @@ def main_py(args: list[str], log: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RECLORA_QUIET": "1"}
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, str(REPO / "trainer" / "main.py"), *args], cwd=REPO, env=env, stdout=f,
-                            stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(
+            [sys.executable, str(REPO / "trainer" / "main.py"), *args],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        ).returncode
     if rc != 0:
         sys.exit(f"trainer/main.py {' '.join(args)} failed (exit {rc}); log: {log}")
     return time.perf_counter() - t0
@@ -62,7 +70,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny preset only (no demo run)")
     ap.add_argument("--steps", type=int, default=16, help="training steps of the tiny overlap comparison")
     a = ap.parse_args()
-    from retrieval.synthetic import preference_dataset
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     src = preference_dataset(work)
@@ -74,10 +81,22 @@ def main() -> None:
     modes = {}
     for overlap in (True, False):
         name = f"tiny-{'overlap' if overlap else 'sequential'}"
-        wall = main_py(["--config", "tiny", f"run.output_dir={out}", f"run.name={name}", *data, "--stages", "train",
-                        f"trainer.overlap={str(overlap).lower()}", f"trainer.max_steps={a.steps}",
-                        "trainer.feed_part_rows=16", "trainer.checkpoint_every=0"],
-                       work / f"{name}.log")
+        wall = main_py(
+            [
+                "--config",
+                "tiny",
+                f"run.output_dir={out}",
+                f"run.name={name}",
+                *data,
+                "--stages",
+                "train",
+                f"trainer.overlap={str(overlap).lower()}",
+                f"trainer.max_steps={a.steps}",
+                "trainer.feed_part_rows=16",
+                "trainer.checkpoint_every=0",
+            ],
+            work / f"{name}.log",
+        )
         modes[overlap] = {**wait_fractions(out / name), "wall": wall}
 
     demo = None
@@ -85,27 +104,48 @@ def main() -> None:
         demo_out = work / "demo-runs"
         demo_s = main_py(["--config", "demo", f"run.output_dir={demo_out}"], work / "demo.log")
         r = json.loads((demo_out / "demo" / "results.json").read_text())
-        demo = {"minutes": demo_s / 60, "stages": r["stage_seconds"], "zero_shot_auc": r["llm"].get("zeroshot_test_auc"),
-                "trained_auc": r["llm"].get("test_auc"), "teacher_auc": r["teacher"].get("test_auc")}
+        demo = {
+            "minutes": demo_s / 60,
+            "stages": r["stage_seconds"],
+            "zero_shot_auc": r["llm"].get("zeroshot_test_auc"),
+            "trained_auc": r["llm"].get("test_auc"),
+            "teacher_auc": r["teacher"].get("test_auc"),
+        }
 
     print(f"\ntiny preset, end to end: {tiny_s:.1f}s  (" + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()) + ")")
-    print(f"\n{'train stage':<12} {'wall s':>8} {'feed s':>8} {'worker s':>9} {'setup s':>8} {'steps s':>8} {'waits s':>8} "
-          f"{'wait frac':>10}")
+    print(
+        f"\n{'train stage':<12} {'wall s':>8} {'feed s':>8} {'worker s':>9} {'setup s':>8} {'steps s':>8} {'waits s':>8} "
+        f"{'wait frac':>10}"
+    )
     for overlap, m in modes.items():
-        print(f"{'overlap' if overlap else 'sequential':<12} {m['wall']:>8.1f} {m['feed_seconds']:>8.1f} {m['worker_seconds']:>9.1f} "
-              f"{m['setup_seconds']:>8.1f} {m['train_seconds']:>8.1f} {m['waits']:>8.2f} {m['fraction']:>10.4f}")
+        print(
+            f"{'overlap' if overlap else 'sequential':<12} {m['wall']:>8.1f} {m['feed_seconds']:>8.1f} {m['worker_seconds']:>9.1f} "
+            f"{m['setup_seconds']:>8.1f} {m['train_seconds']:>8.1f} {m['waits']:>8.2f} {m['fraction']:>10.4f}"
+        )
     if demo:
-        print(f"\ndemo preset, end to end: {demo['minutes']:.1f} min (" + ", ".join(f"{k} {v:.0f}s" for k, v in demo["stages"].items()) + ")")
+        print(
+            f"\ndemo preset, end to end: {demo['minutes']:.1f} min ("
+            + ", ".join(f"{k} {v:.0f}s" for k, v in demo["stages"].items())
+            + ")"
+        )
         print(f"{'model':<16} {'test AUC':>9}")
-        for k, label in (("zero_shot_auc", "zero-shot LLM"), ("trained_auc", "trained LLM"), ("teacher_auc", "teacher")):
+        for k, label in (
+            ("zero_shot_auc", "zero-shot LLM"),
+            ("trained_auc", "trained LLM"),
+            ("teacher_auc", "teacher"),
+        ):
             print(f"{label:<16} {demo[k]:>9.4f}")
-    result = {"demo_minutes": demo and round(demo["minutes"], 2), "tiny_seconds": round(tiny_s, 1),
-              "data_wait_fraction": round(modes[True]["fraction"], 5),
-              "data_wait_fraction_sequential": round(modes[False]["fraction"], 5),
-              "train_stage_seconds_overlap": round(modes[True]["wall"], 1),
-              "train_stage_seconds_sequential": round(modes[False]["wall"], 1),
-              "zero_shot_auc": demo and demo["zero_shot_auc"], "trained_auc": demo and demo["trained_auc"],
-              "teacher_auc": demo and demo["teacher_auc"]}
+    result = {
+        "demo_minutes": demo and round(demo["minutes"], 2),
+        "tiny_seconds": round(tiny_s, 1),
+        "data_wait_fraction": round(modes[True]["fraction"], 5),
+        "data_wait_fraction_sequential": round(modes[False]["fraction"], 5),
+        "train_stage_seconds_overlap": round(modes[True]["wall"], 1),
+        "train_stage_seconds_sequential": round(modes[False]["wall"], 1),
+        "zero_shot_auc": demo and demo["zero_shot_auc"],
+        "trained_auc": demo and demo["trained_auc"],
+        "teacher_auc": demo and demo["teacher_auc"],
+    }
     print(json.dumps(result))
 
 

@@ -3,7 +3,7 @@
     python bench/retrieval.py [--quick] [--workers 2] [--keep DIR]
 
 Runs, each in this one invocation:
-  * MovieLens-100K (ingested with retrieval.ingest from ../shared/data/movielens-100k, when present);
+  * MovieLens-100K (ingested with recdata.ingest from ../shared/data/movielens-100k, when present);
   * a synthetic dataset of 2.5M and 25M interactions (--quick: 250k and 2.5M), heavy-tailed users
     (lognormal lengths, mean ~155 like ML-25M) and Zipf-like item popularity, ~20% timestamp ties;
 for recent and SUBR text modes (K_text=10, K_id=60 recent, SUBR pool 200, 512-dim item vectors).
@@ -23,6 +23,7 @@ The last line printed is one JSON object: subr_samples_per_s_per_core, recent_sa
 (largest synthetic set), speedup_vs_naive (SUBR), peak_rss_mb_25m (max worker peak RSS at 25M; null
 with --quick), scaling_ratio_10x (worker CPU time of the larger / the smaller synthetic set, SUBR).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,9 +51,24 @@ import pyarrow as pa  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from retrieval import storage  # noqa: E402
-from retrieval.build import BuildOptions, build_samples  # noqa: E402
-from retrieval.schema import INTERACTIONS, SCHEMA_VERSION, SPLITS, Dataset, user_bucket, write_parquet  # noqa: E402
+from recdata import storage  # noqa: E402
+from recdata.ingest import IngestOptions, ingest  # noqa: E402
+from recdata.samples import BuildOptions  # noqa: E402
+from recdata.schema import (  # noqa: E402
+    INTERACTIONS,
+    SCHEMA_VERSION,
+    SPLITS,
+    Dataset,
+    user_bucket,
+    write_parquet,
+)
+from recdata.schema import read_parquet as read_pq  # noqa: E402
+from retrieval.build import (  # noqa: E402
+    INTERACTION_COLUMNS,
+    SampleShardWorker,
+    _user_blocks,
+    build_samples,  # noqa: E402
+)
 
 K_TEXT, K_ID, POOL, DIM = 10, 60, 200, 512
 N_ITEMS_SYNTH = 60_000
@@ -87,7 +103,10 @@ def synth_interactions(n: int, seed: int = 0) -> pa.Table:
     split = np.where(ts < q80, codes["train"], np.where(ts < q90, codes["valid"], codes["test"])).astype(np.int8)
     return pa.table(
         {
-            "user_id": users, "item_id": items, "timestamp": ts, "rating": rating,
+            "user_id": users,
+            "item_id": items,
+            "timestamp": ts,
+            "rating": rating,
             "split": pa.DictionaryArray.from_arrays(pa.array(split), pa.array(list(SPLITS))),
             "label": (rating > 3.0).astype(np.int8),
         },
@@ -106,8 +125,10 @@ def write_synth_dataset(url: str, n: int, seed: int = 0) -> str:
         shards.append({"path": f"interactions/shard-{s:05d}.parquet", "rows": part.num_rows})
     ids = np.arange(1, N_ITEMS_SYNTH + 1, dtype=np.int64)
     write_parquet(pa.table({"item_id": ids, "title": [f"Item {i}" for i in ids]}), storage.join(url, "items.parquet"))
-    storage.write_json_atomic(storage.join(url, "manifest.json"),
-                              {"schema_version": SCHEMA_VERSION, "task": "ctr", "shards": shards, "items": {"path": "items.parquet"}})
+    storage.write_json_atomic(
+        storage.join(url, "manifest.json"),
+        {"schema_version": SCHEMA_VERSION, "task": "ctr", "shards": shards, "items": {"path": "items.parquet"}},
+    )
     return url
 
 
@@ -123,14 +144,23 @@ def run_build(ds: str, out: str, mode: str, emb: str, workers: int) -> dict:
     t0 = time.perf_counter()
     m = build_samples(ds, out, opts, num_workers=workers, embeddings_url=emb if mode == "subr" else None)
     wall = time.perf_counter() - t0
-    markers = [storage.read_json(storage.join(out, "_commits", f"shard-{s['shard']:05d}.json")) for s in m["splits"]["train"]["files"]]
+    markers = [
+        storage.read_json(storage.join(out, "_commits", f"shard-{s['shard']:05d}.json"))
+        for s in m["splits"]["train"]["files"]
+    ]
     # CPU seconds of the workers (each pinned to one thread): robust to other jobs sharing the cores.
     busy = sum(mk["cpu_seconds"] for mk in markers)
     samples = m["counts"]["samples"]
     out_bytes = sum(f.stat().st_size for f in Path(out).rglob("*.parquet"))
     shutil.rmtree(out)
-    return {"samples": samples, "busy_s": busy, "wall_s": wall, "per_core": samples / busy,
-            "peak_rss_mb": max(mk["peak_rss_mb"] for mk in markers), "bytes_per_sample": out_bytes / max(samples, 1)}
+    return {
+        "samples": samples,
+        "busy_s": busy,
+        "wall_s": wall,
+        "per_core": samples / busy,
+        "peak_rss_mb": max(mk["peak_rss_mb"] for mk in markers),
+        "bytes_per_sample": out_bytes / max(samples, 1),
+    }
 
 
 def naive(ds_url: str, emb_url: str, n_samples: int, seed: int = 0) -> dict:
@@ -159,10 +189,18 @@ def naive(ds_url: str, emb_url: str, n_samples: int, seed: int = 0) -> dict:
                 sc = mat[row_of[cand.item_id].to_numpy()] @ mat[row_of[row.item_id]]
                 top = np.lexsort((-np.arange(len(sc)), -sc))[:K_TEXT]  # ties to the more recent, as in history.py
                 text = cand.iloc[np.sort(top)]
-            records.append({"user_id": row.user_id, "item_id": row.item_id, "hist_len": len(h),
-                            "text_hist_items": text.item_id.tolist(), "text_hist_ratings": text.rating.tolist(),
-                            "id_hist_items": ids.item_id.tolist(), "id_hist_ratings": ids.rating.tolist(),
-                            "id_hist_timestamps": ids.timestamp.tolist()})
+            records.append(
+                {
+                    "user_id": row.user_id,
+                    "item_id": row.item_id,
+                    "hist_len": len(h),
+                    "text_hist_items": text.item_id.tolist(),
+                    "text_hist_ratings": text.rating.tolist(),
+                    "id_hist_items": ids.item_id.tolist(),
+                    "id_hist_ratings": ids.rating.tolist(),
+                    "id_hist_timestamps": ids.timestamp.tolist(),
+                }
+            )
         out[mode] = (time.process_time() - t0) / n_samples
     return out
 
@@ -172,17 +210,26 @@ def vectorized_no_write(ds_url: str, emb_url: str, scratch: Path) -> dict:
     the same work the naive loop does, so the two per-sample times compare like for like."""
     from threadpoolctl import threadpool_limits
 
-    from retrieval.build import INTERACTION_COLUMNS, SampleShardWorker, _user_blocks
-    from retrieval.schema import read_parquet as read_pq
-
     ds = Dataset.open(ds_url)
     table = read_pq(ds.shards[0], columns=INTERACTION_COLUMNS)
     out = {}
     for mode in ("recent", "subr"):
         opts = BuildOptions(k_text=K_TEXT, k_id=K_ID, text_mode=mode, id_mode="recent", subr_pool=POOL)
         w = SampleShardWorker(ds_url, str(scratch / "unused"), opts.content_dict(), emb_url if mode == "subr" else None)
-        counts: dict = dict.fromkeys(("interactions", "targets", "empty_history", "dropped_empty_history", "dropped_min_history",
-                                      "dropped_too_few_negatives", "target_in_history", "tied_rows", "items_without_text"), 0)
+        counts: dict = dict.fromkeys(
+            (
+                "interactions",
+                "targets",
+                "empty_history",
+                "dropped_empty_history",
+                "dropped_min_history",
+                "dropped_too_few_negatives",
+                "target_in_history",
+                "tied_rows",
+                "items_without_text",
+            ),
+            0,
+        )
         n = 0
         t0 = time.process_time()
         with threadpool_limits(limits=1):
@@ -205,14 +252,15 @@ def main() -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     sizes = (250_000, 2_500_000) if a.quick else (2_500_000, 25_000_000)
     rows, results = [], {}
-    print(f"# retrieval benchmark ({'quick' if a.quick else 'full'}): K_text={K_TEXT} K_id={K_ID} pool={POOL} dim={DIM} "
-          f"workers={a.workers}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores", flush=True)
+    print(
+        f"# retrieval benchmark ({'quick' if a.quick else 'full'}): K_text={K_TEXT} K_id={K_ID} pool={POOL} dim={DIM} "
+        f"workers={a.workers}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        flush=True,
+    )
     try:
         datasets = []
         ml = REPO.parent / "shared" / "data" / "movielens-100k"
         if ml.exists():
-            from retrieval.ingest import IngestOptions, ingest
-
             url = str(scratch / "ml100k")
             ingest("movielens", str(ml), url, IngestOptions(task="ctr", num_shards=8, progress=False))
             datasets.append(("ml-100k", url, 1))
@@ -222,7 +270,7 @@ def main() -> int:
             datasets.append((f"synth-{n / 1e6:g}M", n, a.workers))
         for name, url, workers in datasets:
             if isinstance(url, int):  # generated just before use: ML-100K runs in this process, before
-                n = url                 # generation inflates its peak RSS
+                n = url  # generation inflates its peak RSS
                 t0 = time.perf_counter()
                 url = write_synth_dataset(str(scratch / f"synth-{n}"), n)
                 print(f"generated synthetic {n:,} interactions in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -233,8 +281,11 @@ def main() -> int:
                 r = run_build(url, str(scratch / f"{name}-{mode}"), mode, emb, workers)
                 results[(name, mode)] = r
                 rows.append((name, mode, workers, r))
-                print(f"{name:>14} {mode:>6}: {r['samples']:>11,} samples  {r['per_core']:>9,.0f}/s/core  wall {r['wall_s']:7.1f}s  "
-                      f"cpu {r['busy_s']:7.1f}s  peak RSS/worker {r['peak_rss_mb']:6.0f} MB  {r['bytes_per_sample']:.0f} B/sample", flush=True)
+                print(
+                    f"{name:>14} {mode:>6}: {r['samples']:>11,} samples  {r['per_core']:>9,.0f}/s/core  wall {r['wall_s']:7.1f}s  "
+                    f"cpu {r['busy_s']:7.1f}s  peak RSS/worker {r['peak_rss_mb']:6.0f} MB  {r['bytes_per_sample']:.0f} B/sample",
+                    flush=True,
+                )
         naive_name, naive_ds, _ = datasets[-1]  # the largest synthetic set, as compared in the summary
         nv = naive(naive_ds, str(scratch / f"{naive_name}-emb.parquet"), a.naive_samples)
         vz = vectorized_no_write(naive_ds, str(scratch / f"{naive_name}-emb.parquet"), scratch)
@@ -253,20 +304,32 @@ def main() -> int:
     scaling = results[(big, "subr")]["busy_s"] / results[(small, "subr")]["busy_s"]
     scaling_recent = results[(big, "recent")]["busy_s"] / results[(small, "recent")]["busy_s"]
     print()
-    print("| dataset | mode | workers | samples | samples/s/core | wall s | worker CPU s | peak RSS/worker MB | bytes/sample |")
+    print(
+        "| dataset | mode | workers | samples | samples/s/core | wall s | worker CPU s | peak RSS/worker MB | bytes/sample |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, mode, w, r in rows:
-        print(f"| {name} | {mode} | {w} | {r['samples']:,} | {r['per_core']:,.0f} | {r['wall_s']:.1f} | {r['busy_s']:.1f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['bytes_per_sample']:.0f} |")
+        print(
+            f"| {name} | {mode} | {w} | {r['samples']:,} | {r['per_core']:,.0f} | {r['wall_s']:.1f} | {r['busy_s']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['bytes_per_sample']:.0f} |"
+        )
     print()
-    print(f"naive per-row pandas on {a.naive_samples} samples of {naive_name} shard 0 (retrieval only, no writing): "
-          f"recent {1 / nv['recent']:,.0f} samples/s, subr {1 / nv['subr']:,.0f} samples/s")
-    print(f"vectorized retrieval + records on the same shard, no writing: recent {1 / vz['recent']:,.0f} samples/s, "
-          f"subr {1 / vz['subr']:,.0f} samples/s")
+    print(
+        f"naive per-row pandas on {a.naive_samples} samples of {naive_name} shard 0 (retrieval only, no writing): "
+        f"recent {1 / nv['recent']:,.0f} samples/s, subr {1 / nv['subr']:,.0f} samples/s"
+    )
+    print(
+        f"vectorized retrieval + records on the same shard, no writing: recent {1 / vz['recent']:,.0f} samples/s, "
+        f"subr {1 / vz['subr']:,.0f} samples/s"
+    )
     print(f"speedup vs naive (same work, CPU time): subr {speed_subr:,.0f}x, recent {speed_rec:,.0f}x")
-    print(f"speedup vs naive end to end (builder incl. Parquet writing vs naive without): subr {e2e_subr:,.0f}x, recent {e2e_rec:,.0f}x")
+    print(
+        f"speedup vs naive end to end (builder incl. Parquet writing vs naive without): subr {e2e_subr:,.0f}x, recent {e2e_rec:,.0f}x"
+    )
     print(f"scaling {small} -> {big} (10x data): worker CPU time x{scaling:.2f} (subr), x{scaling_recent:.2f} (recent)")
-    print(f"driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (includes data generation)")
+    print(
+        f"driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (includes data generation)"
+    )
     summary = {
         "subr_samples_per_s_per_core": round(subr_big["per_core"]),
         "recent_samples_per_s_per_core": round(rec_big["per_core"]),

@@ -10,6 +10,7 @@ worker, and the wall-clock throughput of 1 vs 2 Ray actors (on the training spli
 what two plain processes get from the machine at that moment.
 The last line printed is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RECLORA_QUIET", "1")
 
-from teacher import metrics as M  # noqa: E402
+from cluster.runtime import init_ray, shutdown_ray  # noqa: E402
+from recdata import metrics as M  # noqa: E402
 from teacher import refdata  # noqa: E402
 from teacher.baselines import popularity_candidates, popularity_ctr, random_scores  # noqa: E402
 from teacher.config import TeacherConfig  # noqa: E402
@@ -53,8 +55,15 @@ def bench_din(work: Path, quick: bool) -> dict:
     tr, te = _split(samples, "train"), _split(samples, "test")
     y = te["label"].to_numpy()
     pop = popularity_ctr(tr["item_id"].to_numpy(), tr["label"].to_numpy(), te["item_id"].to_numpy())
-    return {"samples": samples, "model": str(work / "din"), "train": res,
-            "din": res["test"], "pop": M.ctr_metrics(y, pop), "n_test": len(y), "pos_rate": float(y.mean())}
+    return {
+        "samples": samples,
+        "model": str(work / "din"),
+        "train": res,
+        "din": res["test"],
+        "pop": M.ctr_metrics(y, pop),
+        "n_test": len(y),
+        "pos_rate": float(y.mean()),
+    }
 
 
 def bench_sasrec(work: Path, quick: bool) -> dict:
@@ -108,10 +117,13 @@ def cpu_scaling(secs: float = 5.0) -> float:
     """Matmul throughput of 2 single-thread processes over 1, started together: what this machine gives
     two actors right now (2.0 on two idle cores, less when other jobs hold a core). The 2-actor ratio
     below can only be read against it."""
+
     def run(k: int) -> float:
         start = time.time() + 4.0  # past the torch import of every process
-        procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(start), str(secs)], stdout=subprocess.PIPE, text=True)
-                 for _ in range(k)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _SPIN, str(start), str(secs)], stdout=subprocess.PIPE, text=True)
+            for _ in range(k)
+        ]
         return sum(float(p.communicate()[0]) for p in procs)
 
     return run(2) / run(1)
@@ -138,7 +150,6 @@ def bench_speed(work: Path, samples: str, model: str, quick: bool) -> dict:
     for c in range(copies):
         for i, u in enumerate(list_shards(samples, "train")):
             shutil.copyfile(u, big / "train" / f"shard-{c * 1000 + i:05d}.parquet")
-    from cluster.runtime import init_ray, shutdown_ray
 
     calibration = cpu_scaling(2.0 if quick else 5.0)
     init_ray(num_cpus=2)
@@ -147,11 +158,20 @@ def bench_speed(work: Path, samples: str, model: str, quick: bool) -> dict:
         for n in (1, 2):
             t0 = time.time()
             res = score_samples(model, str(big), str(work / f"speed_ray{n}"), num_actors=n, splits=("train",))
-            wall[n] = {"seconds": time.time() - t0, "rows": res["rows_scored"], "per_worker": res["samples_per_s_per_worker"]}
+            wall[n] = {
+                "seconds": time.time() - t0,
+                "rows": res["rows_scored"],
+                "per_worker": res["samples_per_s_per_worker"],
+            }
     finally:
         shutdown_ray()
-    return {"per_core": per_core, "per_core_wall": per_core_wall, "ray": wall, "cpu_ratio_2_to_1": calibration,
-            "ratio_2_to_1": (wall[2]["rows"] / wall[2]["seconds"]) / (wall[1]["rows"] / wall[1]["seconds"])}
+    return {
+        "per_core": per_core,
+        "per_core_wall": per_core_wall,
+        "ray": wall,
+        "cpu_ratio_2_to_1": calibration,
+        "ratio_2_to_1": (wall[2]["rows"] / wall[2]["seconds"]) / (wall[1]["rows"] / wall[1]["seconds"]),
+    }
 
 
 def fmt_ci(t) -> str:
@@ -165,7 +185,10 @@ def main() -> int:
     a = p.parse_args()
     for need in ("movielens-100k", "llara-lastfm"):
         if not (SHARED / need).exists():
-            print(f"bench/teacher.py: {SHARED / need} not found; the benchmark needs the shared data folder", file=sys.stderr)
+            print(
+                f"bench/teacher.py: {SHARED / need} not found; the benchmark needs the shared data folder",
+                file=sys.stderr,
+            )
             return 2
     import torch
 
@@ -195,8 +218,10 @@ def main() -> int:
         "",
         "| epoch | train loss | valid AUC | valid LogLoss |",
         "|---|---|---|---|",
-        *(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['valid_auc']:.4f} | {h['valid_logloss']:.4f} |"
-          for h in din["train"]["history"]),
+        *(
+            f"| {h['epoch']} | {h['train_loss']:.4f} | {h['valid_auc']:.4f} | {h['valid_logloss']:.4f} |"
+            for h in din["train"]["history"]
+        ),
         "",
         f"## SASRec on LLaRA LastFM (test: {sas['n_test']} rows, 20 persisted candidates; 95% bootstrap CI; "
         f"best epoch {sas['train']['best_epoch']} of {len(sas['train']['history'])})",

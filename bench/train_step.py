@@ -4,7 +4,7 @@
     python bench/train_step.py --device cuda --shape 7b        # GPU: 7B Llama shape, ZeRO-3 vs ZeRO-2, MFU
 
 CPU (default). Everything goes through the real training path: a small synthetic CTR input set is built once
-with the project's own stages (the same recipe as tests/test_trainer.py: synthetic source -> retrieval.ingest ->
+with the project's own stages (the same recipe as tests/test_trainer.py: synthetic source -> recdata.ingest ->
 retrieval.build.build_samples -> teacher.train.train_teacher (DIN) -> teacher.score.score_samples), then for
 every configuration trainer.prepare.prepare() tokenizes the train stream and
 cluster.launch.run_training(trainer.loop.train_worker, ...) trains it with one Ray Train worker, DeepSpeed
@@ -26,7 +26,7 @@ GPU (--device cuda --shape 7b). A LlamaConfig of the 7B shape (hidden 4096, 32 l
 disk), but through the trainer's own pieces: trainer.loop.ds_config (ZeRO-3 or ZeRO-2, bf16), the base model
 built under zero.Init (HfDeepSpeedConfig) for ZeRO-3, trainer.lora.build_personalized_model, activation
 checkpointing via PersonalizedLM.activation_checkpointing_enable, torch AdamW in deepspeed.initialize, and the
-trainer's step (trainer.objective.answer_loss on trainer.data.collate batches, engine.backward, engine.step).
+trainer's step (trainer.objective.answer_loss on recdata.streams.collate batches, engine.backward, engine.step).
 Each (ZeRO stage, adapter) runs in its own process so GPU memory and torch.distributed start clean.
 MFU is measured against the bf16 matmul peak of the same GPU (timed torch.matmul of two 8192x8192 bf16
 matrices). Model FLOPs per token for LoRA training (frozen base, S = sequence length, d = hidden, L = layers):
@@ -44,6 +44,7 @@ count, trainer.loop.flops_per_token = 4 (N_lin + V d), the formula behind the `m
 The last line printed is one JSON object (tokens_per_s, data_wait_fraction, mixture_vs_plain_time,
 checkpoint_bytes_per_trainable_param, ...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,6 +62,40 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from cluster.launch import run_training  # noqa: E402
+from cluster.runtime import (
+    init_ray,  # noqa: E402
+    shutdown_ray,  # noqa: E402
+)
+from configs.loader import load_config  # noqa: E402
+from recdata import storage  # noqa: E402
+from recdata.ingest import IngestOptions, ingest  # noqa: E402
+from recdata.model_source import ModelSourceError, resolve_model  # noqa: E402
+from recdata.samples import BuildOptions  # noqa: E402
+from recdata.streams import collate  # noqa: E402
+from recdata.synthetic import preference_dataset  # noqa: E402
+from retrieval.build import build_samples  # noqa: E402
+from teacher.config import TeacherConfig  # noqa: E402
+from teacher.score import score_samples  # noqa: E402
+from teacher.train import train_teacher  # noqa: E402
+from trainer.checkpoint import step_dir  # noqa: E402
+from trainer.loop import (  # noqa: E402
+    _setup_distributed,
+    ds_config,
+    train_worker,  # noqa: E402
+)
+from trainer.loop import flops_per_token as loop_flops_per_token  # noqa: E402
+from trainer.lora import (
+    MixtureLoraConfig,
+    build_personalized_model,
+    count_parameters,
+)
+from trainer.objective import answer_loss  # noqa: E402
+from trainer.prepare import (
+    prepare,  # noqa: E402
+    worker_model_dir,  # noqa: E402
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
@@ -87,10 +122,21 @@ REP_DIM, TEACHER_HIDDEN = 32, [64, 32]  # DIN representation size (the gates' co
 
 # GPU shapes for the engine benchmark; `tiny` is a CPU smoke test of the same code.
 SHAPES = {
-    "7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000, seq=512, micro=16,
-               accum=1, steps=8),
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1024, seq=64, micro=2, accum=2,
-                 steps=5),
+    "7b": dict(
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=32,
+        intermediate=11008,
+        vocab=32000,
+        seq=512,
+        micro=16,
+        accum=1,
+        steps=8,
+    ),
+    "tiny": dict(
+        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1024, seq=64, micro=2, accum=2, steps=5
+    ),
 }
 GPU_COND_DIM = 256  # RecLoRA's DIN feature size in the 7B preset
 ANSWER_LEN = 2  # "Yes"/"No" + end of turn: the LM head runs on ANSWER_LEN + 1 positions
@@ -134,44 +180,67 @@ def tail(path: Path, n: int = 40) -> str:
 
 # ------------------------------------------------------------------------------------------------- CPU: inputs
 def _synthetic_source(root: Path) -> Path:
-    from retrieval.synthetic import preference_dataset
 
     return preference_dataset(root)
 
 
 def build_inputs(root: Path) -> dict[str, str]:
     """Dataset -> samples -> DIN teacher -> representations, with the project's own stages."""
-    from retrieval.build import BuildOptions, build_samples
-    from retrieval.ingest import IngestOptions, ingest
-    from teacher.config import TeacherConfig
-    from teacher.score import score_samples
-    from teacher.train import train_teacher
 
     src = _synthetic_source(root)
     ds, sm, tm, rp = (str(root / x) for x in ("dataset", "samples", "teacher", "reps"))
-    ingest("generic", str(src / "inter.csv"), ds, IngestOptions(num_shards=2, progress=False), items=str(src / "items.csv"))
-    build_samples(ds, sm, BuildOptions(k_text=10, k_id=20, text_mode="recent", min_history=1, max_eval_samples=16),
-                  num_workers=1)
-    train_teacher(sm, tm, TeacherConfig(model="din", embed_dim=8, mlp_hidden=TEACHER_HIDDEN, rep_dim=REP_DIM, epochs=1,
-                                        max_hist=10), dataset_url=ds, progress=False)
+    ingest(
+        "generic", str(src / "inter.csv"), ds, IngestOptions(num_shards=2, progress=False), items=str(src / "items.csv")
+    )
+    build_samples(
+        ds, sm, BuildOptions(k_text=10, k_id=20, text_mode="recent", min_history=1, max_eval_samples=16), num_workers=1
+    )
+    train_teacher(
+        sm,
+        tm,
+        TeacherConfig(model="din", embed_dim=8, mlp_hidden=TEACHER_HIDDEN, rep_dim=REP_DIM, epochs=1, max_hist=10),
+        dataset_url=ds,
+        progress=False,
+    )
     score_samples(tm, sm, rp, num_actors=0, expected_rep_dim=REP_DIM)
     return {"dataset": ds, "samples": sm, "reps": rp}
 
 
 def run_config(model: str, adapter: str, steps: int, inputs: dict[str, str], work: Path, cpus: int, suffix: str = ""):
-    from configs.loader import load_config
 
     m, a = MODELS[model], ADAPTERS[adapter]
-    return load_config(m["preset"], [
-        f"run.output_dir={work / 'runs'}", f"run.name={model}-{adapter}{suffix}", f"data.dataset_url={inputs['dataset']}",
-        f"retrieval.samples_url={inputs['samples']}", f"teacher.reps_url={inputs['reps']}", "teacher.model=din",
-        f"teacher.mlp_hidden=[{','.join(map(str, TEACHER_HIDDEN))}]", f"teacher.rep_dim={REP_DIM}", "data.task=ctr",
-        f"trainer.lora.mode={a['mode']}", f"trainer.lora.target_modules=[{','.join(a['target_modules'])}]",
-        f"trainer.lora.r={a['r']}", f"trainer.lora.num_experts={a['num_experts']}", f"trainer.lora.alpha={ALPHA}",
-        "trainer.lora.dropout=0.0", "trainer.num_workers=1", f"trainer.cpus_per_worker={cpus}", "trainer.zero_stage=3",
-        f"trainer.batch_size={m['batch']}", f"trainer.micro_batch_size={m['micro']}", f"trainer.max_steps={steps}",
-        "trainer.checkpoint_every=0", f"trainer.train_subset={TRAIN_SUBSET}", "trainer.max_failures=0",
-        "trainer.log_every=1", "trainer.activation_checkpointing=false", f"model.max_length={MAX_LENGTH}"])
+    return load_config(
+        m["preset"],
+        [
+            f"run.output_dir={work / 'runs'}",
+            f"run.name={model}-{adapter}{suffix}",
+            f"data.dataset_url={inputs['dataset']}",
+            f"retrieval.samples_url={inputs['samples']}",
+            f"teacher.reps_url={inputs['reps']}",
+            "teacher.model=din",
+            f"teacher.mlp_hidden=[{','.join(map(str, TEACHER_HIDDEN))}]",
+            f"teacher.rep_dim={REP_DIM}",
+            "data.task=ctr",
+            f"trainer.lora.mode={a['mode']}",
+            f"trainer.lora.target_modules=[{','.join(a['target_modules'])}]",
+            f"trainer.lora.r={a['r']}",
+            f"trainer.lora.num_experts={a['num_experts']}",
+            f"trainer.lora.alpha={ALPHA}",
+            "trainer.lora.dropout=0.0",
+            "trainer.num_workers=1",
+            f"trainer.cpus_per_worker={cpus}",
+            "trainer.zero_stage=3",
+            f"trainer.batch_size={m['batch']}",
+            f"trainer.micro_batch_size={m['micro']}",
+            f"trainer.max_steps={steps}",
+            "trainer.checkpoint_every=0",
+            f"trainer.train_subset={TRAIN_SUBSET}",
+            "trainer.max_failures=0",
+            "trainer.log_every=1",
+            "trainer.activation_checkpointing=false",
+            f"model.max_length={MAX_LENGTH}",
+        ],
+    )
 
 
 def trainable_count(cfg, model_dir: str) -> dict[str, int]:
@@ -179,26 +248,36 @@ def trainable_count(cfg, model_dir: str) -> dict[str, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainer.lora import MixtureLoraConfig, build_personalized_model, count_parameters
-    from trainer.prepare import worker_model_dir
-
     c = AutoConfig.from_pretrained(worker_model_dir(model_dir))
     lo = cfg.trainer.lora
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
             base = AutoModelForCausalLM.from_config(c)
-        pm = build_personalized_model(base, MixtureLoraConfig(
-            mode=lo.mode, target_modules=list(lo.target_modules), r=lo.r, alpha=lo.alpha, num_experts=lo.num_experts,
-            temperature=lo.temperature, gate_hidden=lo.gate_hidden, cond_dim=cfg.teacher.rep_dim))
+        pm = build_personalized_model(
+            base,
+            MixtureLoraConfig(
+                mode=lo.mode,
+                target_modules=list(lo.target_modules),
+                r=lo.r,
+                alpha=lo.alpha,
+                num_experts=lo.num_experts,
+                temperature=lo.temperature,
+                gate_hidden=lo.gate_hidden,
+                cond_dim=cfg.teacher.rep_dim,
+            ),
+        )
     n = count_parameters(pm)
-    return {"trainable": n["bank"] + n["gates"], "bank": n["bank"], "gates": n["gates"], "total_model": n["total_model"]}
+    return {
+        "trainable": n["bank"] + n["gates"],
+        "bank": n["bank"],
+        "gates": n["gates"],
+        "total_model": n["total_model"],
+    }
 
 
 def checkpoint_size(run_url: str, step: int) -> dict[str, Any]:
     from safetensors import safe_open
-
-    from trainer.checkpoint import step_dir
 
     folder = Path(step_dir(run_url, step))
     files = {f.name: f.stat().st_size for f in folder.iterdir() if f.is_file()}
@@ -219,16 +298,19 @@ def checkpoint_size(run_url: str, step: int) -> dict[str, Any]:
                         params += numel
     adapter = Path(run_url) / "adapter"
     export = sum(f.stat().st_size for f in adapter.iterdir() if f.is_file()) if adapter.is_dir() else 0
-    return {"folder_bytes": sum(files.values()), "tensor_files_bytes": sum(v for k, v in files.items() if k.endswith(".safetensors")),
-            "saved_params": params, "saved_kinds": kinds, "files": sorted(files), "adapter_export_bytes": export}
+    return {
+        "folder_bytes": sum(files.values()),
+        "tensor_files_bytes": sum(v for k, v in files.items() if k.endswith(".safetensors")),
+        "saved_params": params,
+        "saved_kinds": kinds,
+        "files": sorted(files),
+        "adapter_export_bytes": export,
+    }
 
 
-def cpu_run(model: str, adapter: str, steps: int, inputs: dict[str, str], work: Path, cpus: int,
-            suffix: str = "") -> dict[str, Any]:
-    from cluster.launch import run_training
-    from retrieval import storage
-    from trainer.loop import train_worker
-    from trainer.prepare import prepare
+def cpu_run(
+    model: str, adapter: str, steps: int, inputs: dict[str, str], work: Path, cpus: int, suffix: str = ""
+) -> dict[str, Any]:
 
     cfg = run_config(model, adapter, steps, inputs, work, cpus, suffix)
     run_url = storage.join(cfg.run.output_dir, cfg.run.name)
@@ -237,34 +319,50 @@ def cpu_run(model: str, adapter: str, steps: int, inputs: dict[str, str], work: 
     t0 = time.perf_counter()
     with redirected(log):
         params = prepare(cfg, run_url, splits=("train",))  # no valid/test stream: the worker skips evaluation
-        run_training(train_worker, params, num_workers=1, use_gpu=False, cpus_per_worker=cpus,
-                     name=f"bench-{cfg.run.name}-{time.time_ns()}", max_failures=0)
+        run_training(
+            train_worker,
+            params,
+            num_workers=1,
+            use_gpu=False,
+            cpus_per_worker=cpus,
+            name=f"bench-{cfg.run.name}-{time.time_ns()}",
+            max_failures=0,
+        )
     wall = time.perf_counter() - t0
     hist = storage.read_json(storage.join(run_url, "logs", "train.jsonl.json"))
     timed = [h for h in hist if h["step"] > WARMUP_STEPS] or hist
     counts = trainable_count(cfg, params["model_dir"])
     ck = checkpoint_size(run_url, steps)
     if ck["saved_params"] != counts["trainable"]:
-        print(f"warning: {cfg.run.name}: checkpoint holds {ck['saved_params']} parameter values, the model has "
-              f"{counts['trainable']} trainable parameters", file=sys.stderr)
+        print(
+            f"warning: {cfg.run.name}: checkpoint holds {ck['saved_params']} parameter values, the model has "
+            f"{counts['trainable']} trainable parameters",
+            file=sys.stderr,
+        )
     return {
-        "model": model, "adapter": adapter, "steps": len(hist), "timed": timed,
+        "model": model,
+        "adapter": adapter,
+        "steps": len(hist),
+        "timed": timed,
         "tokens_per_step": median([h["tokens_per_s"] * h["step_seconds"] for h in timed]),
         "tokens_per_s": median([h["tokens_per_s"] for h in timed]),
         "step_seconds": median([h["step_seconds"] for h in timed]),
         "data_wait_fraction": median([h["data_wait_fraction"] for h in timed]),
-        "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"],
-        **counts, "checkpoint": ck,
+        "loss_first": hist[0]["loss"],
+        "loss_last": hist[-1]["loss"],
+        **counts,
+        "checkpoint": ck,
         "checkpoint_bytes_per_trainable_param": ck["folder_bytes"] / counts["trainable"],
         "tensor_bytes_per_trainable_param": ck["tensor_files_bytes"] / counts["trainable"],
-        "wall_s": wall, "loadavg_before": load_before, "loadavg_after": loadavg(), "log": str(log),
+        "wall_s": wall,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "log": str(log),
     }
 
 
 def cpu_main(args) -> int:
     import torch
-
-    from trainer.model_source import ModelSourceError, resolve_model
 
     cpus = args.cpus or os.cpu_count() or 1
     load_start = loadavg()
@@ -286,11 +384,12 @@ def cpu_main(args) -> int:
     if args.models:
         models = [m for m in args.models.split(",") if m in models]
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores ({cpus} torch threads in the worker), "
-          f"torch {torch.__version__}, load average at start {load_start} (shared with other processes)")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores ({cpus} torch threads in the worker), "
+        f"torch {torch.__version__}, load average at start {load_start} (shared with other processes)"
+    )
     print(f"work dir: {work}")
     t0 = time.perf_counter()
-    from cluster.runtime import init_ray
 
     with redirected(work / "inputs.log"):
         inputs = build_inputs(work / "inputs")
@@ -315,8 +414,11 @@ def cpu_main(args) -> int:
                     print(f"[{name}] FAILED: {errors[name]}\n{tail(work / f'{name}.log')}", flush=True)
                     continue
                 rounds.setdefault((model, adapter), []).append(r)
-                print(f"[{name}] {r['steps']} steps in {r['wall_s']:.0f}s wall; median step {r['step_seconds']:.3f}s, "
-                      f"{r['tokens_per_s']:.0f} tokens/s, load {r['loadavg_after']}", flush=True)
+                print(
+                    f"[{name}] {r['steps']} steps in {r['wall_s']:.0f}s wall; median step {r['step_seconds']:.3f}s, "
+                    f"{r['tokens_per_s']:.0f} tokens/s, load {r['loadavg_after']}",
+                    flush=True,
+                )
     results = [pool(rs) for rs in rounds.values()]
 
     print_cpu_table(results)
@@ -338,25 +440,37 @@ def cpu_main(args) -> int:
         "data_wait_fraction": round(head["data_wait_fraction"], 5) if head else None,
         "mixture_vs_plain_time": ratio("reclora4"),
         "mixture_vs_plain_time_per_round": round_ratios("reclora4"),
-        "checkpoint_bytes_per_trainable_param": round(head["checkpoint_bytes_per_trainable_param"], 3) if head else None,
+        "checkpoint_bytes_per_trainable_param": round(head["checkpoint_bytes_per_trainable_param"], 3)
+        if head
+        else None,
         "headline": f"{head_model}-reclora4 (q,v, 4 experts x r8), ZeRO-3, 1 CPU worker",
         "mixture_vs_plain_time_reclora16": ratio("reclora16"),
         "mixture_vs_plain_time_ilora": ratio("ilora"),
         "plain_tokens_per_s": round(plain["tokens_per_s"], 2) if plain else None,
         "tensor_bytes_per_trainable_param": round(head["tensor_bytes_per_trainable_param"], 3) if head else None,
-        "runs": {f"{r['model']}-{r['adapter']}": {
-            "tokens_per_s": round(r["tokens_per_s"], 2), "step_s": round(r["step_seconds"], 4),
-            "data_wait_fraction": round(r["data_wait_fraction"], 5), "timed_steps": r["timed_steps"],
-            "step_s_per_round": [round(x, 4) for x in r["round_step_seconds"]], "trainable": r["trainable"],
-            "ckpt_bytes": r["checkpoint"]["folder_bytes"],
-            "ckpt_bytes_per_param": round(r["checkpoint_bytes_per_trainable_param"], 3)} for r in results},
-        "quick": bool(args.quick), "repeats": repeats, "cpu_cores": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": loadavg(),
+        "runs": {
+            f"{r['model']}-{r['adapter']}": {
+                "tokens_per_s": round(r["tokens_per_s"], 2),
+                "step_s": round(r["step_seconds"], 4),
+                "data_wait_fraction": round(r["data_wait_fraction"], 5),
+                "timed_steps": r["timed_steps"],
+                "step_s_per_round": [round(x, 4) for x in r["round_step_seconds"]],
+                "trainable": r["trainable"],
+                "ckpt_bytes": r["checkpoint"]["folder_bytes"],
+                "ckpt_bytes_per_param": round(r["checkpoint_bytes_per_trainable_param"], 3),
+            }
+            for r in results
+        },
+        "quick": bool(args.quick),
+        "repeats": repeats,
+        "cpu_cores": os.cpu_count(),
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
     }
     if errors:
         out["errors"] = errors
     if not args.keep and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    from cluster.runtime import shutdown_ray
 
     with redirected(Path(os.devnull)):
         shutdown_ray()
@@ -367,11 +481,16 @@ def cpu_main(args) -> int:
 def pool(rs: list[dict[str, Any]]) -> dict[str, Any]:
     """One configuration over its rounds: medians over all timed steps of all rounds; sizes from the first."""
     timed = [h for r in rs for h in r["timed"]]
-    return {**rs[0], "timed_steps": len(timed), "rounds": len(rs),
-            "tokens_per_s": median([h["tokens_per_s"] for h in timed]),
-            "step_seconds": median([h["step_seconds"] for h in timed]),
-            "data_wait_fraction": median([h["data_wait_fraction"] for h in timed]),
-            "round_step_seconds": [r["step_seconds"] for r in rs], "wall_s": sum(r["wall_s"] for r in rs)}
+    return {
+        **rs[0],
+        "timed_steps": len(timed),
+        "rounds": len(rs),
+        "tokens_per_s": median([h["tokens_per_s"] for h in timed]),
+        "step_seconds": median([h["step_seconds"] for h in timed]),
+        "data_wait_fraction": median([h["data_wait_fraction"] for h in timed]),
+        "round_step_seconds": [r["step_seconds"] for r in rs],
+        "wall_s": sum(r["wall_s"] for r in rs),
+    }
 
 
 def print_cpu_table(results: list[dict[str, Any]]) -> None:
@@ -380,23 +499,33 @@ def print_cpu_table(results: list[dict[str, Any]]) -> None:
         return
     plain = {r["model"]: r for r in results if r["adapter"] == "plain"}
     print()
-    print(f"{'model':<22} {'adapter':<10} {'targets':<8} {'N':>3} {'trainable':>10} {'tok/step':>8} {'step s':>8} "
-          f"{'tokens/s':>9} {'wait %':>7} {'vs plain':>8} {'ckpt bytes':>11} {'B/param':>8} {'loss 1st->last':>15}  step s per round")
+    print(
+        f"{'model':<22} {'adapter':<10} {'targets':<8} {'N':>3} {'trainable':>10} {'tok/step':>8} {'step s':>8} "
+        f"{'tokens/s':>9} {'wait %':>7} {'vs plain':>8} {'ckpt bytes':>11} {'B/param':>8} {'loss 1st->last':>15}  step s per round"
+    )
     for r in results:
         a = ADAPTERS[r["adapter"]]
         base = plain.get(r["model"])
         rel = f"{r['step_seconds'] / base['step_seconds']:.3f}" if base else "-"
-        print(f"{MODELS[r['model']]['label']:<22} {r['adapter']:<10} {('q,v' if a['target_modules'] == QV else 'all 7'):<8} "
-              f"{a['num_experts']:>3} {r['trainable']:>10,} {r['tokens_per_step']:>8.0f} {r['step_seconds']:>8.3f} "
-              f"{r['tokens_per_s']:>9.1f} {100 * r['data_wait_fraction']:>7.3f} {rel:>8} "
-              f"{r['checkpoint']['folder_bytes']:>11,} {r['checkpoint_bytes_per_trainable_param']:>8.3f} "
-              f"{r['loss_first']:>7.3f}->{r['loss_last']:<7.3f}  {' '.join(f'{x:.3f}' for x in r['round_step_seconds'])}")
-    print("step s / tokens/s / wait: median over the steps after the first 2 (warm-up) of every round (runs), "
-          "from {run}/logs/train.jsonl.json; wait = data_wait_fraction (stream read + collate time / step time).")
-    print("N = experts; reclora: rank 8 each; ilora: total rank 8 (4 x 2); trainable = adapter bank + gates. "
-          "B/param = bytes of the final checkpoint folder (all files) / trainable parameters;")
-    print("the tensors alone are 12 bytes each (fp32 value + exp_avg + exp_avg_sq); the rest is safetensors headers "
-          "and JSON metadata. tok/step counts prompt+answer tokens (no padding).")
+        print(
+            f"{MODELS[r['model']]['label']:<22} {r['adapter']:<10} {('q,v' if a['target_modules'] == QV else 'all 7'):<8} "
+            f"{a['num_experts']:>3} {r['trainable']:>10,} {r['tokens_per_step']:>8.0f} {r['step_seconds']:>8.3f} "
+            f"{r['tokens_per_s']:>9.1f} {100 * r['data_wait_fraction']:>7.3f} {rel:>8} "
+            f"{r['checkpoint']['folder_bytes']:>11,} {r['checkpoint_bytes_per_trainable_param']:>8.3f} "
+            f"{r['loss_first']:>7.3f}->{r['loss_last']:<7.3f}  {' '.join(f'{x:.3f}' for x in r['round_step_seconds'])}"
+        )
+    print(
+        "step s / tokens/s / wait: median over the steps after the first 2 (warm-up) of every round (runs), "
+        "from {run}/logs/train.jsonl.json; wait = data_wait_fraction (stream read + collate time / step time)."
+    )
+    print(
+        "N = experts; reclora: rank 8 each; ilora: total rank 8 (4 x 2); trainable = adapter bank + gates. "
+        "B/param = bytes of the final checkpoint folder (all files) / trainable parameters;"
+    )
+    print(
+        "the tensors alone are 12 bytes each (fp32 value + exp_avg + exp_avg_sq); the rest is safetensors headers "
+        "and JSON metadata. tok/step counts prompt+answer tokens (no padding)."
+    )
     print()
 
 
@@ -424,7 +553,7 @@ def matmul_peak(device: str, dtype_name: str, n: int, iters: int) -> float:
             torch.matmul(a, b)
         if device == "cuda":
             torch.cuda.synchronize()
-        best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t0))
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
     return best
 
 
@@ -447,12 +576,18 @@ def engine_one(args) -> int:
         if getattr(args, k, None):
             shape[k] = getattr(args, k)
     use_gpu = args.device == "cuda"
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+        }
+    )
     import numpy as np
     import torch
-
-    from trainer.loop import _setup_distributed, ds_config
 
     if use_gpu:
         torch.cuda.set_device(0)
@@ -461,22 +596,32 @@ def engine_one(args) -> int:
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.integrations import HfDeepSpeedConfig
 
-    from trainer.data import collate
-    from trainer.lora import MixtureLoraConfig, build_personalized_model, count_parameters
-    from trainer.objective import answer_loss
-
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     dtype_name = "bfloat16" if use_gpu else "float32"
     dtype = getattr(torch, dtype_name)
-    t = argparse.Namespace(batch_size=shape["micro"] * shape["accum"], micro_batch_size=shape["micro"], grad_clip=1.0,
-                           zero_stage=stage, zero_hpz_partition_size=1)
+    t = argparse.Namespace(
+        batch_size=shape["micro"] * shape["accum"],
+        micro_batch_size=shape["micro"],
+        grad_clip=1.0,
+        zero_stage=stage,
+        zero_hpz_partition_size=1,
+    )
     ds_cfg = ds_config(t, use_gpu, dtype_name, 1)
-    lcfg = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                       num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                       num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"],
-                       max_position_embeddings=max(4096, shape["seq"]), tie_word_embeddings=False, use_cache=False,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    lcfg = LlamaConfig(
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        vocab_size=shape["vocab"],
+        max_position_embeddings=max(4096, shape["seq"]),
+        tie_word_embeddings=False,
+        use_cache=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     t_build = time.perf_counter()
     torch.manual_seed(0)
     hf_ds = HfDeepSpeedConfig(ds_cfg) if stage == 3 else None  # from_config then builds under zero.Init
@@ -487,9 +632,18 @@ def engine_one(args) -> int:
             base = AutoModelForCausalLM.from_config(lcfg, dtype=dtype)
     base.config.use_cache = False
     a = ADAPTERS[adapter]
-    pm = build_personalized_model(base, MixtureLoraConfig(
-        mode=a["mode"], target_modules=a["target_modules"], r=a["r"], alpha=ALPHA, num_experts=a["num_experts"],
-        temperature=5.0, cond_dim=GPU_COND_DIM))
+    pm = build_personalized_model(
+        base,
+        MixtureLoraConfig(
+            mode=a["mode"],
+            target_modules=a["target_modules"],
+            r=a["r"],
+            alpha=ALPHA,
+            num_experts=a["num_experts"],
+            temperature=5.0,
+            cond_dim=GPU_COND_DIM,
+        ),
+    )
     pm.activation_checkpointing_enable()
     n = count_parameters(pm)
     trainable = n["bank"] + n["gates"]
@@ -502,9 +656,16 @@ def engine_one(args) -> int:
     seq = shape["seq"]
 
     def rows() -> list[dict[str, Any]]:
-        return [{"input_ids": rng.integers(3, shape["vocab"], seq).tolist(), "prompt_len": seq - ANSWER_LEN, "label": 1,
-                 "rep": rng.standard_normal(GPU_COND_DIM).astype(np.float32), "sample_id": i}
-                for i in range(shape["micro"])]
+        return [
+            {
+                "input_ids": rng.integers(3, shape["vocab"], seq).tolist(),
+                "prompt_len": seq - ANSWER_LEN,
+                "label": 1,
+                "rep": rng.standard_normal(GPU_COND_DIM).astype(np.float32),
+                "sample_id": i,
+            }
+            for i in range(shape["micro"])
+        ]
 
     pool = [rows() for _ in range(4)]
     times, waits = [], []
@@ -531,15 +692,22 @@ def engine_one(args) -> int:
     tokens_per_s = shape["micro"] * shape["accum"] * seq / step_s
     fl = shape_flops(shape, trainable)
     try:  # the trainer's own per-token count (what its `mfu` log field uses), for comparison
-        from trainer.loop import flops_per_token as loop_flops_per_token
-
         fl["loop_flops_per_token"] = float(loop_flops_per_token(lcfg))
     except ImportError:
         pass
-    out = {"stage": stage, "adapter": adapter, "trainable": trainable, "total_params": n["total_model"],
-           "step_s": step_s, "tokens_per_s": tokens_per_s, "data_wait_fraction": median(waits[WARMUP_STEPS:] or waits),
-           "build_s": build_s, "loss": float(loss.item()), **fl,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if use_gpu else None}
+    out = {
+        "stage": stage,
+        "adapter": adapter,
+        "trainable": trainable,
+        "total_params": n["total_model"],
+        "step_s": step_s,
+        "tokens_per_s": tokens_per_s,
+        "data_wait_fraction": median(waits[WARMUP_STEPS:] or waits),
+        "build_s": build_s,
+        "loss": float(loss.item()),
+        **fl,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if use_gpu else None,
+    }
     del hf_ds
     print(json.dumps(out), flush=True)
     return 0
@@ -561,17 +729,28 @@ def engine_main(args) -> int:
     peak = matmul_peak("cuda" if use_gpu else "cpu", dtype_name, n, 50 if use_gpu else 5)
     dev_name = torch.cuda.get_device_name(0) if use_gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {dev_name}; measured {dtype_name} matmul peak ({n}x{n}x{n}): {peak / 1e12:.1f} TFLOP/s")
-    print(f"shape {args.shape}: hidden {shape['hidden']}, {shape['layers']} layers, {shape['heads']} heads, "
-          f"intermediate {shape['intermediate']}, vocab {shape['vocab']}, seq {shape['seq']}, micro batch "
-          f"{shape['micro']} x {shape['accum']} accumulation, {shape['steps']} steps ({WARMUP_STEPS} warm-up), "
-          f"activation checkpointing on", flush=True)
+    print(
+        f"shape {args.shape}: hidden {shape['hidden']}, {shape['layers']} layers, {shape['heads']} heads, "
+        f"intermediate {shape['intermediate']}, vocab {shape['vocab']}, seq {shape['seq']}, micro batch "
+        f"{shape['micro']} x {shape['accum']} accumulation, {shape['steps']} steps ({WARMUP_STEPS} warm-up), "
+        f"activation checkpointing on",
+        flush=True,
+    )
     adapters = (args.adapters or "plain,reclora16,ilora").split(",")
     stages = [int(s) for s in (args.stages or "3,2").split(",")]
     results, errors = [], {}
     for stage in stages:
         for adapter in adapters:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--shape", args.shape,
-                   "--engine-one", f"{stage}:{adapter}"]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--device",
+                args.device,
+                "--shape",
+                args.shape,
+                "--engine-one",
+                f"{stage}:{adapter}",
+            ]
             for k in ("seq", "micro", "accum", "steps"):
                 if getattr(args, k, None):
                     cmd += [f"--{k}", str(getattr(args, k))]
@@ -582,44 +761,66 @@ def engine_main(args) -> int:
                 r = json.loads(last)
             except json.JSONDecodeError:
                 errors[f"zero{stage}-{adapter}"] = (proc.stderr or proc.stdout)[-600:]
-                print(f"[zero{stage}-{adapter}] FAILED (rc {proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}",
-                      flush=True)
+                print(
+                    f"[zero{stage}-{adapter}] FAILED (rc {proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}",
+                    flush=True,
+                )
                 continue
             r["mfu"] = r["tokens_per_s"] * r["model_flops_per_token"] / peak
             r["hfu"] = r["tokens_per_s"] * r["hw_flops_per_token"] / peak
             if r.get("loop_flops_per_token"):
                 r["mfu_loop_formula"] = r["tokens_per_s"] * r["loop_flops_per_token"] / peak
             results.append(r)
-            print(f"[zero{stage}-{adapter}] built in {r['build_s']:.0f}s, step {r['step_s']:.3f}s, "
-                  f"{r['tokens_per_s']:.0f} tokens/s, MFU {100 * r['mfu']:.1f}% ({time.perf_counter() - t0:.0f}s)",
-                  flush=True)
+            print(
+                f"[zero{stage}-{adapter}] built in {r['build_s']:.0f}s, step {r['step_s']:.3f}s, "
+                f"{r['tokens_per_s']:.0f} tokens/s, MFU {100 * r['mfu']:.1f}% ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
     print()
-    print(f"{'ZeRO':>4} {'adapter':<10} {'trainable':>11} {'step s':>8} {'tokens/s':>10} {'GFLOP/tok':>9} "
-          f"{'MFU %':>6} {'HFU %':>6} {'loop %':>6} {'peak GiB':>8} {'wait %':>7}")
+    print(
+        f"{'ZeRO':>4} {'adapter':<10} {'trainable':>11} {'step s':>8} {'tokens/s':>10} {'GFLOP/tok':>9} "
+        f"{'MFU %':>6} {'HFU %':>6} {'loop %':>6} {'peak GiB':>8} {'wait %':>7}"
+    )
     for r in results:
         mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
         loop = f"{100 * r['mfu_loop_formula']:.1f}" if r.get("mfu_loop_formula") is not None else "-"
-        print(f"{r['stage']:>4} {r['adapter']:<10} {r['trainable']:>11,} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
-              f"{r['model_flops_per_token'] / 1e9:>9.2f} {100 * r['mfu']:>6.1f} {100 * r['hfu']:>6.1f} {loop:>6} {mem:>8} "
-              f"{100 * r['data_wait_fraction']:>7.3f}")
-    print("MFU = tokens/s x model FLOPs per token / measured matmul peak; model FLOPs (LoRA, frozen base) = "
-          "4 N_lin + 12 L S d + 6 N_trainable + head; HFU adds the checkpointing recompute (2 N_lin + 4 L S d);\n"
-          "loop % = MFU with trainer.loop.flops_per_token (4 x (decoder linears + vocab x hidden)), what the trainer logs.")
+        print(
+            f"{r['stage']:>4} {r['adapter']:<10} {r['trainable']:>11,} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
+            f"{r['model_flops_per_token'] / 1e9:>9.2f} {100 * r['mfu']:>6.1f} {100 * r['hfu']:>6.1f} {loop:>6} {mem:>8} "
+            f"{100 * r['data_wait_fraction']:>7.3f}"
+        )
+    print(
+        "MFU = tokens/s x model FLOPs per token / measured matmul peak; model FLOPs (LoRA, frozen base) = "
+        "4 N_lin + 12 L S d + 6 N_trainable + head; HFU adds the checkpointing recompute (2 N_lin + 4 L S d);\n"
+        "loop % = MFU with trainer.loop.flops_per_token (4 x (decoder linears + vocab x hidden)), what the trainer logs."
+    )
     by = {(r["stage"], r["adapter"]): r for r in results}
     head = by.get((3, "reclora16")) or (results[0] if results else None)
-    out = {"tokens_per_s": round(head["tokens_per_s"], 1) if head else None,
-           "data_wait_fraction": round(head["data_wait_fraction"], 5) if head else None,
-           "mixture_vs_plain_time": (round(by[(3, "reclora16")]["step_s"] / by[(3, "plain")]["step_s"], 4)
-                                     if (3, "reclora16") in by and (3, "plain") in by else None),
-           "checkpoint_bytes_per_trainable_param": None,  # the engine benchmark writes no checkpoint
-           "mfu": round(head["mfu"], 4) if head else None, "headline": (f"zero{head['stage']}-{head['adapter']}" if head else None),
-           "device": dev_name, "shape": args.shape, "peak_tflops": round(peak / 1e12, 2),
-           "runs": {f"zero{r['stage']}-{r['adapter']}": {"tokens_per_s": round(r["tokens_per_s"], 1),
-                                                        "step_s": round(r["step_s"], 4), "mfu": round(r["mfu"], 4),
-                                                        "hfu": round(r["hfu"], 4),
-                                                        "mfu_loop_formula": (round(r["mfu_loop_formula"], 4)
-                                                                             if r.get("mfu_loop_formula") else None)}
-                    for r in results}}
+    out = {
+        "tokens_per_s": round(head["tokens_per_s"], 1) if head else None,
+        "data_wait_fraction": round(head["data_wait_fraction"], 5) if head else None,
+        "mixture_vs_plain_time": (
+            round(by[(3, "reclora16")]["step_s"] / by[(3, "plain")]["step_s"], 4)
+            if (3, "reclora16") in by and (3, "plain") in by
+            else None
+        ),
+        "checkpoint_bytes_per_trainable_param": None,  # the engine benchmark writes no checkpoint
+        "mfu": round(head["mfu"], 4) if head else None,
+        "headline": (f"zero{head['stage']}-{head['adapter']}" if head else None),
+        "device": dev_name,
+        "shape": args.shape,
+        "peak_tflops": round(peak / 1e12, 2),
+        "runs": {
+            f"zero{r['stage']}-{r['adapter']}": {
+                "tokens_per_s": round(r["tokens_per_s"], 1),
+                "step_s": round(r["step_s"], 4),
+                "mfu": round(r["mfu"], 4),
+                "hfu": round(r["hfu"], 4),
+                "mfu_loop_formula": (round(r["mfu_loop_formula"], 4) if r.get("mfu_loop_formula") else None),
+            }
+            for r in results
+        },
+    }
     if errors:
         out["errors"] = {k: v[-300:] for k, v in errors.items()}
     print(json.dumps(out), flush=True)
@@ -630,15 +831,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU: tiny + SmolLM2 with plain and reclora4 only, fewer steps")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--shape", choices=sorted(SHAPES),
-                   help="engine benchmark shape (7b on cuda; tiny = CPU smoke test of the same code); "
-                        "without it: the CPU trainer benchmark")
+    p.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        help="engine benchmark shape (7b on cuda; tiny = CPU smoke test of the same code); "
+        "without it: the CPU trainer benchmark",
+    )
     p.add_argument("--models", help="CPU: comma list of tiny,smollm2 (default both)")
-    p.add_argument("--adapters", help=f"comma list of {','.join(ADAPTERS)} (CPU default all, quick plain,reclora4; "
-                                      "GPU default plain,reclora16,ilora)")
+    p.add_argument(
+        "--adapters",
+        help=f"comma list of {','.join(ADAPTERS)} (CPU default all, quick plain,reclora4; "
+        "GPU default plain,reclora16,ilora)",
+    )
     p.add_argument("--steps", type=int, help="steps per run (CPU default tiny 12 / SmolLM2 6; quick 6 / 4)")
-    p.add_argument("--repeats", type=int, help="CPU: rounds of every configuration, alternate rounds in reverse "
-                                             "order (default 2, quick 1)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="CPU: rounds of every configuration, alternate rounds in reverse order (default 2, quick 1)",
+    )
     p.add_argument("--cpus", type=int, help="CPU: threads (and Ray CPUs) of the one worker (default: all cores)")
     p.add_argument("--workdir", help="CPU: keep inputs and runs here (default: a temp dir, removed at the end)")
     p.add_argument("--keep", action="store_true", help="CPU: keep the temp work dir")

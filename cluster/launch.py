@@ -4,10 +4,13 @@ The function is plain Python: `fn(params, rank, world, report) -> dict`. It resu
 complete checkpoint on storage by itself, so a restarted worker group (FailureConfig) continues where
 the last checkpoint left off, on a fresh cluster as well as on the same one.
 """
+
 from __future__ import annotations
 
 import os
 from typing import Any, Callable
+
+from cluster.runtime import init_ray
 
 
 def _entry(loop_config: dict[str, Any]) -> None:
@@ -30,27 +33,41 @@ def _entry(loop_config: dict[str, Any]) -> None:
             json.dump(result, f)
 
 
-def run_training(fn: Callable, params: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
-                 name: str, max_failures: int, placement: str = "PACK", result_path: str | None = None,
-                 worker_resources: dict[str, float] | None = None, timeout_s: int = 600,
-                 node_report_dir: str | None = None) -> Any:
+def run_training(
+    fn: Callable,
+    params: dict[str, Any],
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    name: str,
+    max_failures: int,
+    placement: str = "PACK",
+    result_path: str | None = None,
+    worker_resources: dict[str, float] | None = None,
+    timeout_s: int = 600,
+    node_report_dir: str | None = None,
+) -> Any:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from cluster.runtime import init_ray
 
     init_ray()
     resources = {"CPU": cpus_per_worker, **(worker_resources or {})}
     if use_gpu:
         resources["GPU"] = 1
-    storage_path = os.environ.get("RECLORA_RAY_RESULTS") or os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "results")
+    storage_path = os.environ.get("RECLORA_RAY_RESULTS") or os.path.join(
+        os.environ.get("RAY_TMPDIR", "/tmp"), "results"
+    )
     trainer = TorchTrainer(
         _entry,
         train_loop_config={"fn": fn, "params": params, "result_path": result_path, "node_report_dir": node_report_dir},
         # A dead peer must surface as an error (then a restart), not as a hang in a collective.
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     placement_strategy=placement),
-        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=placement
+        ),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)
+        ),
     )
     return trainer.fit()

@@ -1,15 +1,19 @@
-"""Sharded actor pools: the only bridge between plain-Python workers and Ray.
+"""Sharded actor pools: the Ray runner for plain-Python workers (recdata.runner.Runner).
 
 A worker is any class with `run(task: dict) -> dict`. It knows nothing of Ray, so the same worker runs
-in-process in unit tests and as an actor here. Tasks are handed out dynamically (a free actor takes the
+in-process (recdata.runner.run_in_process) in unit tests and as an actor here. Tasks are handed out dynamically (a free actor takes the
 next task), so uneven shards do not leave actors idle.
 """
+
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
+
+from cluster.runtime import init_ray
 
 
 def run_sharded(
@@ -31,8 +35,6 @@ def run_sharded(
         raise ValueError(f"num_actors must be >= 1, got {num_actors}")
     if not tasks:
         return []
-    from cluster.runtime import init_ray
-
     ray = init_ray()
     actor_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)(_Host)
     n = min(num_actors, len(tasks))
@@ -85,6 +87,4 @@ def _maybe_die(desc: str, finished: int) -> None:
     N tasks of the pool named DESC have finished, i.e. a crash in the middle of a sharded stage."""
     spec = os.environ.get("RECLORA_KILL_AFTER", "")
     if spec and spec.rpartition(":")[0] == desc and finished >= int(spec.rpartition(":")[2]):
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)

@@ -3,6 +3,7 @@
 Under `ray job submit` (or with RAY_ADDRESS set) we join that cluster; otherwise we start a private
 local Ray bound to 127.0.0.1. The environment switches below are the known traps for loopback Ray.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,17 @@ _LOOPBACK_ENV = {
 def ray_env() -> dict[str, str]:
     """Environment every Ray worker needs (also passed to runtime_env so remote workers get it)."""
     env = dict(_LOOPBACK_ENV)
-    for key in ("DS_ACCELERATOR", "DS_BUILD_OPS", "TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM",
-                "AWS_ENDPOINT_URL", "RECLORA_S3_ENDPOINT", "PYTHONPATH"):
+    for key in (
+        "DS_ACCELERATOR",
+        "DS_BUILD_OPS",
+        "TORCH_EXTENSIONS_DIR",
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+        "TOKENIZERS_PARALLELISM",
+        "AWS_ENDPOINT_URL",
+        "RECLORA_S3_ENDPOINT",
+        "PYTHONPATH",
+    ):
         if os.environ.get(key):
             env[key] = os.environ[key]
     return env

@@ -3,6 +3,7 @@
 Errors name the key path and what was expected, e.g.
     trainer.lora.num_experts: expected int >= 1, got 'x'
 """
+
 from __future__ import annotations
 
 import difflib
@@ -14,12 +15,13 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from configs.errors import RecloraError
 from configs.schema import Config
 
 PRESET_DIR = Path(__file__).resolve().parent
 
 
-class ConfigError(ValueError):
+class ConfigError(RecloraError, ValueError):
     """Invalid configuration; the message lists every offending key path, one per line."""
 
 
@@ -122,7 +124,10 @@ def format_errors(e: ValidationError, data: dict) -> list[str]:
         if kind == "extra_forbidden":
             siblings = _field_names(loc[:-1])
             hint = difflib.get_close_matches(loc[-1], siblings, n=1)
-            lines.append(f"{key}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else f"; allowed: {', '.join(siblings)}"))
+            lines.append(
+                f"{key}: unknown key"
+                + (f" (did you mean {hint[0]!r}?)" if hint else f"; allowed: {', '.join(siblings)}")
+            )
         elif kind == "value_error":
             msg = err["msg"].removeprefix("Value error, ")
             section = ".".join(loc)
@@ -177,7 +182,9 @@ def _expected(loc: list[str]) -> str | None:
             if isinstance(m, getattr(annotated_types, attr.capitalize())):
                 bounds.append(f"{sym} {getattr(m, attr)}")
         if isinstance(m, annotated_types.MinLen):
-            bounds.append(f"with at least {m.min_length} item(s)" if name.startswith("list") else f"of length >= {m.min_length}")
+            bounds.append(
+                f"with at least {m.min_length} item(s)" if name.startswith("list") else f"of length >= {m.min_length}"
+            )
     return " ".join([name] + bounds)
 
 

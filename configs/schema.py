@@ -4,6 +4,7 @@ Presets live beside this file as YAML (`configs/NAME.yaml`); a preset may `exten
 Unknown keys, wrong types and impossible values fail at load time naming the key path. Field defaults
 here are the sane fallbacks; the presets carry the papers' settings.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -65,7 +66,9 @@ class DataConfig(Strict):
     @model_validator(mode="after")
     def _check(self):
         if abs(sum(self.split_ratios) - 1.0) > 1e-6 or min(self.split_ratios) < 0:
-            raise ValueError(f"split_ratios: expected three non-negative fractions summing to 1, got {list(self.split_ratios)}")
+            raise ValueError(
+                f"split_ratios: expected three non-negative fractions summing to 1, got {list(self.split_ratios)}"
+            )
         return self
 
 
@@ -104,7 +107,9 @@ class LoraConfig(Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.mode == "ilora" and self.r % self.num_experts:
-            raise ValueError(f"r: iLoRA splits rank r={self.r} into num_experts={self.num_experts}; r must be divisible by it")
+            raise ValueError(
+                f"r: iLoRA splits rank r={self.r} into num_experts={self.num_experts}; r must be divisible by it"
+            )
         if self.mode == "plain" and self.num_experts != 1:
             raise ValueError(f"num_experts: plain LoRA has one expert, got {self.num_experts}")
         return self

@@ -12,18 +12,16 @@ driver writes the Few2Many orders and, last, manifest.json.
 Memory per worker is bounded by one row group plus the longest user, times the per-target output
 (chunks of `chunk_rows` targets), not by shard size.
 """
+
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import os
 import resource
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,107 +29,51 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
-from retrieval import storage
-from retrieval.history import ItemVectors, Ragged, check_sorted, history_bounds, recent, top_similar
-from retrieval.samples import (
+from configs.loader import ConfigError, load_config
+from recdata import storage
+from recdata.layout import (
+    embeddings_root,
+    latest_embeddings,
+    paths,  # the pipeline's layout, so this CLI and trainer/main.py agree
+)
+from recdata.runner import Runner, run_in_process
+from recdata.samples import (
     SAMPLE_SCHEMA,
     SAMPLES_VERSION,
     SHARD_STRIDE,
     TARGET_SPLITS,
+    BuildOptions,
     SamplesError,
     commit_marker,
     list_array,
+    options_from_config,
     sample_candidates,
     sample_file,
 )
-from retrieval.schema import SPLITS, Dataset, DatasetError, read_parquet
-from retrieval.subsets import write_subsets
+from recdata.schema import SPLITS, Dataset, DatasetError, read_parquet
+from recdata.subsets import write_subsets
+from retrieval.history import (
+    ItemVectors,
+    Ragged,
+    check_sorted,
+    history_bounds,
+    recent,
+    top_similar,
+)
 
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "rating", "split", "label"]
 _TARGET_CODES = np.array([SPLITS.index(s) for s in TARGET_SPLITS], dtype=np.int8)
 
 
-@dataclass(frozen=True)
-class BuildOptions:
-    k_text: int = 10
-    k_id: int = 60
-    text_mode: str = "subr"  # subr: ReLLa semantic top-K re-sorted to time order; recent: last K
-    id_mode: str = "recent"  # recent: last K_id; sim: top K_id by embedding similarity (SIM), time order
-    subr_pool: int = 200  # SUBR scores only the most recent subr_pool history items (bounds cost)
-    sim_pool: int = 1000  # same bound for id_mode=sim
-    metric: str = "cosine"  # cosine (ReLLa ML-1M) or dot (ReLLa ML-25M, on PCA vectors)
-    num_candidates: int = 20  # next_item only: target + num_candidates-1 negatives
-    min_history: int = 0  # ReLLa drops samples with < 5 history items; iLoRA < 3
-    empty_history: str = "keep"  # keep | drop samples whose user has no interaction before t
-    missing_text: str = "error"  # error | placeholder for items without a title
-    seed: int = 0
-    max_eval_samples: int | None = None  # cap of the persisted valid/test order (RecLoRA: 30000)
-    max_train_samples: int | None = None  # cap of the persisted train order (the Few2Many pool)
-    few_shot_sizes: tuple[int, ...] = (70000,)  # extra nested sizes besides 64, 256, 1024, ...
-    chunk_rows: int = 65536  # targets per output row group (memory bound; not part of the content)
-
-    def validate(self) -> "BuildOptions":
-        def bad(key: str, msg: str) -> None:
-            raise ValueError(f"build option {key}: {msg}, got {getattr(self, key)!r}")
-
-        if self.text_mode not in ("subr", "recent"):
-            bad("text_mode", "expected 'subr' or 'recent'")
-        if self.id_mode not in ("recent", "sim"):
-            bad("id_mode", "expected 'recent' or 'sim'")
-        if self.metric not in ("cosine", "dot"):
-            bad("metric", "expected 'cosine' or 'dot'")
-        if self.empty_history not in ("keep", "drop"):
-            bad("empty_history", "expected 'keep' or 'drop'")
-        if self.missing_text not in ("error", "placeholder"):
-            bad("missing_text", "expected 'error' or 'placeholder'")
-        for key in ("k_text", "k_id", "min_history"):
-            if getattr(self, key) < 0:
-                bad(key, "must be >= 0")
-        if self.subr_pool < self.k_text:
-            bad("subr_pool", f"must be >= k_text={self.k_text}")
-        if self.sim_pool < self.k_id:
-            bad("sim_pool", f"must be >= k_id={self.k_id}")
-        if self.num_candidates < 2:
-            bad("num_candidates", "must be >= 2")
-        if self.chunk_rows < 1:
-            bad("chunk_rows", "must be >= 1")
-        return self
-
-    @property
-    def needs_embeddings(self) -> bool:
-        return (self.text_mode == "subr" and self.k_text > 0) or (self.id_mode == "sim" and self.k_id > 0)
-
-    def content_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("chunk_rows")
-        d["few_shot_sizes"] = list(self.few_shot_sizes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BuildOptions":
-        d = dict(d)
-        if "few_shot_sizes" in d:
-            d["few_shot_sizes"] = tuple(d["few_shot_sizes"])
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown build option(s) {sorted(unknown)}")
-        return cls(**d).validate()
-
-
-def options_from_config(cfg: Any) -> BuildOptions:
-    """BuildOptions from the typed config (configs.schema.Config): its `retrieval` section and run seed.
-    Keys the config does not have keep the BuildOptions defaults."""
-    r = cfg.retrieval
-    known = {f.name for f in dataclasses.fields(BuildOptions)}
-    values = {k: v for k, v in r.model_dump().items() if k in known}
-    return BuildOptions(**values, seed=cfg.run.seed).validate()
-
-
 def fingerprint(dataset_url: str, opts: BuildOptions, embeddings_url: str | None) -> str:
     """What a committed shard was built from; a rerun with anything else must not mix outputs."""
-    key = {"dataset": dataset_url, "options": opts.content_dict(), "embeddings": embeddings_url if opts.needs_embeddings else None,
-           "samples_version": SAMPLES_VERSION}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    key = {
+        "dataset": dataset_url,
+        "options": opts.content_dict(),
+        "embeddings": embeddings_url if opts.needs_embeddings else None,
+        "samples_version": SAMPLES_VERSION,
+    }
+    return storage.digest(key)
 
 
 def embeddings_file(url: str) -> str:
@@ -145,7 +87,9 @@ def load_item_vectors(url: str, normalize: bool) -> ItemVectors:
     emb = table.column("embedding").combine_chunks()
     lengths = np.diff(emb.offsets.to_numpy())
     if len(lengths) and (lengths.min() != lengths.max() or lengths.min() == 0):
-        raise SamplesError(f"{path}: column 'embedding' must hold vectors of one non-zero length, got lengths {sorted(set(lengths.tolist()))[:5]}")
+        raise SamplesError(
+            f"{path}: column 'embedding' must hold vectors of one non-zero length, got lengths {sorted(set(lengths.tolist()))[:5]}"
+        )
     dim = int(lengths[0]) if len(lengths) else 0
     item_ids = table.column("item_id").to_numpy()
     values = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)  # a private copy, normalized in place
@@ -202,7 +146,9 @@ def _user_blocks(row_groups: Iterator[pa.Table], where: str) -> Iterator[tuple[i
         if cut > 0:
             # Within a slice check_sorted checks the order; across slices only the boundary needs it.
             if prev_user is not None and users[0] <= prev_user:
-                raise SamplesError(f"{where}: user {users[0]} at row {base} follows user {prev_user}: shard not sorted by user_id")
+                raise SamplesError(
+                    f"{where}: user {users[0]} at row {base} follows user {prev_user}: shard not sorted by user_id"
+                )
             prev_user = int(users[cut - 1])
             yield base, buf.slice(0, cut)
             base += cut
@@ -210,7 +156,9 @@ def _user_blocks(row_groups: Iterator[pa.Table], where: str) -> Iterator[tuple[i
     if carry is not None and carry.num_rows:
         first = int(carry.column("user_id")[0].as_py())
         if prev_user is not None and first <= prev_user:
-            raise SamplesError(f"{where}: user {first} at row {base} follows user {prev_user}: shard not sorted by user_id")
+            raise SamplesError(
+                f"{where}: user {first} at row {base} follows user {prev_user}: shard not sorted by user_id"
+            )
         yield base, carry
 
 
@@ -272,8 +220,15 @@ class SampleShardWorker:
 
     def _build(self, shard: int) -> dict[str, Any]:
         counts = {
-            "interactions": 0, "targets": 0, "samples": 0, "empty_history": 0, "dropped_empty_history": 0,
-            "dropped_min_history": 0, "dropped_too_few_negatives": 0, "target_in_history": 0, "tied_rows": 0,
+            "interactions": 0,
+            "targets": 0,
+            "samples": 0,
+            "empty_history": 0,
+            "dropped_empty_history": 0,
+            "dropped_min_history": 0,
+            "dropped_too_few_negatives": 0,
+            "target_in_history": 0,
+            "tied_rows": 0,
             "items_without_text": 0,
         }
         rows = {s: 0 for s in TARGET_SPLITS}
@@ -314,10 +269,11 @@ class SampleShardWorker:
                 if ofs.exists(tmp):
                     ofs.rm(tmp)
         counts["samples"] = sum(rows.values())
-        return {"counts": counts, "rows": rows,
-                "files": {s: f"{s}/shard-{shard:05d}.parquet" for s in TARGET_SPLITS}}
+        return {"counts": counts, "rows": rows, "files": {s: f"{s}/shard-{shard:05d}.parquet" for s in TARGET_SPLITS}}
 
-    def _samples(self, shard: int, base: int, table: pa.Table, counts: dict[str, int], url: str) -> Iterator[tuple[str, pa.Table]]:
+    def _samples(
+        self, shard: int, base: int, table: pa.Table, counts: dict[str, int], url: str
+    ) -> Iterator[tuple[str, pa.Table]]:
         b = _Block(table)
         n = len(b.user)
         counts["interactions"] += n
@@ -377,10 +333,14 @@ class SampleShardWorker:
             ids = top_similar(start, end, targets, item_rows, self.vectors.matrix, o.k_id, o.sim_pool)
         keep = np.ones(len(targets), dtype=bool)
         if self.dataset.task == "next_item":
-            cands, ok = sample_candidates(sample_ids, targets, b.item, start, end, self.catalogue, o.num_candidates, o.seed)
+            cands, ok = sample_candidates(
+                sample_ids, targets, b.item, start, end, self.catalogue, o.num_candidates, o.seed
+            )
             counts["dropped_too_few_negatives"] += int((~ok).sum())
             keep = ok
-            cand_col = pa.FixedSizeListArray.from_arrays(pa.array(cands.ravel()), o.num_candidates).cast(pa.list_(pa.int64()))
+            cand_col = pa.FixedSizeListArray.from_arrays(pa.array(cands.ravel()), o.num_candidates).cast(
+                pa.list_(pa.int64())
+            )
             label_col = pa.nulls(len(targets), pa.int8())
         else:
             cand_col = pa.nulls(len(targets), pa.list_(pa.int64()))
@@ -438,10 +398,11 @@ def build_samples(
     embeddings_url: str | None = None,
     overwrite: bool = False,
     num_cpus_per_worker: float = 1.0,
+    runner: Runner | None = None,
 ) -> dict[str, Any]:
     """Build (or resume) the samples of every shard, then subsets and the manifest. Returns the manifest.
 
-    num_workers == 1 runs in this process; more use Ray actors through cluster.pool.run_sharded.
+    num_workers == 1 runs in this process; more run on `runner` (cluster.pool.run_sharded: Ray actors).
     """
     opts = (opts or BuildOptions()).validate()
     dataset = Dataset.open(dataset_url)
@@ -452,22 +413,22 @@ def build_samples(
     if storage.exists(murl):
         old = storage.read_json(murl)
         if old.get("fingerprint") != fp:
-            raise SamplesError(f"{murl}: samples built from other inputs/options (fingerprint {old.get('fingerprint')} != {fp}); "
-                               f"use a new --out or --overwrite")
-    kwargs = {"dataset_url": dataset_url, "out_url": out_url, "options": opts.content_dict() | {"chunk_rows": opts.chunk_rows},
-              "embeddings_url": embeddings_url}
+            raise SamplesError(
+                f"{murl}: samples built from other inputs/options (fingerprint {old.get('fingerprint')} != {fp}); "
+                f"use a new --out or --overwrite"
+            )
+    kwargs = {
+        "dataset_url": dataset_url,
+        "out_url": out_url,
+        "options": opts.content_dict() | {"chunk_rows": opts.chunk_rows},
+        "embeddings_url": embeddings_url,
+    }
     tasks = [{"shard": i} for i in range(len(dataset.shards))]
     t0 = time.perf_counter()
-    if num_workers <= 1:
-        from tqdm.auto import tqdm
-
-        worker = SampleShardWorker(**kwargs)
-        results = [worker.run(t) for t in tqdm(tasks, desc="samples", unit="shard", disable=_quiet())]
-    else:
-        from cluster.pool import run_sharded
-
-        results = run_sharded(SampleShardWorker, kwargs, tasks, num_actors=num_workers,
-                              num_cpus_per_actor=num_cpus_per_worker, desc="samples")
+    run = runner if runner is not None and num_workers > 1 else run_in_process
+    results = run(
+        SampleShardWorker, kwargs, tasks, num_actors=num_workers, num_cpus_per_actor=num_cpus_per_worker, desc="samples"
+    )
     wall = time.perf_counter() - t0
     totals: dict[str, int] = {}
     splits: dict[str, dict[str, Any]] = {s: {"rows": 0, "files": []} for s in TARGET_SPLITS}
@@ -484,7 +445,11 @@ def build_samples(
         parts = []
         for f in splits[s]["files"]:
             with storage.storage_errors(storage.join(out_url, f["path"])):
-                parts.append(pq.read_table(f"{root}/{f['path']}", columns=["sample_id"], filesystem=afs).column("sample_id").to_numpy())
+                parts.append(
+                    pq.read_table(f"{root}/{f['path']}", columns=["sample_id"], filesystem=afs)
+                    .column("sample_id")
+                    .to_numpy()
+                )
         ids_by_split[s] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     caps = {"train": opts.max_train_samples, "valid": opts.max_eval_samples, "test": opts.max_eval_samples}
     subsets = write_subsets(out_url, ids_by_split, opts.seed, caps, opts.few_shot_sizes)
@@ -516,12 +481,17 @@ def _quiet() -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m retrieval.build", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="preset or YAML: dataset, output, retrieval options and workers from it "
-                                    "(the explicit options below are then ignored)")
+    p.add_argument(
+        "--config",
+        help="preset or YAML: dataset, output, retrieval options and workers from it "
+        "(the explicit options below are then ignored)",
+    )
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
-    p.add_argument("--dataset", help="committed dataset URL (retrieval.ingest --out)")
+    p.add_argument("--dataset", help="committed dataset URL (recdata.ingest --out)")
     p.add_argument("--out", help="samples URL (local path or s3://)")
-    p.add_argument("--embeddings", default=None, help="item embeddings URL (retrieval.embed_items); needed for subr/sim")
+    p.add_argument(
+        "--embeddings", default=None, help="item embeddings URL (retrieval.embed_items); needed for subr/sim"
+    )
     p.add_argument("--k-text", type=int, default=BuildOptions.k_text)
     p.add_argument("--k-id", type=int, default=BuildOptions.k_id)
     p.add_argument("--mode", dest="text_mode", choices=["subr", "recent"], default=BuildOptions.text_mode)
@@ -542,21 +512,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
+    """Ray workers come from `runner` (the `reclora` command passes cluster.pool.run_sharded); without one,
+    every task runs in this process."""
     a = parse_args(argv)
     if a.config:
-        return _main_from_config(a)
+        return _main_from_config(a, runner)
     if not a.dataset or not a.out:
         print("error: --dataset and --out are required (or use --config)", file=sys.stderr)
         return 2
     opts = BuildOptions(
-        k_text=a.k_text, k_id=a.k_id, text_mode=a.text_mode, id_mode=a.id_mode, subr_pool=a.subr_pool, sim_pool=a.sim_pool,
-        metric=a.metric, num_candidates=a.num_candidates, min_history=a.min_history, empty_history=a.empty_history,
-        missing_text=a.missing_text, seed=a.seed, max_eval_samples=a.max_eval_samples, max_train_samples=a.max_train_samples,
+        k_text=a.k_text,
+        k_id=a.k_id,
+        text_mode=a.text_mode,
+        id_mode=a.id_mode,
+        subr_pool=a.subr_pool,
+        sim_pool=a.sim_pool,
+        metric=a.metric,
+        num_candidates=a.num_candidates,
+        min_history=a.min_history,
+        empty_history=a.empty_history,
+        missing_text=a.missing_text,
+        seed=a.seed,
+        max_eval_samples=a.max_eval_samples,
+        max_train_samples=a.max_train_samples,
         chunk_rows=a.chunk_rows,
     )
     try:
-        m = build_samples(a.dataset, a.out, opts, a.num_workers, a.embeddings, overwrite=a.overwrite)
+        m = build_samples(a.dataset, a.out, opts, a.num_workers, a.embeddings, overwrite=a.overwrite, runner=runner)
     except (SamplesError, DatasetError, ValueError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -565,10 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _main_from_config(a: argparse.Namespace) -> int:
-    from configs.loader import ConfigError, load_config
-
-    from retrieval.embed_items import embeddings_root, latest_embeddings
+def _main_from_config(a: argparse.Namespace, runner: Runner | None) -> int:
 
     try:
         cfg = load_config(a.config, a.overrides)
@@ -576,7 +556,6 @@ def _main_from_config(a: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from trainer.stages import paths  # the pipeline's layout, so this CLI and trainer/main.py agree
 
     p = paths(cfg)
     dataset, out = p.dataset, p.samples
@@ -584,15 +563,24 @@ def _main_from_config(a: argparse.Namespace) -> int:
     if opts.needs_embeddings and not embeddings:
         embeddings = latest_embeddings(embeddings_root(cfg))
         if embeddings is None:
-            print(f"error: text_mode={opts.text_mode}/id_mode={opts.id_mode} needs item embeddings and none are under "
-                  f"{embeddings_root(cfg)}; run `python -m retrieval.embed_items --config {a.config}` first", file=sys.stderr)
+            print(
+                f"error: text_mode={opts.text_mode}/id_mode={opts.id_mode} needs item embeddings and none are under "
+                f"{embeddings_root(cfg)}; run `python -m retrieval.embed_items --config {a.config}` first",
+                file=sys.stderr,
+            )
             return 2
     try:
-        m = build_samples(dataset, out, opts, cfg.retrieval.num_workers, embeddings, overwrite=a.overwrite)
+        m = build_samples(
+            dataset, out, opts, cfg.retrieval.num_workers, embeddings, overwrite=a.overwrite, runner=runner
+        )
     except (SamplesError, DatasetError, ValueError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": out, "rows": {s: v["rows"] for s, v in m["splits"].items()}, "counts": m["counts"]}, indent=2))
+    print(
+        json.dumps(
+            {"out": out, "rows": {s: v["rows"] for s, v in m["splits"].items()}, "counts": m["counts"]}, indent=2
+        )
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ and writes
 with the same inputs reuses the result and anything different gets a new folder. `raw_key` leaves out
 the PCA options, so trying another pca_dims reuses the LLM pass (delete raw-* to reclaim the space).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
-from retrieval import storage
+from configs.errors import RecloraError
+from configs.loader import ConfigError, load_config
+from recdata import storage
+from recdata.layout import embeddings_root, paths  # the pipeline's layout: this CLI and trainer/main.py agree
+from recdata.runner import Runner, run_in_process
+from recdata.schema import Dataset, DatasetError, read_parquet
 from retrieval.prompts import VICUNA_SYSTEM
-from retrieval.schema import Dataset, DatasetError, read_parquet
 
 DEFAULT_TEMPLATE = ("Here is a {domain}.", "Its title is {title}.", "Its genre is {genres}.")
 
 
-class EmbedError(RuntimeError):
+class EmbedError(RecloraError, RuntimeError):
     """Missing model files, items without text, or a cache written by something else."""
 
 
@@ -87,7 +93,9 @@ def item_texts(items: pa.Table, opts: EmbedOptions) -> tuple[np.ndarray, list[st
                 sentences.append(s.format(**{n: f[n] for n in names}))
         texts.append(" ".join(sentences))
     if missing and opts.missing_text == "error":
-        raise EmbedError(f"items without a title: {sorted(missing)[:20]} ({len(missing)} in all); fix the items or use --missing-text placeholder")
+        raise EmbedError(
+            f"items without a title: {sorted(missing)[:20]} ({len(missing)} in all); fix the items or use --missing-text placeholder"
+        )
     return items.column("item_id").to_numpy().astype(np.int64), texts
 
 
@@ -115,7 +123,9 @@ def model_fingerprint(model_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(model_fp: str, ids: np.ndarray, texts: list[str], opts: EmbedOptions, ignore: tuple[str, ...] = ()) -> str:
+def cache_key(
+    model_fp: str, ids: np.ndarray, texts: list[str], opts: EmbedOptions, ignore: tuple[str, ...] = ()
+) -> str:
     h = hashlib.sha256()
     h.update(model_fp.encode())
     skip = {"batch_size", *ignore}  # batch size changes padding only, and pooling ignores padding
@@ -137,7 +147,6 @@ class EmbedWorker:
     """Embeds chunks of item texts with one loaded model. Plain Python (runs in-process or as an actor)."""
 
     def __init__(self, model_dir: str, opts: dict[str, Any]):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.opts = EmbedOptions(**{**opts, "template": tuple(opts["template"])})
@@ -173,8 +182,13 @@ class EmbedWorker:
         with torch.inference_mode():
             for b in range(0, len(texts), self.opts.batch_size):
                 idx = order[b : b + self.opts.batch_size]
-                enc = self.tok([texts[i] for i in idx], padding=True, truncation=True, max_length=self.opts.max_length,
-                               return_tensors="pt").to(self.device)
+                enc = self.tok(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.opts.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -195,13 +209,19 @@ class EmbedWorker:
 
 
 def _list_column(vec: np.ndarray) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(vec.astype(np.float32).ravel()), vec.shape[1]).cast(pa.list_(pa.float32()))
+    return pa.FixedSizeListArray.from_arrays(pa.array(vec.astype(np.float32).ravel()), vec.shape[1]).cast(
+        pa.list_(pa.float32())
+    )
 
 
 def _matrix(table: pa.Table) -> np.ndarray:
     emb = table.column("embedding").combine_chunks()
     n = table.num_rows
-    return emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1) if n else np.zeros((0, 0), np.float32)
+    return (
+        emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1)
+        if n
+        else np.zeros((0, 0), np.float32)
+    )
 
 
 def pca_reduce(x: np.ndarray, dims: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -217,8 +237,13 @@ def pca_reduce(x: np.ndarray, dims: int, seed: int) -> tuple[np.ndarray, dict[st
 
 
 def embed_items(
-    dataset_url: str, model_dir: str, out_url: str, opts: EmbedOptions | None = None, num_workers: int = 1,
+    dataset_url: str,
+    model_dir: str,
+    out_url: str,
+    opts: EmbedOptions | None = None,
+    num_workers: int = 1,
     gpus_per_worker: float | None = None,
+    runner: Runner | None = None,
 ) -> str:
     """Embed every item of the dataset (or reuse the cached result). Returns the embeddings folder URL."""
     opts = opts or EmbedOptions()
@@ -235,28 +260,26 @@ def embed_items(
     # instead of running the LLM again.
     parts_url = storage.join(out_url, "raw-" + cache_key(model_fp, ids, texts, opts, ignore=("pca_dims", "seed")))
     tasks = [
-        {"item_ids": ids[i : i + opts.items_per_task].tolist(), "texts": texts[i : i + opts.items_per_task],
-         "part_url": storage.join(parts_url, f"part-{i // opts.items_per_task:05d}.parquet")}
+        {
+            "item_ids": ids[i : i + opts.items_per_task].tolist(),
+            "texts": texts[i : i + opts.items_per_task],
+            "part_url": storage.join(parts_url, f"part-{i // opts.items_per_task:05d}.parquet"),
+        }
         for i in range(0, len(ids), opts.items_per_task)
     ]
     kwargs = {"model_dir": model_dir, "opts": asdict(opts)}
     todo = [t for t in tasks if not storage.exists(t["part_url"])]  # cached parts need no model at all
-    if todo and num_workers <= 1:
-        worker = EmbedWorker(**kwargs)
-        for t in todo:
-            worker.run(t)
-    elif todo:
-        from cluster.pool import run_sharded
-
-        if gpus_per_worker is None:
-            import torch
-
-            gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
-        run_sharded(EmbedWorker, kwargs, todo, num_actors=num_workers, num_gpus_per_actor=gpus_per_worker, desc="embed items")
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
+    run = runner if runner is not None and num_workers > 1 else run_in_process
+    run(EmbedWorker, kwargs, todo, num_actors=num_workers, num_gpus_per_actor=gpus_per_worker, desc="embed items")
     truncated = sum(_part_truncated(t["part_url"]) for t in tasks)
     if truncated:
-        print(f"warning: {truncated} of {len(ids)} item texts were cut at max_length={opts.max_length} tokens "
-              f"(wrap={opts.wrap}); raise --max-length if the cut reaches the title", file=sys.stderr)
+        print(
+            f"warning: {truncated} of {len(ids)} item texts were cut at max_length={opts.max_length} tokens "
+            f"(wrap={opts.wrap}); raise --max-length if the cut reaches the title",
+            file=sys.stderr,
+        )
     raw = pa.concat_tables([read_parquet(t["part_url"]) for t in tasks])
     if not np.array_equal(raw.column("item_id").to_numpy(), ids):
         raise EmbedError(f"{parts_url}: parts do not cover the items in order; delete {folder} and rerun")
@@ -267,46 +290,43 @@ def embed_items(
     pq.write_table(table, buf, compression="zstd")
     storage.write_bytes_atomic(storage.join(folder, "embeddings.parquet"), buf.getvalue())
     meta = {
-        "model_dir": model_dir, "dataset": dataset_url, "num_items": int(len(ids)), "dim": int(vec.shape[1]),
-        "hidden_size": int(x.shape[1]), "options": asdict(opts), **info,
-        "seconds": round(time.perf_counter() - t0, 3), "example_text": texts[0] if texts else "", "truncated_texts": truncated,
+        "model_dir": model_dir,
+        "dataset": dataset_url,
+        "num_items": int(len(ids)),
+        "dim": int(vec.shape[1]),
+        "hidden_size": int(x.shape[1]),
+        "options": asdict(opts),
+        **info,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "example_text": texts[0] if texts else "",
+        "truncated_texts": truncated,
     }
     storage.write_json_atomic(meta_url, meta)
     return folder
 
 
-def embeddings_root(cfg: Any) -> str:
-    """Where a config's item embeddings are cached: {output_dir}/embeddings/{dataset name}."""
-    name = cfg.data.dataset_url.rstrip("/").rsplit("/", 1)[-1]
-    return storage.resolve(f"embeddings/{name}", cfg.run.output_dir)
-
-
-def latest_embeddings(root: str) -> str | None:
-    """The most recently completed embeddings folder under a cache root (None when there is none)."""
-    fs, path = storage.get_fs(root)
-    with storage.storage_errors(root):
-        if not fs.exists(path):
-            return None
-        done = [d for d in fs.ls(path, detail=False) if fs.exists(f"{d}/meta.json")]
-        if not done:
-            return None
-        newest = max(done, key=lambda d: fs.info(f"{d}/meta.json").get("mtime") or fs.info(f"{d}/meta.json").get("LastModified"))
-    return storage.join(root, newest.rstrip("/").rsplit("/", 1)[-1])
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
+    """Ray workers come from `runner` (the `reclora` command passes cluster.pool.run_sharded); without one,
+    every task runs in this process."""
     p = argparse.ArgumentParser(prog="python -m retrieval.embed_items", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="preset or YAML: dataset, output folder, PCA size, domain and seed from it")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
     p.add_argument("--dataset")
-    p.add_argument("--model", help="local Hugging Face model folder (config.json + safetensors + tokenizer); "
-                                   "with --config, defaults to model.name_or_path when that is a local folder")
+    p.add_argument(
+        "--model",
+        help="local Hugging Face model folder (config.json + safetensors + tokenizer); "
+        "with --config, defaults to model.name_or_path when that is a local folder",
+    )
     p.add_argument("--out", help="cache root URL; the result goes to {out}/{key}/")
     p.add_argument("--pca-dims", type=int, default=EmbedOptions.pca_dims)
     p.add_argument("--batch-size", type=int, default=EmbedOptions.batch_size)
     p.add_argument("--max-length", type=int, default=EmbedOptions.max_length)
     p.add_argument("--domain", default=EmbedOptions.domain)
-    p.add_argument("--template", default=None, help="sentences separated by ' || ', e.g. 'Here is a {domain}. || Its title is {title}.'")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="sentences separated by ' || ', e.g. 'Here is a {domain}. || Its title is {title}.'",
+    )
     p.add_argument("--wrap", choices=["none", "vicuna", "chat"], default="none")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--missing-text", choices=["error", "placeholder"], default="error")
@@ -314,23 +334,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.config:
-        from configs.loader import ConfigError, load_config
-
         try:
             cfg = load_config(a.config, a.overrides)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        from trainer.stages import paths  # the pipeline's layout, so this CLI and trainer/main.py agree
 
         a.dataset = a.dataset or paths(cfg).dataset
         a.out = a.out or embeddings_root(cfg)
-        a.pca_dims, a.domain, a.seed, a.num_workers = cfg.retrieval.pca_dim, cfg.data.domain, cfg.run.seed, cfg.retrieval.num_workers
+        a.pca_dims, a.domain, a.seed, a.num_workers = (
+            cfg.retrieval.pca_dim,
+            cfg.data.domain,
+            cfg.run.seed,
+            cfg.retrieval.num_workers,
+        )
         if not a.model:
             local = cfg.model.name_or_path
             if not storage.is_local(local) or not storage.exists(storage.join(local, "config.json")) or cfg.model.tiny:
-                print(f"error: --model: model.name_or_path={local!r} is not a local model folder; pass --model DIR, or run "
-                      f"`python trainer/main.py --config {a.config} --stages embed`, which fetches and converts it", file=sys.stderr)
+                print(
+                    f"error: --model: model.name_or_path={local!r} is not a local model folder; pass --model DIR, or run "
+                    f"`python trainer/main.py --config {a.config} --stages embed`, which fetches and converts it",
+                    file=sys.stderr,
+                )
                 return 2
             a.model = local
     missing = [n for n in ("dataset", "model", "out") if not getattr(a, n)]
@@ -338,14 +363,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: missing {', '.join('--' + m for m in missing)} (or use --config)", file=sys.stderr)
         return 2
     template = tuple(s.strip() for s in a.template.split("||")) if a.template else DEFAULT_TEMPLATE
-    opts = EmbedOptions(template=template, domain=a.domain, wrap=a.wrap, max_length=a.max_length, batch_size=a.batch_size,
-                        pca_dims=a.pca_dims, seed=a.seed, dtype=a.dtype, missing_text=a.missing_text)
+    opts = EmbedOptions(
+        template=template,
+        domain=a.domain,
+        wrap=a.wrap,
+        max_length=a.max_length,
+        batch_size=a.batch_size,
+        pca_dims=a.pca_dims,
+        seed=a.seed,
+        dtype=a.dtype,
+        missing_text=a.missing_text,
+    )
     try:
-        folder = embed_items(a.dataset, a.model, a.out, opts, a.num_workers)
+        folder = embed_items(a.dataset, a.model, a.out, opts, a.num_workers, runner=runner)
     except (EmbedError, DatasetError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"embeddings": folder, **storage.read_json(storage.join(folder, "meta.json"))}, indent=2, default=str))
+    print(
+        json.dumps(
+            {"embeddings": folder, **storage.read_json(storage.join(folder, "meta.json"))}, indent=2, default=str
+        )
+    )
     return 0
 
 

@@ -12,14 +12,17 @@ the other would leak). Because the block is sorted, the history of row r is alwa
 Results are ragged: `Ragged(offsets, index)` where index holds block row positions, time ordered within
 each target. No Python loop runs per row; SUBR loops per block of ~128 targets around one GEMM.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from configs.errors import RecloraError
 
-class HistoryError(ValueError):
+
+class HistoryError(RecloraError, ValueError):
     """Input that breaks the block contract (unsorted rows, missing embeddings)."""
 
 
@@ -51,7 +54,7 @@ def check_sorted(user_ids: np.ndarray, timestamps: np.ndarray, item_ids: np.ndar
         raise HistoryError(
             f"{where}: rows {i} and {i + 1} are out of (user_id, timestamp, item_id) order: "
             f"({user_ids[i]}, {timestamps[i]}, {item_ids[i]}) then ({user_ids[i + 1]}, {timestamps[i + 1]}, {item_ids[i + 1]}); "
-            f"shards must be written sorted (retrieval.ingest does)"
+            f"shards must be written sorted (recdata.ingest does)"
         )
 
 
@@ -179,7 +182,13 @@ def _within(counts: np.ndarray) -> np.ndarray:
 
 
 def top_similar_reference(
-    start: np.ndarray, end: np.ndarray, targets: np.ndarray, item_rows: np.ndarray, matrix: np.ndarray, k: int, pool: int
+    start: np.ndarray,
+    end: np.ndarray,
+    targets: np.ndarray,
+    item_rows: np.ndarray,
+    matrix: np.ndarray,
+    k: int,
+    pool: int,
 ) -> list[list[int]]:
     """Per-target Python loop with the same definition as `top_similar` (for tests and the benchmark)."""
     out = []
@@ -200,8 +209,14 @@ class ItemVectors:
     Ids are looked up with searchsorted on the sorted id array, so 0- and 1-based or sparse id spaces
     all work (ReLLa issue #14 indexed a 0-based matrix with 1-based ids)."""
 
-    def __init__(self, item_ids: np.ndarray, matrix: np.ndarray, normalize: bool = True, source: str = "embeddings",
-                 copy: bool = True):
+    def __init__(
+        self,
+        item_ids: np.ndarray,
+        matrix: np.ndarray,
+        normalize: bool = True,
+        source: str = "embeddings",
+        copy: bool = True,
+    ):
         """copy=False lets this object sort/normalize `matrix` in place (the caller hands it over)."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
         matrix = np.asarray(matrix, dtype=np.float32)
@@ -224,7 +239,9 @@ class ItemVectors:
             norms = np.linalg.norm(m, axis=1, keepdims=True)
             zero = norms[:, 0] == 0
             if zero.any():
-                raise HistoryError(f"{source}: zero vectors (no cosine defined) for item ids {self.item_ids[zero][:20].tolist()}")
+                raise HistoryError(
+                    f"{source}: zero vectors (no cosine defined) for item ids {self.item_ids[zero][:20].tolist()}"
+                )
             m /= norms
         self.matrix = np.ascontiguousarray(m, dtype=np.float32)
         self.source = source

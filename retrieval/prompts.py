@@ -9,6 +9,7 @@ Raw ids (user id, item id, zip code) never appear in text (RecLoRA appendix C). 
 function of the sample record, the item/user tables and the style: no randomness, so evaluation
 prompts are identical across runs (LLaRA picked one of three templates at random per batch).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
+
+from configs.errors import RecloraError
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -26,7 +29,7 @@ VICUNA_SYSTEM = (
 ML1M_AGE_LABELS = {1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
 
 
-class PromptError(ValueError):
+class PromptError(RecloraError, ValueError):
     """A sample that cannot be rendered (unknown item text, a question longer than the budget)."""
 
 
@@ -117,11 +120,15 @@ def ctr_prompt(
     """ReLLa CTR prompt; the history is oldest first, numbered from 0."""
     head, person = profile(user, style)
     entries = [
-        f"{i}. {_with_token(t, style.history_token)}{_stars(r, style)}" for i, (t, r) in enumerate(zip(hist_titles, hist_ratings))
+        f"{i}. {_with_token(t, style.history_token)}{_stars(r, style)}"
+        for i, (t, r) in enumerate(zip(hist_titles, hist_ratings))
     ]
     listing = "[" + ", ".join(repr(e) for e in entries) + "]"  # ReLLa prints str(list)
     if head:
-        lines = [head, f"{person.subject} {style.verb_past} the following {style.domain_plural} in order in the past, and rated them:"]
+        lines = [
+            head,
+            f"{person.subject} {style.verb_past} the following {style.domain_plural} in order in the past, and rated them:",
+        ]
     else:
         lines = [f"The user {style.verb_past} the following {style.domain_plural} in the past, and rated them:"]
     lines += [
@@ -157,7 +164,9 @@ def vicuna_wrap(text: str) -> str:
     return f"{VICUNA_SYSTEM} USER: {text} ASSISTANT: "
 
 
-def fit_history(render: Callable[[int], str], n_hist: int, count_tokens: Callable[[str], int], max_tokens: int) -> tuple[str, int]:
+def fit_history(
+    render: Callable[[int], str], n_hist: int, count_tokens: Callable[[str], int], max_tokens: int
+) -> tuple[str, int]:
     """The prompt keeping the most recent history items that fit in max_tokens.
 
     `render(m)` must render the prompt with the last m history items (the question always stays).
@@ -244,7 +253,9 @@ class PromptRenderer:
             )
         return out
 
-    def render(self, record: Mapping[str, Any], count_tokens: Callable[[str], int] | None = None, max_tokens: int | None = None) -> Rendered:
+    def render(
+        self, record: Mapping[str, Any], count_tokens: Callable[[str], int] | None = None, max_tokens: int | None = None
+    ) -> Rendered:
         hist_ids = list(record["text_hist_items"] or [])
         hist_titles = self.titles_of(hist_ids)
         if self.task == "ctr":
@@ -253,7 +264,9 @@ class PromptRenderer:
             user = self.users.get(record["user_id"])
 
             def build(m: int) -> str:
-                return ctr_prompt(hist_titles[len(hist_titles) - m :], ratings[len(ratings) - m :], target, self.style, user)
+                return ctr_prompt(
+                    hist_titles[len(hist_titles) - m :], ratings[len(ratings) - m :], target, self.style, user
+                )
 
             answer = ctr_answer(record["label"]) if record.get("label") is not None else ""
         else:

@@ -1,7 +1,7 @@
 """Sample records for arbitrary (user, item, time) requests, built with the retrieval of retrieval.build.
 
 A request is (user u, item i, time t) — t optional — plus, for next_item datasets, an optional candidate
-list. Its record has the schema of retrieval.samples.SAMPLE_SCHEMA and is built by the same rules as a
+list. Its record has the schema of recdata.samples.SAMPLE_SCHEMA and is built by the same rules as a
 sample of the training pipeline:
 
 * history = u's interactions with timestamp strictly less than t (all of u's interactions when t is not
@@ -21,6 +21,7 @@ user_id statistics overlap); each request becomes a virtual row placed after its
 the build's vectorized functions run on that block with history bounds [user start, rows before t).
 Requests that cannot become a record get a reason instead (see REASONS); none is dropped silently.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,10 +31,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval import storage
+from recdata import storage
+from recdata.samples import (
+    SAMPLE_SCHEMA,
+    SHARD_STRIDE,
+    TARGET_SPLITS,
+    list_array,
+    mix64,
+    sample_candidates,
+)
+from recdata.schema import Dataset, user_bucket
 from retrieval.history import ItemVectors, Ragged, check_sorted, recent, top_similar
-from retrieval.samples import SAMPLE_SCHEMA, SHARD_STRIDE, TARGET_SPLITS, list_array, mix64, sample_candidates
-from retrieval.schema import Dataset, user_bucket
 
 # Why a request has no record (the caller answers it with a null prediction and this reason).
 REASONS = {
@@ -41,7 +49,7 @@ REASONS = {
     "unknown_item": "the item is not in the dataset's items table (or has no item embedding)",
     "item_without_text": "the item has no title and the samples were built with missing_text=error",
     "no_history": "no interaction before the request time, and training drops such samples "
-                  "(empty_history=drop or min_history > 0)",
+    "(empty_history=drop or min_history > 0)",
     "short_history": "fewer interactions before the request time than the samples' min_history",
     "unknown_candidate": "a candidate is not in the dataset's items table (or has no title)",
     "item_not_in_candidates": "the request's item is not in its candidate list",
@@ -49,7 +57,7 @@ REASONS = {
     "too_few_negatives": "the user has seen nearly every item: fewer eligible negatives than num_candidates - 1",
 }
 _COLUMNS = ["user_id", "item_id", "timestamp", "rating", "split", "label"]
-# Hash salt for request keys: distinct from every counter-based stream in retrieval.samples.
+# Hash salt for request keys: distinct from every counter-based stream in recdata.samples.
 _KEY_SALT = np.uint64(0x5DEECE66D1CE4E5B)
 NO_TIME = np.iinfo(np.int64).max  # stands for "no timestamp given": every interaction is history
 
@@ -136,8 +144,14 @@ class RequestRetriever:
         return table, np.concatenate(positions).astype(np.int64)
 
     # ---- records
-    def records(self, shard: int, user_ids: Sequence[int], item_ids: Sequence[int], timestamps: Sequence[int | None],
-                candidates: Sequence[Sequence[int] | None] | None = None) -> RequestRecords:
+    def records(
+        self,
+        shard: int,
+        user_ids: Sequence[int],
+        item_ids: Sequence[int],
+        timestamps: Sequence[int | None],
+        candidates: Sequence[Sequence[int] | None] | None = None,
+    ) -> RequestRecords:
         """Records for requests whose users all live in `shard` (see shard_of). `timestamps[j]` None: no
         time given. `candidates[j]`: next_item only; None samples them as retrieval.build does."""
         o = self.opts
@@ -183,7 +197,7 @@ class RequestRetriever:
             if not has_time[j]:
                 continue
             lo = end[j]
-            hi = lo + np.searchsorted(r_ts[lo:u_hi[j]], ts[j], side="right")
+            hi = lo + np.searchsorted(r_ts[lo : u_hi[j]], ts[j], side="right")
             hit = lo + np.flatnonzero(r_item[lo:hi] == items[j])
             if len(hit) and r_split[hit[0]] in TARGET_SPLITS:
                 keys[j] = np.int64(shard) * SHARD_STRIDE + pos[hit[0]]
@@ -252,7 +266,9 @@ class RequestRetriever:
             for k in np.flatnonzero(~need):
                 cand_lists[k] = [int(c) for c in cands[req[k]]]
             if need.any():
-                drawn, good = sample_candidates(keys[req[need]], tg[need], bi, bs, be, self.catalogue, o.num_candidates, o.seed)
+                drawn, good = sample_candidates(
+                    keys[req[need]], tg[need], bi, bs, be, self.catalogue, o.num_candidates, o.seed
+                )
                 for k, row, g in zip(np.flatnonzero(need), drawn, good):
                     cand_lists[k] = row.tolist() if g else None
                     if not g:
@@ -303,6 +319,13 @@ def _isin_sorted(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
 
 
 def _empty_rows() -> pa.Table:
-    return pa.table({"user_id": pa.array([], pa.int64()), "item_id": pa.array([], pa.int64()),
-                     "timestamp": pa.array([], pa.int64()), "rating": pa.array([], pa.float32()),
-                     "split": pa.array([], pa.string()), "label": pa.array([], pa.int8())})
+    return pa.table(
+        {
+            "user_id": pa.array([], pa.int64()),
+            "item_id": pa.array([], pa.int64()),
+            "timestamp": pa.array([], pa.int64()),
+            "rating": pa.array([], pa.float32()),
+            "split": pa.array([], pa.string()),
+            "label": pa.array([], pa.int8()),
+        }
+    )

@@ -1,10 +1,13 @@
 """Trivial reference scorers that a teacher must beat: item popularity and random."""
+
 from __future__ import annotations
 
 import numpy as np
 
 
-def popularity_ctr(train_items: np.ndarray, train_labels: np.ndarray, eval_items: np.ndarray, prior_weight: float = 10.0) -> np.ndarray:
+def popularity_ctr(
+    train_items: np.ndarray, train_labels: np.ndarray, eval_items: np.ndarray, prior_weight: float = 10.0
+) -> np.ndarray:
     """Smoothed per-item positive rate from training; unseen items get the global rate."""
     train_items = np.asarray(train_items, dtype=np.int64)
     y = np.asarray(train_labels, dtype=np.float64)

@@ -1,16 +1,19 @@
 """Teacher (CRM) configuration. Field names follow `configs.schema.TeacherConfig`; the typed run config
 maps onto it with `TeacherConfig.from_run_config(cfg)`. The extra fields are the ones the run config
 does not carry yet."""
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from configs.errors import RecloraError
+
 MODELS = ("din", "sasrec")
 
 
-class TeacherConfigError(ValueError):
+class TeacherConfigError(RecloraError, ValueError):
     pass
 
 
@@ -37,7 +40,9 @@ class TeacherConfig:
     max_hist: int = 60  # K_id: most recent (or retrieved) history items fed to the model
     field_dim: int = 8  # profile fields, year, rating bucket
     genre_dim: int = 16
-    attn_hidden: int = 32  # width of DIN's first attention layer (halved per further layer); 32 keeps scoring >20k samples/s/core
+    attn_hidden: int = (
+        32  # width of DIN's first attention layer (halved per further layer); 32 keeps scoring >20k samples/s/core
+    )
     weight_decay: float = 0.0
     # Share of training ids replaced by the reserved UNK id, so UNK is trained and the model does not lean
     # on ids it will not see at inference. Users get a high rate: with a global time split most valid/test
@@ -60,8 +65,19 @@ class TeacherConfig:
         2 blocks, 1 head, state size 10)."""
         if model == "sasrec":
             # lr 3e-3 / batch 512: on LastFM this reaches in 2 epochs what 1e-3 / 256 reaches in 5.
-            base = dict(model="sasrec", embed_dim=64, rep_dim=64, attn_layers=2, num_heads=1, dropout=0.1,
-                        batch_size=512, lr=3e-3, max_hist=10, epochs=10, patience=3)
+            base = dict(
+                model="sasrec",
+                embed_dim=64,
+                rep_dim=64,
+                attn_layers=2,
+                num_heads=1,
+                dropout=0.1,
+                batch_size=512,
+                lr=3e-3,
+                max_hist=10,
+                epochs=10,
+                patience=3,
+            )
         elif model == "din":
             base = dict(model="din", dropout=0.3, weight_decay=0.05, epochs=8)
         else:
@@ -77,10 +93,22 @@ class TeacherConfig:
         `num_threads` CPUs per training worker, so N workers fit on N cores."""
         t = run_cfg.teacher
         base: dict[str, Any] = dict(
-            embed_dim=t.embed_dim, mlp_hidden=list(t.mlp_hidden), attn_layers=t.attn_layers, num_heads=t.num_heads,
-            dropout=t.dropout, weight_decay=t.weight_decay, rep_dim=t.rep_dim, epochs=t.epochs, lr=t.lr,
-            batch_size=t.batch_size, patience=t.patience, num_workers=t.num_workers, train_workers=t.train_workers,
-            seed=run_cfg.run.seed, max_hist=run_cfg.retrieval.k_id)
+            embed_dim=t.embed_dim,
+            mlp_hidden=list(t.mlp_hidden),
+            attn_layers=t.attn_layers,
+            num_heads=t.num_heads,
+            dropout=t.dropout,
+            weight_decay=t.weight_decay,
+            rep_dim=t.rep_dim,
+            epochs=t.epochs,
+            lr=t.lr,
+            batch_size=t.batch_size,
+            patience=t.patience,
+            num_workers=t.num_workers,
+            train_workers=t.train_workers,
+            seed=run_cfg.run.seed,
+            max_hist=run_cfg.retrieval.k_id,
+        )
         if t.train_workers > 1:
             base["num_threads"] = 1
         return cls.defaults(t.model, **{**base, **overrides})
@@ -112,8 +140,21 @@ class TeacherConfig:
             )
         if self.model == "sasrec" and self.embed_dim % self.num_heads:
             raise TeacherConfigError(f"num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
-        for name in ("embed_dim", "attn_layers", "num_heads", "rep_dim", "epochs", "batch_size", "max_hist",
-                     "field_dim", "genre_dim", "attn_hidden", "num_threads", "max_valid_samples", "train_workers"):
+        for name in (
+            "embed_dim",
+            "attn_layers",
+            "num_heads",
+            "rep_dim",
+            "epochs",
+            "batch_size",
+            "max_hist",
+            "field_dim",
+            "genre_dim",
+            "attn_hidden",
+            "num_threads",
+            "max_valid_samples",
+            "train_workers",
+        ):
             if int(getattr(self, name)) < 1:
                 raise TeacherConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("dropout", "id_dropout", "user_dropout"):

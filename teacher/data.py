@@ -3,6 +3,7 @@
 Training holds one encoded shard at a time (shuffled within the shard, shard order shuffled per epoch,
 both seeded), so memory is bounded by the shard size, not the dataset. Scoring streams row groups.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -13,16 +14,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval import storage
-from retrieval.schema import read_parquet
+from recdata import storage
+from recdata.samples import SamplesError
+from recdata.schema import read_parquet
 from teacher.features import Encoder
 
 # Only what the teacher reads; text-history columns stay on disk.
-SAMPLE_COLUMNS = ("sample_id", "user_id", "item_id", "label", "hist_len", "id_hist_items", "id_hist_ratings", "candidates")
-
-
-class SamplesError(RuntimeError):
-    pass
+SAMPLE_COLUMNS = (
+    "sample_id",
+    "user_id",
+    "item_id",
+    "label",
+    "hist_len",
+    "id_hist_items",
+    "id_hist_ratings",
+    "candidates",
+)
 
 
 def list_shards(samples_url: str, split: str, required: bool = True) -> list[str]:
@@ -34,7 +41,9 @@ def list_shards(samples_url: str, split: str, required: bool = True) -> list[str
     prefix = samples_url.split("://", 1)[0] + "://" if "://" in samples_url else ""
     urls = [prefix + p if prefix and not p.startswith(prefix) else p for p in found]
     if required and not urls:
-        raise SamplesError(f"{storage.join(samples_url, split)}: no shard-*.parquet files (was the '{split}' split built?)")
+        raise SamplesError(
+            f"{storage.join(samples_url, split)}: no shard-*.parquet files (was the '{split}' split built?)"
+        )
     return urls
 
 
@@ -97,14 +106,17 @@ def iter_train_parts(
         n = t.num_rows
         full = n - n % batch_size
         if full:
-            yield from _encode_parts(t.slice(0, full), [batch_size] * (full // batch_size), encoder, stats, url, rank, world)
+            yield from _encode_parts(
+                t.slice(0, full), [batch_size] * (full // batch_size), encoder, stats, url, rank, world
+            )
         carry = t.slice(full) if full < n else None
     if carry is not None:
         yield from _encode_parts(carry, [carry.num_rows], encoder, stats, url, rank, world)
 
 
-def _encode_parts(t: pa.Table, sizes: list[int], encoder: Encoder, stats: Counter | None, where: str,
-                  rank: int, world: int) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
+def _encode_parts(
+    t: pa.Table, sizes: list[int], encoder: Encoder, stats: Counter | None, where: str, rank: int, world: int
+) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
     # One encode call per shard for this rank's rows of all its batches (per-batch calls cost more).
     spans, idx, start = [], [], 0
     for n in sizes:
@@ -136,7 +148,9 @@ def iter_train_batches(
         yield batch
 
 
-def load_encoded(shard_urls: list[str], encoder: Encoder, limit: int | None = None, stats: Counter | None = None) -> dict[str, np.ndarray]:
+def load_encoded(
+    shard_urls: list[str], encoder: Encoder, limit: int | None = None, stats: Counter | None = None
+) -> dict[str, np.ndarray]:
     """A whole (small) split encoded in file order, capped at `limit` rows: the validation set."""
     parts = []
     n = 0

@@ -2,6 +2,7 @@
 long ID history, then an MLP whose last hidden layer is the gate representation (papers.md 1.3: one
 vector per (user, target) instance, 256-d by default). SIM is this same class fed retrieved histories.
 """
+
 from __future__ import annotations
 
 import numpy as np

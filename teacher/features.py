@@ -8,6 +8,7 @@ Items and users have two indices: the id-embedding index (training vocabulary) a
 (catalog from items.parquet / users.parquet). A cold item thus keeps its real genres and year even
 though its id embedding is the unknown one.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from configs.errors import RecloraError
+
 PAD, UNK = 0, 1
 NUM_RESERVED = 2
 # Rating buckets of 0.5 stars from 0 to 10 (covers 1-5 stars and 0-10 scales); 0 pad, 1 missing.
@@ -28,7 +31,7 @@ AGE_EDGES = (18, 25, 35, 45, 50, 56)
 AGE_LABELS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 
 
-class FeatureError(ValueError):
+class FeatureError(RecloraError, ValueError):
     """A sample or side table that cannot be encoded; the message names the sample_id/user_id and field."""
 
 
@@ -171,8 +174,19 @@ class FeatureSpace:
                 tokens[name] = vocab
                 index = {v: i + NUM_RESERVED for i, v in enumerate(vocab)}
                 user_attr[rows, j] = [index.get(v, UNK) if v is not None else UNK for v in values]
-        return cls(item_vocab, user_vocab, item_catalog, item_genres, item_year, genre_names, year_values,
-                   user_catalog, user_attr, user_fields, tokens)
+        return cls(
+            item_vocab,
+            user_vocab,
+            item_catalog,
+            item_genres,
+            item_year,
+            genre_names,
+            year_values,
+            user_catalog,
+            user_attr,
+            user_fields,
+            tokens,
+        )
 
     # ---- persistence (arrays -> safetensors, strings -> JSON) ----
     def arrays(self) -> dict[str, np.ndarray]:
@@ -201,16 +215,31 @@ class FeatureSpace:
         def vocab(key: str) -> IdVocab:
             return IdVocab(arrays[key])
 
-        return cls(vocab("items.ids"), vocab("users.ids"), vocab("item_catalog.ids"),
-                   np.asarray(arrays["item_genres"], dtype=np.int64), np.asarray(arrays["item_year"], dtype=np.int64),
-                   list(meta["genre_names"]), [int(y) for y in meta["year_values"]], vocab("user_catalog.ids"),
-                   np.asarray(arrays["user_attr"], dtype=np.int64), list(meta["user_fields"]),
-                   {k: list(v) for k, v in meta["user_field_tokens"].items()})
+        return cls(
+            vocab("items.ids"),
+            vocab("users.ids"),
+            vocab("item_catalog.ids"),
+            np.asarray(arrays["item_genres"], dtype=np.int64),
+            np.asarray(arrays["item_year"], dtype=np.int64),
+            list(meta["genre_names"]),
+            [int(y) for y in meta["year_values"]],
+            vocab("user_catalog.ids"),
+            np.asarray(arrays["user_attr"], dtype=np.int64),
+            list(meta["user_fields"]),
+            {k: list(v) for k, v in meta["user_field_tokens"].items()},
+        )
 
     def summary(self) -> str:
-        return json.dumps({"items": len(self.items.ids), "users": len(self.users.ids),
-                           "catalog_items": len(self.item_catalog.ids), "genres": len(self.genre_names),
-                           "years": len(self.year_values), "user_fields": self.user_fields})
+        return json.dumps(
+            {
+                "items": len(self.items.ids),
+                "users": len(self.users.ids),
+                "catalog_items": len(self.item_catalog.ids),
+                "genres": len(self.genre_names),
+                "years": len(self.year_values),
+                "user_fields": self.user_fields,
+            }
+        )
 
 
 def _user_field_strings(users: pa.Table, name: str, uids: np.ndarray) -> list[str | None]:
@@ -230,7 +259,10 @@ def _user_field_strings(users: pa.Table, name: str, uids: np.ndarray) -> list[st
 
 # ---- sample encoding ------------------------------------------------------------------------------
 
-def pad_lists_right(arr: pa.Array | pa.ChunkedArray, k: int, fill: Any = 0, dtype=np.int64) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+
+def pad_lists_right(
+    arr: pa.Array | pa.ChunkedArray, k: int, fill: Any = 0, dtype=np.int64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """List column -> ([n, k] values right-aligned so the most recent item is last, [n, k] mask of real
     entries, per-row lengths, [n, k] mask of null values inside lists). Longer lists keep their last k
     values; null lists are empty. One vectorized gather, no per-row Python."""
@@ -307,7 +339,9 @@ class Encoder:
         out["hist_row"] = np.where(mask, hrow, PAD)
         out["hist_mask"] = mask
         if "id_hist_ratings" in table.column_names:
-            ratings, rmask, rlengths, rnull = pad_lists_right(table.column("id_hist_ratings"), self.k, fill=0.0, dtype=np.float64)
+            ratings, rmask, rlengths, rnull = pad_lists_right(
+                table.column("id_hist_ratings"), self.k, fill=0.0, dtype=np.float64
+            )
             if not np.array_equal(rlengths, lengths) and not (rlengths == 0).all():
                 r = int(np.flatnonzero(rlengths != lengths)[0])
                 raise FeatureError(
@@ -327,7 +361,9 @@ class Encoder:
         if "hist_len" in table.column_names:
             hl = table.column("hist_len").cast(pa.float64()).to_numpy(zero_copy_only=False)
             if np.isnan(hl).any():
-                raise FeatureError(f"{where}: field 'hist_len' is null/NaN for sample_id {int(sample_id[np.flatnonzero(np.isnan(hl))[0]])}")
+                raise FeatureError(
+                    f"{where}: field 'hist_len' is null/NaN for sample_id {int(sample_id[np.flatnonzero(np.isnan(hl))[0]])}"
+                )
             hist_len = np.maximum(hl, lengths)
         out["hist_len"] = np.log1p(np.asarray(hist_len, dtype=np.float32)).astype(np.float32)
 
@@ -335,7 +371,11 @@ class Encoder:
             lab = table.column("label")
             out["label_valid"] = ~lab.is_null().to_numpy(zero_copy_only=False)
             out["label"] = lab.cast(pa.float32()).fill_null(0).to_numpy(zero_copy_only=False).astype(np.float32)
-        if self.task == "next_item" and "candidates" in table.column_names and table.column("candidates").null_count < table.num_rows:
+        if (
+            self.task == "next_item"
+            and "candidates" in table.column_names
+            and table.column("candidates").null_count < table.num_rows
+        ):
             cands = table.column("candidates")
             if cands.null_count:
                 r = int(np.flatnonzero(cands.is_null().to_numpy(zero_copy_only=False))[0])
@@ -343,13 +383,22 @@ class Encoder:
             lens = pc.list_value_length(cands).to_numpy(zero_copy_only=False)
             if (lens != lens[0]).any():
                 r = int(np.flatnonzero(lens != lens[0])[0])
-                raise FeatureError(f"{where}: sample_id {int(sample_id[r])} has {int(lens[r])} candidates, others {int(lens[0])}")
-            c = pc.list_flatten(cands).to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(sample_id), int(lens[0]))
+                raise FeatureError(
+                    f"{where}: sample_id {int(sample_id[r])} has {int(lens[r])} candidates, others {int(lens[0])}"
+                )
+            c = (
+                pc.list_flatten(cands)
+                .to_numpy(zero_copy_only=False)
+                .astype(np.int64)
+                .reshape(len(sample_id), int(lens[0]))
+            )
             pos = c == item_ids[:, None]
             missing = ~pos.any(axis=1)
             if missing.any():
                 r = int(np.flatnonzero(missing)[0])
-                raise FeatureError(f"{where}: sample_id {int(sample_id[r])}: target item {int(item_ids[r])} is not among its candidates")
+                raise FeatureError(
+                    f"{where}: sample_id {int(sample_id[r])}: target item {int(item_ids[r])} is not among its candidates"
+                )
             out["cand_idx"], cunk = s.items.lookup(c)
             out["target_pos"] = pos.argmax(axis=1).astype(np.int64)
             if stats is not None:

@@ -6,6 +6,7 @@ rest is JSON.
     {model_url}/teacher.json           config, sizes, metrics, sha256 of both files; written LAST,
                                        so its presence means the model is committed
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from retrieval import storage
+from configs.errors import RecloraError
+from recdata import storage
 from teacher.config import TeacherConfig
 from teacher.din import DIN
 from teacher.features import UNK, FeatureSpace
@@ -32,7 +34,7 @@ FEATURES_FILE = "features.safetensors"
 META_FILE = "teacher.json"
 
 
-class TeacherLoadError(RuntimeError):
+class TeacherLoadError(RecloraError, RuntimeError):
     pass
 
 
@@ -54,8 +56,9 @@ def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return out
 
 
-def apply_unk_dropout(b: dict[str, torch.Tensor], rates: dict[str, float], gen: torch.Generator,
-                      part: tuple[int, int] | None = None) -> None:
+def apply_unk_dropout(
+    b: dict[str, torch.Tensor], rates: dict[str, float], gen: torch.Generator, part: tuple[int, int] | None = None
+) -> None:
     """Replace a share of known ids by UNK during training (rates per input field) so the reserved
     unknown embedding is trained and means 'an id not seen in training' at inference.
 
@@ -79,7 +82,9 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_teacher(model_url: str, model: nn.Module, cfg: TeacherConfig, space: FeatureSpace, extra: dict[str, Any]) -> None:
+def save_teacher(
+    model_url: str, model: nn.Module, cfg: TeacherConfig, space: FeatureSpace, extra: dict[str, Any]
+) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     model_bytes = safetensors.torch.save(state)
     feat_bytes = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in space.arrays().items()})
@@ -120,16 +125,22 @@ def load_teacher(model_url: str, device: str | torch.device = "cpu") -> LoadedTe
     meta_url = storage.join(model_url, META_FILE)
     with storage.storage_errors(model_url):
         if not fs.exists(posixpath.join(root, META_FILE)):
-            raise TeacherLoadError(f"{model_url}: no {META_FILE}: not a committed teacher (training crashed or still running?)")
+            raise TeacherLoadError(
+                f"{model_url}: no {META_FILE}: not a committed teacher (training crashed or still running?)"
+            )
         meta = json.loads(fs.cat_file(posixpath.join(root, META_FILE)).decode("utf-8"))
     if meta.get("format_version") != FORMAT_VERSION:
-        raise TeacherLoadError(f"{meta_url}: format_version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
+        raise TeacherLoadError(
+            f"{meta_url}: format_version {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
+        )
     blobs = {}
     for name in (MODEL_FILE, FEATURES_FILE):
         with storage.storage_errors(model_url):
             data = fs.cat_file(posixpath.join(root, name))
         if _sha256(data) != meta["sha256"][name]:
-            raise TeacherLoadError(f"{storage.join(model_url, name)}: sha256 does not match {META_FILE} (partial or foreign file)")
+            raise TeacherLoadError(
+                f"{storage.join(model_url, name)}: sha256 does not match {META_FILE} (partial or foreign file)"
+            )
         blobs[name] = data
     cfg = TeacherConfig.from_dict(meta["config"])
     space = FeatureSpace.from_saved(safetensors.numpy.load(blobs[FEATURES_FILE]), meta["features"])

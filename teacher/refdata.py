@@ -1,5 +1,5 @@
 """Reference sample builders for the two shared benchmark datasets, used by the teacher's tests and
-benchmark until `retrieval.ingest` / `retrieval.build` produce the same layout for every dataset.
+benchmark until `recdata.ingest` / `retrieval.build` produce the same layout for every dataset.
 
 They write the sample-record schema of retrieval/build (recent-K histories only, no SUBR/SIM):
     {out}/{split}/shard-XXXXX.parquet   sample_id, user_id, item_id, timestamp, split, label, rating,
@@ -11,6 +11,7 @@ and for MovieLens a canonical dataset (manifest, interactions, items, users) bes
 - LLaRA LastFM next item: the given train/val/test rows; 20 candidates = target + 19 seeded negatives
   not in the history, shuffled, persisted (papers.md 2.1: never re-sampled per run).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,15 +23,41 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retrieval import storage
-from retrieval.schema import INTERACTIONS, SCHEMA_VERSION, split_array, user_bucket, write_parquet
+from recdata import storage
+from recdata.schema import (
+    INTERACTIONS,
+    SCHEMA_VERSION,
+    split_array,
+    user_bucket,
+    write_parquet,
+)
 
-ML_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-             "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+ML_GENRES = (
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 SPLIT_NAMES = ("train", "valid", "test")
 
 
 # ---- generic: interactions -> samples -------------------------------------------------------------
+
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, s+l) for each (s, l), vectorized."""
@@ -46,7 +73,9 @@ def _list_array(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, typ
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values[_ranges(starts, lengths)], typ))
 
 
-def samples_from_interactions(df: pd.DataFrame, k_id: int = 60, k_text: int = 10, with_candidates: bool = False) -> pa.Table:
+def samples_from_interactions(
+    df: pd.DataFrame, k_id: int = 60, k_text: int = 10, with_candidates: bool = False
+) -> pa.Table:
     """One sample per non-context interaction. df: user_id, item_id, timestamp, rating, split, label.
     History = that user's earlier rows in (timestamp, item_id) order."""
     d = df.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
@@ -68,7 +97,8 @@ def samples_from_interactions(df: pd.DataFrame, k_id: int = 60, k_text: int = 10
         "item_id": pa.array(items[rows]),
         "timestamp": pa.array(ts[rows]),
         "split": pa.array(d["split"].to_numpy()[rows].astype(str)),
-        "label": pa.array(d["label"].to_numpy()[rows], pa.int8()) if d["label"].notna().all()
+        "label": pa.array(d["label"].to_numpy()[rows], pa.int8())
+        if d["label"].notna().all()
         else pa.nulls(len(rows), pa.int8()),
         "rating": pa.array(ratings[rows]),
         "hist_len": pa.array(hlen.astype(np.int32)),
@@ -82,7 +112,9 @@ def samples_from_interactions(df: pd.DataFrame, k_id: int = 60, k_text: int = 10
     return pa.table(cols)
 
 
-def write_sample_shards(table: pa.Table, out_url: str, num_shards: int = 2, row_group_size: int = 8192) -> dict[str, int]:
+def write_sample_shards(
+    table: pa.Table, out_url: str, num_shards: int = 2, row_group_size: int = 8192
+) -> dict[str, int]:
     """{out}/{split}/shard-XXXXX.parquet, users hashed to shards, rows in (user, timestamp) order."""
     counts = {}
     for split in SPLIT_NAMES:
@@ -94,12 +126,15 @@ def write_sample_shards(table: pa.Table, out_url: str, num_shards: int = 2, row_
         for s in range(num_shards):
             part = t.filter(pa.array(bucket == s))
             if part.num_rows:
-                write_parquet(part, storage.join(out_url, split, f"shard-{s:05d}.parquet"), row_group_size=row_group_size)
+                write_parquet(
+                    part, storage.join(out_url, split, f"shard-{s:05d}.parquet"), row_group_size=row_group_size
+                )
     storage.write_json_atomic(storage.join(out_url, "manifest.json"), {"counts": counts, "builder": "teacher.refdata"})
     return counts
 
 
 # ---- MovieLens-100K CTR -----------------------------------------------------------------------------
+
 
 def read_movielens100k(src: str | Path) -> tuple[pd.DataFrame, pa.Table, pa.Table]:
     src = Path(src)
@@ -108,20 +143,26 @@ def read_movielens100k(src: str | Path) -> tuple[pd.DataFrame, pa.Table, pa.Tabl
     flags = raw_items.iloc[:, 5:24].to_numpy(dtype=bool)
     genres = ["|".join(g for g, f in zip(ML_GENRES, row) if f) for row in flags]
     years = [int(m.group(1)) if (m := re.search(r"\((\d{4})\)\s*$", str(t))) else None for t in raw_items[1]]
-    items = pa.table({
-        "item_id": pa.array(raw_items[0].to_numpy(np.int64)),
-        "title": pa.array(raw_items[1].astype(str).tolist()),
-        "genres": pa.array(genres),
-        "year": pa.array(years, pa.int32()),
-    })
-    u = pd.read_csv(src / "u.user", sep="|", names=["user_id", "age", "gender", "occupation", "zip"], dtype={"zip": str})
-    users = pa.table({
-        "user_id": pa.array(u["user_id"].to_numpy(np.int64)),
-        "age": pa.array(u["age"].to_numpy(np.int32)),
-        "gender": pa.array(u["gender"].tolist()),
-        "occupation": pa.array(u["occupation"].tolist()),
-        "zip": pa.array(u["zip"].tolist()),
-    })
+    items = pa.table(
+        {
+            "item_id": pa.array(raw_items[0].to_numpy(np.int64)),
+            "title": pa.array(raw_items[1].astype(str).tolist()),
+            "genres": pa.array(genres),
+            "year": pa.array(years, pa.int32()),
+        }
+    )
+    u = pd.read_csv(
+        src / "u.user", sep="|", names=["user_id", "age", "gender", "occupation", "zip"], dtype={"zip": str}
+    )
+    users = pa.table(
+        {
+            "user_id": pa.array(u["user_id"].to_numpy(np.int64)),
+            "age": pa.array(u["age"].to_numpy(np.int32)),
+            "gender": pa.array(u["gender"].tolist()),
+            "occupation": pa.array(u["occupation"].tolist()),
+            "zip": pa.array(u["zip"].tolist()),
+        }
+    )
     return ratings, items, users
 
 
@@ -141,26 +182,39 @@ def global_time_split(ratings: pd.DataFrame, ratios=(0.8, 0.1, 0.1), threshold: 
 
 def write_dataset(url: str, inter: pd.DataFrame, items: pa.Table, users: pa.Table | None, task: str) -> None:
     """Minimal canonical dataset (retrieval/schema.py layout) with one interactions shard."""
-    t = pa.table({
-        "user_id": pa.array(inter["user_id"].to_numpy(np.int64)),
-        "item_id": pa.array(inter["item_id"].to_numpy(np.int64)),
-        "timestamp": pa.array(inter["timestamp"].to_numpy(np.int64)),
-        "rating": pa.array(inter["rating"].to_numpy(np.float32)),
-        "split": split_array(inter["split"].to_numpy()),
-        "label": pa.array(inter["label"].to_numpy(), pa.int8()),
-    }, schema=INTERACTIONS)
+    t = pa.table(
+        {
+            "user_id": pa.array(inter["user_id"].to_numpy(np.int64)),
+            "item_id": pa.array(inter["item_id"].to_numpy(np.int64)),
+            "timestamp": pa.array(inter["timestamp"].to_numpy(np.int64)),
+            "rating": pa.array(inter["rating"].to_numpy(np.float32)),
+            "split": split_array(inter["split"].to_numpy()),
+            "label": pa.array(inter["label"].to_numpy(), pa.int8()),
+        },
+        schema=INTERACTIONS,
+    )
     write_parquet(t, storage.join(url, "interactions", "shard-00000.parquet"))
     write_parquet(items, storage.join(url, "items.parquet"))
-    manifest = {"schema_version": SCHEMA_VERSION, "task": task, "shards": [{"path": "interactions/shard-00000.parquet"}],
-                "items": {"path": "items.parquet"}}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "task": task,
+        "shards": [{"path": "interactions/shard-00000.parquet"}],
+        "items": {"path": "items.parquet"},
+    }
     if users is not None:
         write_parquet(users, storage.join(url, "users.parquet"))
         manifest["users"] = {"path": "users.parquet"}
     storage.write_json_atomic(storage.join(url, "manifest.json"), manifest)
 
 
-def build_movielens100k_ctr(src: str | Path, dataset_url: str, samples_url: str, k_id: int = 60, num_shards: int = 2,
-                            max_users: int | None = None) -> dict[str, int]:
+def build_movielens100k_ctr(
+    src: str | Path,
+    dataset_url: str,
+    samples_url: str,
+    k_id: int = 60,
+    num_shards: int = 2,
+    max_users: int | None = None,
+) -> dict[str, int]:
     """`max_users` keeps only the first N user ids (fast tests)."""
     ratings, items, users = read_movielens100k(src)
     if max_users is not None:
@@ -171,11 +225,14 @@ def build_movielens100k_ctr(src: str | Path, dataset_url: str, samples_url: str,
     samples = samples_from_interactions(inter, k_id=k_id)
     counts = write_sample_shards(samples, samples_url, num_shards)
     m = storage.read_json(storage.join(samples_url, "manifest.json"))
-    storage.write_json_atomic(storage.join(samples_url, "manifest.json"), {**m, "dataset_url": dataset_url, "task": "ctr"})
+    storage.write_json_atomic(
+        storage.join(samples_url, "manifest.json"), {**m, "dataset_url": dataset_url, "task": "ctr"}
+    )
     return counts
 
 
 # ---- LLaRA LastFM next item -------------------------------------------------------------------------
+
 
 def _negatives(rng: np.random.Generator, n_items: int, exclude: list[set[int]], k: int) -> np.ndarray:
     out = np.zeros((len(exclude), k), dtype=np.int64)
@@ -194,15 +251,25 @@ def _negatives(rng: np.random.Generator, n_items: int, exclude: list[set[int]], 
     return out
 
 
-def build_llara_samples(src: str | Path, samples_url: str, num_candidates: int = 20, seed: int = 0, num_shards: int = 2,
-                        max_train: int | None = None) -> dict[str, int]:
+def build_llara_samples(
+    src: str | Path,
+    samples_url: str,
+    num_candidates: int = 20,
+    seed: int = 0,
+    num_shards: int = 2,
+    max_train: int | None = None,
+) -> dict[str, int]:
     """LLaRA JSONL (seq padded with pad id = #items, len_seq, next) -> next-item samples. Rows have no user
     ids, so user_id is the sample id (the SASRec teacher does not use it)."""
     src = Path(src)
-    names = [line.split("::", 1) for line in (src / "orig" / "id2name.txt").read_text(encoding="utf-8").splitlines() if line]
+    names = [
+        line.split("::", 1) for line in (src / "orig" / "id2name.txt").read_text(encoding="utf-8").splitlines() if line
+    ]
     n_items = len(names)
     tables = []
-    for si, (split, fname) in enumerate((("train", "train_data.jsonl"), ("valid", "val_data.jsonl"), ("test", "test_data.jsonl"))):
+    for si, (split, fname) in enumerate(
+        (("train", "train_data.jsonl"), ("valid", "val_data.jsonl"), ("test", "test_data.jsonl"))
+    ):
         rows = [json.loads(x) for x in (src / fname).read_text().splitlines() if x.strip()]
         if split == "train" and max_train is not None:
             rows = rows[:max_train]
@@ -218,33 +285,44 @@ def build_llara_samples(src: str | Path, samples_url: str, num_candidates: int =
         flat = np.array([v for h in hists for v in h], dtype=np.int64)
         starts = np.cumsum(lens) - lens
         ltx = np.minimum(lens, 10)
-        tables.append(pa.table({
-            "sample_id": pa.array(sid),
-            "user_id": pa.array(sid),
-            "item_id": pa.array(target),
-            "timestamp": pa.array(np.arange(len(rows), dtype=np.int64)),
-            "split": pa.array([split] * len(rows)),
-            "label": pa.nulls(len(rows), pa.int8()),
-            "rating": pa.nulls(len(rows), pa.float32()),
-            "hist_len": pa.array(lens.astype(np.int32)),
-            "text_hist_items": _list_array(flat, starts + lens - ltx, ltx, pa.int64()),
-            "text_hist_ratings": _list_array(np.ones(len(flat), np.float32), starts + lens - ltx, ltx, pa.float32()),
-            "id_hist_items": _list_array(flat, starts, lens, pa.int64()),
-            "id_hist_ratings": _list_array(np.ones(len(flat), np.float32), starts, lens, pa.float32()),
-            "id_hist_timestamps": _list_array(np.arange(len(flat), dtype=np.int64), starts, lens, pa.int64()),
-            "candidates": pa.ListArray.from_arrays(pa.array(np.arange(len(rows) + 1, dtype=np.int32) * num_candidates),
-                                                   pa.array(cands.reshape(-1))),
-        }))
+        tables.append(
+            pa.table(
+                {
+                    "sample_id": pa.array(sid),
+                    "user_id": pa.array(sid),
+                    "item_id": pa.array(target),
+                    "timestamp": pa.array(np.arange(len(rows), dtype=np.int64)),
+                    "split": pa.array([split] * len(rows)),
+                    "label": pa.nulls(len(rows), pa.int8()),
+                    "rating": pa.nulls(len(rows), pa.float32()),
+                    "hist_len": pa.array(lens.astype(np.int32)),
+                    "text_hist_items": _list_array(flat, starts + lens - ltx, ltx, pa.int64()),
+                    "text_hist_ratings": _list_array(
+                        np.ones(len(flat), np.float32), starts + lens - ltx, ltx, pa.float32()
+                    ),
+                    "id_hist_items": _list_array(flat, starts, lens, pa.int64()),
+                    "id_hist_ratings": _list_array(np.ones(len(flat), np.float32), starts, lens, pa.float32()),
+                    "id_hist_timestamps": _list_array(np.arange(len(flat), dtype=np.int64), starts, lens, pa.int64()),
+                    "candidates": pa.ListArray.from_arrays(
+                        pa.array(np.arange(len(rows) + 1, dtype=np.int32) * num_candidates), pa.array(cands.reshape(-1))
+                    ),
+                }
+            )
+        )
     counts = write_sample_shards(pa.concat_tables(tables), samples_url, num_shards)
     m = storage.read_json(storage.join(samples_url, "manifest.json"))
-    storage.write_json_atomic(storage.join(samples_url, "manifest.json"), {**m, "task": "next_item", "num_items": n_items})
+    storage.write_json_atomic(
+        storage.join(samples_url, "manifest.json"), {**m, "task": "next_item", "num_items": n_items}
+    )
     return counts
 
 
 # ---- small synthetic datasets (unit tests) ----------------------------------------------------------
 
-def synthetic_ctr(n_users: int = 60, n_items: int = 80, per_user: int = 30, n_genres: int = 4, seed: int = 0
-                  ) -> tuple[pd.DataFrame, pa.Table, pa.Table]:
+
+def synthetic_ctr(
+    n_users: int = 60, n_items: int = 80, per_user: int = 30, n_genres: int = 4, seed: int = 0
+) -> tuple[pd.DataFrame, pa.Table, pa.Table]:
     """Users like (rating >= 4) items of their preferred genre: learnable by any CTR model."""
     rng = np.random.default_rng(seed)
     item_genre = rng.integers(0, n_genres, n_items)
@@ -256,44 +334,75 @@ def synthetic_ctr(n_users: int = 60, n_items: int = 80, per_user: int = 30, n_ge
             rating = float(np.clip(np.rint(base + rng.normal(0, 0.7)), 1, 5))
             rows.append((u + 1, int(i) + 1, rating, int(rng.integers(0, 10**6))))
     df = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    items = pa.table({"item_id": pa.array(np.arange(1, n_items + 1, dtype=np.int64)),
-                      "title": pa.array([f"item {i}" for i in range(1, n_items + 1)]),
-                      "genres": pa.array([f"g{g}|all" for g in item_genre]),
-                      "year": pa.array((1990 + item_genre).astype(np.int32))})
-    users = pa.table({"user_id": pa.array(np.arange(1, n_users + 1, dtype=np.int64)),
-                      "age": pa.array(rng.integers(15, 70, n_users).astype(np.int32)),
-                      "gender": pa.array(rng.choice(["M", "F"], n_users).tolist())})
+    items = pa.table(
+        {
+            "item_id": pa.array(np.arange(1, n_items + 1, dtype=np.int64)),
+            "title": pa.array([f"item {i}" for i in range(1, n_items + 1)]),
+            "genres": pa.array([f"g{g}|all" for g in item_genre]),
+            "year": pa.array((1990 + item_genre).astype(np.int32)),
+        }
+    )
+    users = pa.table(
+        {
+            "user_id": pa.array(np.arange(1, n_users + 1, dtype=np.int64)),
+            "age": pa.array(rng.integers(15, 70, n_users).astype(np.int32)),
+            "gender": pa.array(rng.choice(["M", "F"], n_users).tolist()),
+        }
+    )
     return df, items, users
 
 
-def build_synthetic_ctr(dataset_url: str, samples_url: str, k_id: int = 20, num_shards: int = 2, seed: int = 0,
-                        **kw) -> dict[str, int]:
+def build_synthetic_ctr(
+    dataset_url: str, samples_url: str, k_id: int = 20, num_shards: int = 2, seed: int = 0, **kw
+) -> dict[str, int]:
     df, items, users = synthetic_ctr(seed=seed, **kw)
     inter = global_time_split(df)
     write_dataset(dataset_url, inter, items, users, "ctr")
-    counts = write_sample_shards(samples_from_interactions(inter, k_id=k_id), samples_url, num_shards, row_group_size=64)
+    counts = write_sample_shards(
+        samples_from_interactions(inter, k_id=k_id), samples_url, num_shards, row_group_size=64
+    )
     m = storage.read_json(storage.join(samples_url, "manifest.json"))
-    storage.write_json_atomic(storage.join(samples_url, "manifest.json"), {**m, "dataset_url": dataset_url, "task": "ctr"})
+    storage.write_json_atomic(
+        storage.join(samples_url, "manifest.json"), {**m, "dataset_url": dataset_url, "task": "ctr"}
+    )
     return counts
 
 
-def with_candidates(table: pa.Table, n_items: int, num_candidates: int = 20, seed: int = 0, first_item: int = 0) -> pa.Table:
+def with_candidates(
+    table: pa.Table, n_items: int, num_candidates: int = 20, seed: int = 0, first_item: int = 0
+) -> pa.Table:
     """Set `candidates` = target + seeded negatives (ids first_item..first_item+n_items-1) not in the
     history, shuffled."""
     rng = np.random.default_rng(seed)
     target = table.column("item_id").to_numpy()
     hists = table.column("id_hist_items").to_pylist()
-    neg = _negatives(rng, n_items, [{h - first_item for h in (hist or [])} | {int(t) - first_item}
-                                    for hist, t in zip(hists, target)], num_candidates - 1) + first_item
+    neg = (
+        _negatives(
+            rng,
+            n_items,
+            [{h - first_item for h in (hist or [])} | {int(t) - first_item} for hist, t in zip(hists, target)],
+            num_candidates - 1,
+        )
+        + first_item
+    )
     cands = np.concatenate([target[:, None], neg], axis=1)
     cands = np.take_along_axis(cands, np.argsort(rng.random(cands.shape), axis=1), axis=1)
-    arr = pa.ListArray.from_arrays(pa.array(np.arange(len(target) + 1, dtype=np.int32) * num_candidates),
-                                   pa.array(cands.reshape(-1).astype(np.int64)))
+    arr = pa.ListArray.from_arrays(
+        pa.array(np.arange(len(target) + 1, dtype=np.int32) * num_candidates),
+        pa.array(cands.reshape(-1).astype(np.int64)),
+    )
     return table.set_column(table.schema.get_field_index("candidates"), "candidates", arr)
 
 
-def build_synthetic_next(samples_url: str, n_users: int = 80, n_items: int = 60, length: int = 16, k_id: int = 10,
-                         num_shards: int = 2, seed: int = 0) -> dict[str, int]:
+def build_synthetic_next(
+    samples_url: str,
+    n_users: int = 80,
+    n_items: int = 60,
+    length: int = 16,
+    k_id: int = 10,
+    num_shards: int = 2,
+    seed: int = 0,
+) -> dict[str, int]:
     """Each user walks item ids upward with a user-specific step (1 or 2): the next item is predictable
     from the history. Per-user split: last item test, second last valid, the rest train."""
     rng = np.random.default_rng(seed)

@@ -4,6 +4,7 @@ Input: the K most recent item ids, right-aligned (most recent last). Representat
 state at the last position (64-d as in iLoRA). Items are scored by dot product with the item table,
 which `item_embeddings()` exposes for the trainer's hybrid projector.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(d, cfg.num_heads, cfg.dropout) for _ in range(cfg.attn_layers))
         self.ln = nn.LayerNorm(d)
         self.rep_dim = d
-        nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
+        nn.init.normal_(self.item_emb.weight, std=d**-0.5)
         with torch.no_grad():
             self.item_emb.weight[PAD].zero_()
 

@@ -12,6 +12,7 @@ Output, one file per input sample shard (same name), rows in input order:
 A shard is redone unless its marker exists and names the same model (sha256), so a killed job is
 resumed by running it again; names starting with "_" are skipped by Parquet dataset readers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,20 +29,30 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
-from retrieval import storage
-from retrieval.schema import read_parquet
+from configs.errors import RecloraError
+from configs.loader import ConfigError, load_config
+from recdata import storage
+from recdata.layout import paths
+from recdata.runner import Runner, run_in_process
+from recdata.schema import read_parquet
 from teacher.data import SamplesError, iter_row_groups, list_shards
-from teacher.features import Encoder
-from teacher.model_io import META_FILE, MODEL_FILE, load_teacher, pick_device, to_tensors
+from teacher.features import Encoder, FeatureError
+from teacher.model_io import (
+    META_FILE,
+    MODEL_FILE,
+    TeacherLoadError,
+    load_teacher,
+    pick_device,
+    to_tensors,
+)
 
 MANIFEST = "manifest.json"
 MARKER_DIR = "_committed"
 SPLITS = ("train", "valid", "test")
 
 
-class RepsError(RuntimeError):
+class RepsError(RecloraError, RuntimeError):
     """Representations missing, incomplete, of the wrong size, or non-finite."""
 
 
@@ -73,8 +84,16 @@ def _write_json(fs, path: str, obj: Any, local: bool) -> None:
 class ScoreWorker:
     """Scores whole sample shards. Plain Python: runs in-process or as a Ray actor via cluster.pool."""
 
-    def __init__(self, model_url: str, samples_url: str, reps_url: str, batch_size: int = 4096, device: str = "cpu",
-                 num_threads: int = 1, s3_endpoint: str | None = None):
+    def __init__(
+        self,
+        model_url: str,
+        samples_url: str,
+        reps_url: str,
+        batch_size: int = 4096,
+        device: str = "cpu",
+        num_threads: int = 1,
+        s3_endpoint: str | None = None,
+    ):
         if s3_endpoint:
             storage.configure(endpoint_url=s3_endpoint)
         torch.set_num_threads(max(1, int(num_threads)))
@@ -130,8 +149,14 @@ class ScoreWorker:
             if self.local and fs.exists(target):
                 fs.rm(target)
             raise
-        marker = {"split": split, "shard": shard, "rows": int(stats["samples"]), "model_sha256": self.model_sha,
-                  "rep_dim": self.teacher.rep_dim, "stats": {k: int(v) for k, v in sorted(stats.items())}}
+        marker = {
+            "split": split,
+            "shard": shard,
+            "rows": int(stats["samples"]),
+            "model_sha256": self.model_sha,
+            "rep_dim": self.teacher.rep_dim,
+            "stats": {k: int(v) for k, v in sorted(stats.items())},
+        }
         with storage.storage_errors(self.reps_url):
             if self.local:
                 fs.mv(target, final)
@@ -151,10 +176,16 @@ class ScoreWorker:
         bad = ~np.isfinite(rep).all(axis=1) | ~np.isfinite(score)
         if bad.any():
             sid = int(enc["sample_id"][np.flatnonzero(bad)[0]])
-            raise RepsError(f"{where}: non-finite teacher output for sample_id {sid} ({int(bad.sum())} rows in this batch)")
+            raise RepsError(
+                f"{where}: non-finite teacher output for sample_id {sid} ({int(bad.sum())} rows in this batch)"
+            )
         stats["zero_reps"] += int((~rep.any(axis=1)).sum())  # possible after ReLU; counted, never substituted
         d = rep.shape[1]
-        cols = [pa.array(enc["sample_id"]), pa.FixedSizeListArray.from_arrays(pa.array(rep.reshape(-1)), d), pa.array(score)]
+        cols = [
+            pa.array(enc["sample_id"]),
+            pa.FixedSizeListArray.from_arrays(pa.array(rep.reshape(-1)), d),
+            pa.array(score),
+        ]
         if "candidate_scores" in self.schema.names:
             if "candidate_scores" in pred:
                 cs = pred["candidate_scores"].float().cpu().numpy()
@@ -169,10 +200,6 @@ def _quiet() -> bool:
     return os.environ.get("RECLORA_QUIET", "0") == "1"
 
 
-def _current_s3_endpoint() -> str | None:
-    return storage._s3_options().get("endpoint_url")
-
-
 def score_samples(
     model_url: str,
     samples_url: str,
@@ -183,29 +210,43 @@ def score_samples(
     num_cpus_per_actor: float = 1.0,
     use_gpu: bool = False,
     expected_rep_dim: int | None = None,
+    runner: Runner | None = None,
 ) -> dict[str, Any]:
-    """Score every shard of `splits` into `reps_url`. num_actors=0 runs in this process (no Ray).
+    """Score every shard of `splits` into `reps_url`. num_actors=0 (or no runner) runs in this process;
+    otherwise `runner` (cluster.pool.run_sharded: Ray actors) runs the shards.
     Returns a summary: rows and unknown-id counts per split, shards skipped (already committed), speed."""
     meta_url = storage.join(model_url, META_FILE)
     if not storage.exists(meta_url):
         raise RepsError(f"{model_url}: no committed teacher ({META_FILE} missing); run teacher.train first")
     meta = storage.read_json(meta_url)
     check_rep_dim(meta["rep_dim"], expected_rep_dim, model_url)
-    tasks = [{"split": s, "shard": posixpath.basename(u)} for s in splits for u in list_shards(samples_url, s, required=False)]
+    tasks = [
+        {"split": s, "shard": posixpath.basename(u)}
+        for s in splits
+        for u in list_shards(samples_url, s, required=False)
+    ]
     if not tasks:
         raise SamplesError(f"{samples_url}: no sample shards in splits {list(splits)}")
-    kwargs = dict(model_url=model_url, samples_url=samples_url, reps_url=reps_url, batch_size=batch_size,
-                  device="cuda" if use_gpu else "cpu", num_threads=max(1, int(num_cpus_per_actor)),
-                  s3_endpoint=_current_s3_endpoint())
+    kwargs = dict(
+        model_url=model_url,
+        samples_url=samples_url,
+        reps_url=reps_url,
+        batch_size=batch_size,
+        device="cuda" if use_gpu else "cpu",
+        num_threads=max(1, int(num_cpus_per_actor)),
+        s3_endpoint=storage.s3_endpoint(),
+    )
     t0 = time.time()
-    if num_actors == 0:
-        worker = ScoreWorker(**kwargs)
-        results = [worker.run(t) for t in tqdm(tasks, desc="teacher.score", unit="shard", disable=_quiet(), file=sys.stderr)]
-    else:
-        from cluster.pool import run_sharded
-
-        results = run_sharded(ScoreWorker, kwargs, tasks, num_actors=num_actors, num_cpus_per_actor=num_cpus_per_actor,
-                              num_gpus_per_actor=1.0 if use_gpu else 0.0, desc="teacher.score")
+    run = runner if runner is not None and num_actors > 0 else run_in_process
+    results = run(
+        ScoreWorker,
+        kwargs,
+        tasks,
+        num_actors=num_actors,
+        num_cpus_per_actor=num_cpus_per_actor,
+        num_gpus_per_actor=1.0 if use_gpu else 0.0,
+        desc="teacher.score",
+    )
     elapsed = time.time() - t0
     per_split: dict[str, dict[str, Any]] = {}
     for r in sorted(results, key=lambda r: (r["split"], r["shard"])):
@@ -220,8 +261,10 @@ def score_samples(
         "task": meta["task"],
         "rep_dim": meta["rep_dim"],
         "samples_url": samples_url,
-        "splits": {s: {"rows": v["rows"], "shards": v["shards"], "stats": dict(sorted(v["stats"].items()))}
-                   for s, v in sorted(per_split.items())},
+        "splits": {
+            s: {"rows": v["rows"], "shards": v["shards"], "stats": dict(sorted(v["stats"].items()))}
+            for s, v in sorted(per_split.items())
+        },
     }
     storage.write_json_atomic(storage.join(reps_url, MANIFEST), manifest)
     scored = sum(r["rows"] for r in results if not r["skipped"])
@@ -239,6 +282,7 @@ def score_samples(
 
 # ---- reading (for the LLM trainer) -----------------------------------------------------------------
 
+
 def open_reps(reps_url: str, expected_rep_dim: int | None = None) -> dict[str, Any]:
     """The reps manifest, after checking it is complete and of the size the trainer expects."""
     murl = storage.join(reps_url, MANIFEST)
@@ -249,7 +293,9 @@ def open_reps(reps_url: str, expected_rep_dim: int | None = None) -> dict[str, A
     return m
 
 
-def read_reps(reps_url: str, split: str, expected_rep_dim: int | None = None, columns: list[str] | None = None) -> pa.Table:
+def read_reps(
+    reps_url: str, split: str, expected_rep_dim: int | None = None, columns: list[str] | None = None
+) -> pa.Table:
     m = open_reps(reps_url, expected_rep_dim)
     if split not in m["splits"]:
         raise RepsError(f"{reps_url}: split '{split}' was not scored (have {sorted(m['splits'])})")
@@ -270,8 +316,10 @@ def rep_matrix(reps_url: str, split: str, sample_ids: np.ndarray, expected_rep_d
     pos = np.minimum(np.searchsorted(ids_sorted, want), max(len(ids_sorted) - 1, 0))
     missing = (len(ids_sorted) == 0) | (ids_sorted[pos] != want) if len(want) else np.zeros(0, bool)
     if np.any(missing):
-        raise RepsError(f"{reps_url}/{split}: no representation for sample_id {int(want[np.flatnonzero(missing)[0]])} "
-                        f"({int(np.sum(missing))} of {len(want)} missing)")
+        raise RepsError(
+            f"{reps_url}/{split}: no representation for sample_id {int(want[np.flatnonzero(missing)[0]])} "
+            f"({int(np.sum(missing))} of {len(want)} missing)"
+        )
     return reps[order[pos]]
 
 
@@ -280,11 +328,16 @@ def pc_flatten(col: pa.ChunkedArray) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
+    """Ray workers come from `runner` (the `reclora` command passes cluster.pool.run_sharded); without one,
+    every task runs in this process."""
     p = argparse.ArgumentParser(prog="python -m teacher.score", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="preset name or YAML: model, samples and reps URLs (trainer.stages.paths), actors "
-                                    "(teacher.num_workers) and the expected size (teacher.rep_dim) from it; "
-                                    "--model/--samples/--out/--num-actors/--expected-rep-dim are then ignored")
+    p.add_argument(
+        "--config",
+        help="preset name or YAML: model, samples and reps URLs (trainer.stages.paths), actors "
+        "(teacher.num_workers) and the expected size (teacher.rep_dim) from it; "
+        "--model/--samples/--out/--num-actors/--expected-rep-dim are then ignored",
+    )
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
     p.add_argument("--model", help="committed teacher URL (teacher.train --out)")
     p.add_argument("--samples")
@@ -296,15 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--expected-rep-dim", type=int, default=None)
     a = p.parse_args(argv)
-    from configs.loader import ConfigError
-    from teacher.features import FeatureError
-    from teacher.model_io import TeacherLoadError
 
     try:
         if a.config:
-            from configs.loader import load_config
-            from trainer.stages import paths
-
             cfg = load_config(a.config, a.overrides)
             storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
             pt = paths(cfg)
@@ -320,13 +367,40 @@ def main(argv: list[str] | None = None) -> int:
             if a.overrides:
                 raise RepsError(f"key=value overrides {a.overrides} need --config")
             model, samples, out, num_actors, rep_dim = a.model, a.samples, a.out, a.num_actors, a.expected_rep_dim
-        res = score_samples(model, samples, out, num_actors, [s for s in a.splits.split(",") if s], a.batch_size,
-                            a.cpus_per_actor, a.gpu, rep_dim)
+        res = score_samples(
+            model,
+            samples,
+            out,
+            num_actors,
+            [s for s in a.splits.split(",") if s],
+            a.batch_size,
+            a.cpus_per_actor,
+            a.gpu,
+            rep_dim,
+            runner=runner,
+        )
     except (ConfigError, RepsError, SamplesError, FeatureError, TeacherLoadError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": out, **{k: res[k] for k in ("rep_dim", "splits", "shards_total", "shards_skipped",
-                                                          "rows_scored", "seconds", "samples_per_s")}}))
+    print(
+        json.dumps(
+            {
+                "out": out,
+                **{
+                    k: res[k]
+                    for k in (
+                        "rep_dim",
+                        "splits",
+                        "shards_total",
+                        "shards_skipped",
+                        "rows_scored",
+                        "seconds",
+                        "samples_per_s",
+                    )
+                },
+            }
+        )
+    )
     return 0
 
 

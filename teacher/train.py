@@ -10,6 +10,7 @@ count. One process by default (CPU or one GPU); `--num-workers N` / `teacher.tra
 data-parallel on N Ray Train workers (cluster.launch, DistributedDataParallel) over the same global
 batches. With --config, the URLs come from `trainer.stages.paths`, the same ones the pipeline uses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,13 +30,29 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from retrieval import storage
-from retrieval.schema import Dataset, DatasetError
-from teacher import metrics as M
+from configs.loader import ConfigError, load_config
+from recdata import metrics as M
+from recdata import storage
+from recdata.layout import paths
+from recdata.runner import Launcher
+from recdata.schema import Dataset, DatasetError
 from teacher.config import TeacherConfig, TeacherConfigError
-from teacher.data import SamplesError, iter_train_parts, list_shards, load_encoded, read_shard
-from teacher.features import Encoder, FeatureSpace, training_ids
-from teacher.model_io import META_FILE, apply_unk_dropout, build_model, pick_device, save_teacher, to_tensors
+from teacher.data import (
+    SamplesError,
+    iter_train_parts,
+    list_shards,
+    load_encoded,
+    read_shard,
+)
+from teacher.features import Encoder, FeatureError, FeatureSpace, training_ids
+from teacher.model_io import (
+    META_FILE,
+    apply_unk_dropout,
+    build_model,
+    pick_device,
+    save_teacher,
+    to_tensors,
+)
 
 log = logging.getLogger("teacher.train")
 
@@ -59,7 +76,9 @@ def side_tables(samples_url: str, dataset_url: str | None) -> tuple[pa.Table | N
 
 
 @torch.inference_mode()
-def predict_encoded(model: torch.nn.Module, enc: dict[str, np.ndarray], batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
+def predict_encoded(
+    model: torch.nn.Module, enc: dict[str, np.ndarray], batch_size: int, device: torch.device
+) -> dict[str, np.ndarray]:
     """Model outputs for an encoded split, batch by batch, in eval mode."""
     was_training = model.training
     model.eval()
@@ -75,7 +94,9 @@ def predict_encoded(model: torch.nn.Module, enc: dict[str, np.ndarray], batch_si
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def evaluate(model: torch.nn.Module, enc: dict[str, np.ndarray], task: str, batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, enc: dict[str, np.ndarray], task: str, batch_size: int, device: torch.device
+) -> dict[str, float]:
     pred = predict_encoded(model, enc, batch_size, device)
     if task == "ctr":
         keep = enc["label_valid"] if "label_valid" in enc else np.ones(len(enc["sample_id"]), bool)
@@ -95,7 +116,9 @@ def build_feature_space(train_shards: list[str], items: pa.Table | None, users: 
         u, i = training_ids(read_shard(url, columns=["user_id", "item_id", "id_hist_items"]))
         user_parts.append(u)
         item_parts.append(i)
-    return FeatureSpace.build(np.unique(np.concatenate(user_parts)), np.unique(np.concatenate(item_parts)), items, users)
+    return FeatureSpace.build(
+        np.unique(np.concatenate(user_parts)), np.unique(np.concatenate(item_parts)), items, users
+    )
 
 
 def _check_labels(task: str, shard_urls: list[str]) -> None:
@@ -106,7 +129,9 @@ def _check_labels(task: str, shard_urls: list[str]) -> None:
         nulls = t.column("label").is_null().to_numpy(zero_copy_only=False)
         if nulls.any():
             sid = int(t.column("sample_id")[int(np.flatnonzero(nulls)[0])].as_py())
-            raise SamplesError(f"{url}: field 'label' is null for sample_id {sid}: CTR training needs labels (is this a next-item dataset?)")
+            raise SamplesError(
+                f"{url}: field 'label' is null for sample_id {sid}: CTR training needs labels (is this a next-item dataset?)"
+            )
 
 
 # Unknown-id counters the encoder keeps; summed over ranks in data-parallel training.
@@ -121,6 +146,7 @@ def train_teacher(
     progress: bool | None = None,
     evaluate_test: bool = True,
     num_workers: int | None = None,
+    launch: Launcher | None = None,
 ) -> dict[str, Any]:
     """Train on `{samples_url}/train`, select on `{samples_url}/valid`, commit to `out_url`.
     Returns {"valid": best metrics, "test": metrics (if a test split exists), "history": per epoch, ...}.
@@ -135,27 +161,50 @@ def train_teacher(
     show = (not _quiet()) if progress is None else progress
     if workers == 1:
         return _fit(samples_url, out_url, cfg, dataset_url, show, evaluate_test)
-    return _fit_on_ray(samples_url, out_url, cfg, dataset_url, show, evaluate_test, workers)
+    if launch is None:
+        raise TeacherConfigError(
+            f"train_workers={workers}: data-parallel training needs a launcher "
+            f"(cluster.launch.run_training); run it through `reclora teacher` or the pipeline"
+        )
+    return _fit_distributed(samples_url, out_url, cfg, dataset_url, show, evaluate_test, workers, launch)
 
 
-def _fit_on_ray(samples_url: str, out_url: str, cfg: TeacherConfig, dataset_url: str | None, show: bool,
-                evaluate_test: bool, workers: int) -> dict[str, Any]:
-    from cluster.launch import run_training
-
+def _fit_distributed(
+    samples_url: str,
+    out_url: str,
+    cfg: TeacherConfig,
+    dataset_url: str | None,
+    show: bool,
+    evaluate_test: bool,
+    workers: int,
+    launch: Launcher,
+) -> dict[str, Any]:
     # Missing input fails here, in seconds, not after Ray Train has started a worker group.
     list_shards(samples_url, "train")
     list_shards(samples_url, "valid")
     # Workers rebuild the config from plain JSON-able values; the S3 endpoint is process state here.
-    params = {"samples_url": samples_url, "out_url": out_url, "cfg": {**cfg.to_dict(), "train_workers": workers},
-              "dataset_url": dataset_url,
-              "progress": show, "evaluate_test": evaluate_test, "s3_endpoint": storage._s3_options().get("endpoint_url")}
+    params = {
+        "samples_url": samples_url,
+        "out_url": out_url,
+        "cfg": {**cfg.to_dict(), "train_workers": workers},
+        "dataset_url": dataset_url,
+        "progress": show,
+        "evaluate_test": evaluate_test,
+        "s3_endpoint": storage.s3_endpoint(),
+    }
     # The model is committed by rank 0 with its metrics in teacher.json: the driver reads them from
     # storage (rank 0 may run on another node). Remove an old commit first so a stale one is never read.
     storage.rm(storage.join(out_url, META_FILE))
     # No restarts: the teacher keeps no checkpoints, and a data or config error would just repeat.
-    run_training(ddp_worker, params, num_workers=workers, use_gpu=cfg.device == "cuda",
-                 cpus_per_worker=float(cfg.num_threads), name=f"teacher-{cfg.model}-{uuid.uuid4().hex[:8]}",
-                 max_failures=0)
+    launch(
+        ddp_worker,
+        params,
+        num_workers=workers,
+        use_gpu=cfg.device == "cuda",
+        cpus_per_worker=float(cfg.num_threads),
+        name=f"teacher-{cfg.model}-{uuid.uuid4().hex[:8]}",
+        max_failures=0,
+    )
     meta_url = storage.join(out_url, META_FILE)
     if not storage.exists(meta_url):
         raise RuntimeError(f"{out_url}: data-parallel teacher training finished without committing {META_FILE}")
@@ -168,10 +217,20 @@ def ddp_worker(params: dict[str, Any], rank: int, world: int, report: Any = None
     if params.get("s3_endpoint"):
         storage.configure(endpoint_url=params["s3_endpoint"])
     if not dist.is_initialized():
-        raise RuntimeError("teacher.train.ddp_worker: no torch.distributed process group (run it through cluster.launch)")
+        raise RuntimeError(
+            "teacher.train.ddp_worker: no torch.distributed process group (run it through cluster.launch)"
+        )
     cfg = TeacherConfig.from_dict(params["cfg"])
-    res = _fit(params["samples_url"], params["out_url"], cfg, params["dataset_url"], bool(params["progress"]) and rank == 0,
-               bool(params["evaluate_test"]), rank=rank, world=world)
+    res = _fit(
+        params["samples_url"],
+        params["out_url"],
+        cfg,
+        params["dataset_url"],
+        bool(params["progress"]) and rank == 0,
+        bool(params["evaluate_test"]),
+        rank=rank,
+        world=world,
+    )
     return res if rank == 0 else {}
 
 
@@ -183,8 +242,16 @@ def _sum_over_ranks(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
-def _fit(samples_url: str, out_url: str, cfg: TeacherConfig, dataset_url: str | None, show: bool, evaluate_test: bool,
-         rank: int = 0, world: int = 1) -> dict[str, Any]:
+def _fit(
+    samples_url: str,
+    out_url: str,
+    cfg: TeacherConfig,
+    dataset_url: str | None,
+    show: bool,
+    evaluate_test: bool,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, Any]:
     """The training loop. world == 1: this process alone. world > 1: one rank of a torch.distributed group;
     every rank builds the same feature space and model, trains on its slice of each global batch (DDP
     averages the gradients), and rank 0 alone evaluates, early-stops (the decision is broadcast so no rank
@@ -216,8 +283,9 @@ def _fit(samples_url: str, out_url: str, cfg: TeacherConfig, dataset_url: str | 
 
         # Buffers are lookup tables built identically on every rank from the same feature space: no need
         # to broadcast them every step. The wrapper broadcasts rank 0's initial weights once.
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      forward_sync_buffers=False)
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
         if rank:
             # Distinct dropout masks per rank (rank 0 keeps the single-process stream).
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
@@ -231,8 +299,16 @@ def _fit(samples_url: str, out_url: str, cfg: TeacherConfig, dataset_url: str | 
         net.train()
         stats: Counter = Counter()
         total, count = 0.0, 0
-        bar = tqdm(desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", unit="sample", disable=not show, file=sys.stderr, mininterval=5)
-        for nb, offset, size in iter_train_parts(train_shards, encoder, cfg.batch_size, cfg.seed, epoch, stats, rank, world):
+        bar = tqdm(
+            desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
+            unit="sample",
+            disable=not show,
+            file=sys.stderr,
+            mininterval=5,
+        )
+        for nb, offset, size in iter_train_parts(
+            train_shards, encoder, cfg.batch_size, cfg.seed, epoch, stats, rank, world
+        ):
             b = to_tensors(nb, device)
             apply_unk_dropout(b, model.unk_dropout_rates(), gen, part=(offset, size))
             n = len(nb["sample_id"])
@@ -248,7 +324,9 @@ def _fit(samples_url: str, out_url: str, cfg: TeacherConfig, dataset_url: str | 
                 s, c = _sum_over_ranks([float(loss.detach()) * n, n], world)
                 batch_loss = s / c
             if not np.isfinite(batch_loss):
-                raise FloatingPointError(f"{cfg.model}: non-finite training loss at epoch {epoch + 1} (lr {cfg.lr} too high?)")
+                raise FloatingPointError(
+                    f"{cfg.model}: non-finite training loss at epoch {epoch + 1} (lr {cfg.lr} too high?)"
+                )
             opt.zero_grad(set_to_none=True)
             scale = n * world / size
             if scale != 1.0:
@@ -270,7 +348,8 @@ def _fit(samples_url: str, out_url: str, cfg: TeacherConfig, dataset_url: str | 
             row = {"epoch": epoch + 1, "train_loss": total / max(count, 1), **{f"valid_{k}": v for k, v in m.items()}}
             history.append(row)
             msg = f"[teacher] {cfg.model} epoch {epoch + 1}: loss {row['train_loss']:.4f} valid " + " ".join(
-                f"{k}={v:.4f}" for k, v in m.items() if k != "n")
+                f"{k}={v:.4f}" for k, v in m.items() if k != "n"
+            )
             if show:
                 print(msg, file=sys.stderr, flush=True)
             else:
@@ -302,7 +381,9 @@ def _fit(samples_url: str, out_url: str, cfg: TeacherConfig, dataset_url: str | 
         "train_workers": world,
         "unknown": {"train": train_stats, "valid": dict(valid_stats)},
     }
-    result["valid"] = {k.removeprefix("valid_"): v for k, v in history[best_epoch - 1].items() if k.startswith("valid_")}
+    result["valid"] = {
+        k.removeprefix("valid_"): v for k, v in history[best_epoch - 1].items() if k.startswith("valid_")
+    }
     test_shards = list_shards(samples_url, "test", required=False) if evaluate_test else []
     if test_shards:
         test_stats: Counter = Counter()
@@ -316,28 +397,57 @@ def _fit(samples_url: str, out_url: str, cfg: TeacherConfig, dataset_url: str | 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m teacher.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="preset name or YAML: samples, dataset, model URL and teacher settings from it "
-                                    "(trainer.stages.paths); the explicit options below are then ignored")
+    p.add_argument(
+        "--config",
+        help="preset name or YAML: samples, dataset, model URL and teacher settings from it "
+        "(trainer.stages.paths); the explicit options below are then ignored",
+    )
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
     p.add_argument("--samples", help="samples URL ({samples}/{split}/shard-*.parquet)")
     p.add_argument("--out", help="model URL to commit to")
     p.add_argument("--model", choices=["din", "sasrec"])
     p.add_argument("--dataset", default=None, help="canonical dataset URL for item/user attributes")
-    for name, typ in (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int), ("max-hist", int),
-                      ("embed-dim", int), ("attn-layers", int), ("dropout", float), ("patience", int),
-                      ("num-threads", int), ("weight-decay", float)):
+    for name, typ in (
+        ("epochs", int),
+        ("batch-size", int),
+        ("lr", float),
+        ("seed", int),
+        ("max-hist", int),
+        ("embed-dim", int),
+        ("attn-layers", int),
+        ("dropout", float),
+        ("patience", int),
+        ("num-threads", int),
+        ("weight-decay", float),
+    ):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--mlp-hidden", default=None, help="comma-separated, e.g. 256,256,256 (DIN)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="data-parallel Ray Train workers (each takes --num-threads CPUs); default 1: this process")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="data-parallel Ray Train workers (each takes --num-threads CPUs); default 1: this process",
+    )
     return p.parse_args(argv)
 
 
 def _config_from_args(a: argparse.Namespace) -> TeacherConfig:
     over: dict[str, Any] = {}
-    for name in ("epochs", "batch_size", "lr", "seed", "max_hist", "embed_dim", "attn_layers", "dropout", "patience",
-                 "num_threads", "weight_decay", "device"):
+    for name in (
+        "epochs",
+        "batch_size",
+        "lr",
+        "seed",
+        "max_hist",
+        "embed_dim",
+        "attn_layers",
+        "dropout",
+        "patience",
+        "num_threads",
+        "weight_decay",
+        "device",
+    ):
         v = getattr(a, name)
         if v is not None:
             over[name] = v
@@ -360,8 +470,6 @@ def _resolve(a: argparse.Namespace) -> tuple[str, str, str | None, TeacherConfig
         if a.overrides:
             raise TeacherConfigError(f"key=value overrides {a.overrides} need --config")
         return a.samples, a.out, a.dataset, _config_from_args(a)
-    from configs.loader import load_config
-    from trainer.stages import paths
 
     cfg = load_config(a.config, a.overrides)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
@@ -369,9 +477,9 @@ def _resolve(a: argparse.Namespace) -> tuple[str, str, str | None, TeacherConfig
     return p.samples, p.teacher, p.dataset, TeacherConfig.from_run_config(cfg)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from configs.loader import ConfigError
-    from teacher.features import FeatureError
+def main(argv: list[str] | None = None, launch: Launcher | None = None) -> int:
+    """Data-parallel training (train_workers > 1) needs `launch` (the `reclora` command passes
+    cluster.launch.run_training)."""
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = _parse(argv)
@@ -381,12 +489,21 @@ def main(argv: list[str] | None = None) -> int:
         if a.config and not storage.exists(storage.join(samples, "manifest.json")):
             cmd = " ".join(["python -m retrieval.build --config", a.config, *a.overrides])
             raise SamplesError(f"{samples}: no manifest.json: the samples are not built; run `{cmd}` first")
-        res = train_teacher(samples, out, cfg, dataset_url=dataset)
+        res = train_teacher(samples, out, cfg, dataset_url=dataset, launch=launch)
     except (ConfigError, TeacherConfigError, SamplesError, FeatureError, DatasetError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"valid": res["valid"], "test": res.get("test"), "best_epoch": res["best_epoch"],
-                      "train_workers": res["train_workers"], "out": out}))
+    print(
+        json.dumps(
+            {
+                "valid": res["valid"],
+                "test": res.get("test"),
+                "best_epoch": res["best_epoch"],
+                "train_workers": res["train_workers"],
+                "out": out,
+            }
+        )
+    )
     return 0
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a real S3-compatible server (moto in server mode over HTTP on loopback), the shared
 data folder beside the repo, and a local Ray. Nothing here mocks a library in-process."""
+
 from __future__ import annotations
 
 import os
@@ -8,6 +9,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from cluster.runtime import init_ray, shutdown_ray
+from recdata import storage
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -47,7 +51,10 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="testing",
@@ -76,7 +83,6 @@ def s3_bucket(s3_server) -> str:
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray per test session (127.0.0.1, 2 CPUs, no dashboard)."""
-    from cluster.runtime import init_ray, shutdown_ray
 
     ray = init_ray(num_cpus=2)
     yield ray
@@ -87,6 +93,5 @@ def ray_local():
 def _reset_storage_options():
     """A CLI test may point storage at another endpoint (storage.configure is process-wide): undo it."""
     yield
-    from retrieval import storage
 
     storage.configure()

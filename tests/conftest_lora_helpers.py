@@ -29,7 +29,7 @@ def ref_ilora_loop(x, w0, a, b, gate, scaling, num_experts):
     r = a.shape[0] // num_experts
     y = x @ w0.T
     for k in range(num_experts):
-        a_k, b_k = a[k * r:(k + 1) * r], b[:, k * r:(k + 1) * r]
+        a_k, b_k = a[k * r : (k + 1) * r], b[:, k * r : (k + 1) * r]
         y = y + scaling * gate[:, k, None, None] * ((x @ a_k.T) @ b_k.T)
     return y
 
@@ -37,7 +37,7 @@ def ref_ilora_loop(x, w0, a, b, gate, scaling, num_experts):
 def ref_reclora_bmm(x, w0, a, b, gate, scaling, num_experts):
     """RecLoRA as written: materialized A_u = sum_k g_k A_k, B_u = sum_k g_k B_k, per-sample bmm."""
     r = a.shape[0] // num_experts
-    a_u = torch.einsum("bn,nri->bri", gate, a.view(num_experts, r, -1))         # (B, r, d_in)
+    a_u = torch.einsum("bn,nri->bri", gate, a.view(num_experts, r, -1))  # (B, r, d_in)
     b_u = torch.einsum("bn,onr->bor", gate, b.view(b.shape[0], num_experts, r))  # (B, d_out, r)
     return x @ w0.T + scaling * torch.bmm(torch.bmm(x, a_u.transpose(1, 2)), b_u.transpose(1, 2))
 

@@ -1,13 +1,14 @@
 """Checkpoint store and data schedule: the parts of resume that need no Ray or DeepSpeed to check."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from retrieval import storage
+from recdata import storage
+from recdata.streams import Schedule, TrainDataError
 from trainer import checkpoint as ckpt
-from trainer.data import Schedule, TrainDataError
 
 
 def _save(run: str, step: int, world: int = 2, parts=None) -> str:
@@ -15,8 +16,16 @@ def _save(run: str, step: int, world: int = 2, parts=None) -> str:
     parts = parts or {"model": "m", "lora": {"r": 4}}
     meta = {"fingerprint": ckpt.config_fingerprint(parts), "fingerprint_parts": parts, "optimizer_step": step}
     for r in range(world - 1, -1, -1):
-        url = ckpt.save(run, step, r, world, {f"p{r}::param": torch.full((2, 3), float(step + r))},
-                        {"rng": ckpt.rng_state(), "cursor": {"row": step}}, meta if r == 0 else None, lambda: None)
+        url = ckpt.save(
+            run,
+            step,
+            r,
+            world,
+            {f"p{r}::param": torch.full((2, 3), float(step + r))},
+            {"rng": ckpt.rng_state(), "cursor": {"row": step}},
+            meta if r == 0 else None,
+            lambda: None,
+        )
     return url
 
 

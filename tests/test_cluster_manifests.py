@@ -1,4 +1,5 @@
 """Kubernetes manifests and the container image recipe, checked without a cluster or a Docker engine."""
+
 from __future__ import annotations
 
 import re
@@ -7,31 +8,88 @@ import tomllib
 
 import yaml
 
+from configs.loader import load_config
 from tests.conftest import REPO
 
 K8S = REPO / "cluster" / "k8s"
 
 # The part of the KubeRay v1 API (ray.io/v1) these manifests use: allowed keys per object.
 POD_TEMPLATE = {"metadata": None, "spec": None}  # a core/v1 PodTemplateSpec (checked separately)
-GROUP_COMMON = {"rayStartParams": None, "template": POD_TEMPLATE, "serviceType": None, "headService": None,
-                "enableIngress": None}
-WORKER_GROUP = {"groupName": None, "replicas": None, "minReplicas": None, "maxReplicas": None, "rayStartParams": None,
-                "template": POD_TEMPLATE, "numOfHosts": None, "scaleStrategy": None, "idleTimeoutSeconds": None,
-                "suspend": None}
-RAY_CLUSTER_SPEC = {"rayVersion": None, "enableInTreeAutoscaling": None, "autoscalerOptions": None,
-                    "headGroupSpec": GROUP_COMMON, "workerGroupSpecs": [WORKER_GROUP], "headServiceAnnotations": None,
-                    "suspend": None, "managedBy": None, "gcsFaultToleranceOptions": None}
-RAY_JOB_SPEC = {"entrypoint": None, "runtimeEnvYAML": None, "jobId": None, "shutdownAfterJobFinishes": None,
-                "ttlSecondsAfterFinished": None, "activeDeadlineSeconds": None, "backoffLimit": None,
-                "rayClusterSpec": RAY_CLUSTER_SPEC, "clusterSelector": None, "submissionMode": None,
-                "submitterPodTemplate": None, "entrypointNumCpus": None, "entrypointNumGpus": None,
-                "entrypointResources": None, "suspend": None, "managedBy": None, "deletionStrategy": None,
-                "submitterConfig": None}
+GROUP_COMMON = {
+    "rayStartParams": None,
+    "template": POD_TEMPLATE,
+    "serviceType": None,
+    "headService": None,
+    "enableIngress": None,
+}
+WORKER_GROUP = {
+    "groupName": None,
+    "replicas": None,
+    "minReplicas": None,
+    "maxReplicas": None,
+    "rayStartParams": None,
+    "template": POD_TEMPLATE,
+    "numOfHosts": None,
+    "scaleStrategy": None,
+    "idleTimeoutSeconds": None,
+    "suspend": None,
+}
+RAY_CLUSTER_SPEC = {
+    "rayVersion": None,
+    "enableInTreeAutoscaling": None,
+    "autoscalerOptions": None,
+    "headGroupSpec": GROUP_COMMON,
+    "workerGroupSpecs": [WORKER_GROUP],
+    "headServiceAnnotations": None,
+    "suspend": None,
+    "managedBy": None,
+    "gcsFaultToleranceOptions": None,
+}
+RAY_JOB_SPEC = {
+    "entrypoint": None,
+    "runtimeEnvYAML": None,
+    "jobId": None,
+    "shutdownAfterJobFinishes": None,
+    "ttlSecondsAfterFinished": None,
+    "activeDeadlineSeconds": None,
+    "backoffLimit": None,
+    "rayClusterSpec": RAY_CLUSTER_SPEC,
+    "clusterSelector": None,
+    "submissionMode": None,
+    "submitterPodTemplate": None,
+    "entrypointNumCpus": None,
+    "entrypointNumGpus": None,
+    "entrypointResources": None,
+    "suspend": None,
+    "managedBy": None,
+    "deletionStrategy": None,
+    "submitterConfig": None,
+}
 SCHEMA = {"RayJob": RAY_JOB_SPEC, "RayCluster": RAY_CLUSTER_SPEC}
-CONTAINER_KEYS = {"name", "image", "resources", "ports", "env", "envFrom", "volumeMounts", "command", "args",
-                  "lifecycle", "securityContext", "imagePullPolicy"}
-POD_SPEC_KEYS = {"containers", "volumes", "tolerations", "nodeSelector", "affinity", "serviceAccountName",
-                 "imagePullSecrets", "priorityClassName"}
+CONTAINER_KEYS = {
+    "name",
+    "image",
+    "resources",
+    "ports",
+    "env",
+    "envFrom",
+    "volumeMounts",
+    "command",
+    "args",
+    "lifecycle",
+    "securityContext",
+    "imagePullPolicy",
+}
+POD_SPEC_KEYS = {
+    "containers",
+    "volumes",
+    "tolerations",
+    "nodeSelector",
+    "affinity",
+    "serviceAccountName",
+    "imagePullSecrets",
+    "priorityClassName",
+}
 
 
 def _check(node, schema, path: str, errors: list[str]) -> None:
@@ -119,7 +177,6 @@ def test_credentials_only_from_secrets():
 
 
 def test_entrypoint_configs_exist_and_validate():
-    from configs.loader import load_config
 
     entrypoints = []
     for f, doc in _docs():
@@ -135,7 +192,7 @@ def test_entrypoint_configs_exist_and_validate():
         assert argv[:2] == ["python", "trainer/main.py"], ep
         cfg_path = argv[argv.index("--config") + 1]
         assert (REPO / cfg_path).exists(), cfg_path
-        overrides = [a for a in argv[argv.index("--config") + 2:] if "=" in a]
+        overrides = [a for a in argv[argv.index("--config") + 2 :] if "=" in a]
         load_config(str(REPO / cfg_path), overrides)
 
 

@@ -1,4 +1,5 @@
 """Typed configuration: presets load, bad keys/values fail before any work with the key path named."""
+
 from __future__ import annotations
 
 import subprocess
@@ -6,8 +7,15 @@ import sys
 
 import pytest
 
-from configs.loader import ConfigError, available_presets, load_config, to_yaml, validate
+from configs.loader import (
+    ConfigError,
+    available_presets,
+    load_config,
+    to_yaml,
+    validate,
+)
 from tests.conftest import REPO
+from trainer.main import parse_args
 
 PRESETS = {"tiny", "demo", "ml100k-reclora", "lastfm-ilora", "ml1m-reclora-7b", "lastfm-ilora-7b"}
 
@@ -22,12 +30,23 @@ def test_all_presets_exist_and_validate():
 def test_paper_defaults_in_cluster_presets():
     rec = load_config("ml1m-reclora-7b").trainer.lora
     assert (rec.mode, rec.target_modules, rec.r, rec.alpha, rec.num_experts, rec.temperature) == (
-        "reclora", ["q_proj", "v_proj"], 8, 16, 16, 5.0)
+        "reclora",
+        ["q_proj", "v_proj"],
+        8,
+        16,
+        16,
+        5.0,
+    )
     c = load_config("ml1m-reclora-7b")
     assert (c.retrieval.k_text, c.retrieval.k_id, c.trainer.lr, c.trainer.batch_size) == (10, 60, 1e-3, 256)
     il = load_config("lastfm-ilora-7b")
     assert il.trainer.lora.mode == "ilora" and len(il.trainer.lora.target_modules) == 7
-    assert (il.trainer.lora.r, il.trainer.lora.num_experts, il.trainer.lora.alpha, il.trainer.lora.dropout) == (8, 4, 32, 0.1)
+    assert (il.trainer.lora.r, il.trainer.lora.num_experts, il.trainer.lora.alpha, il.trainer.lora.dropout) == (
+        8,
+        4,
+        32,
+        0.1,
+    )
     assert il.retrieval.num_candidates == 20 and il.trainer.lora.gate_lr_mult == 0.3
 
 
@@ -78,14 +97,18 @@ def test_unknown_preset_and_bad_yaml(tmp_path):
 
 
 def test_cli_reports_config_error_before_work():
-    proc = subprocess.run([sys.executable, "trainer/main.py", "--config", "configs/tiny.yaml", "trainer.lora.num_experts=x"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "trainer/main.py", "--config", "configs/tiny.yaml", "trainer.lora.num_experts=x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "trainer.lora.num_experts: expected int >= 1, got 'x'" in proc.stderr
 
 
 def test_main_accepts_overrides_before_and_after_options():
-    from trainer.main import parse_args
 
     a = parse_args(["--config", "tiny", "trainer.lr=0.1", "--stages", "train", "trainer.max_steps=2", "--dry-run"])
     assert a.overrides == ["trainer.lr=0.1", "trainer.max_steps=2"] and a.stages == "train" and a.dry_run

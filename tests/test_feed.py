@@ -1,5 +1,6 @@
 """Stream parts as the trainer reads them while the feed may still be writing them: waits, commit markers,
 a failed feed, a timeout, a part that does not match its plan."""
+
 from __future__ import annotations
 
 import threading
@@ -9,24 +10,40 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from retrieval import storage
-from trainer.data import FEED_FAILED, STREAM_SCHEMA, StreamReader, TrainDataError, part_marker, part_name
+from recdata import storage
+from recdata.schema import write_parquet
+from recdata.streams import (
+    FEED_FAILED,
+    STREAM_SCHEMA,
+    StreamReader,
+    TrainDataError,
+    part_marker,
+    part_name,
+)
 from trainer.feed import plan_split
 
 
 def _part(n: int, first_id: int) -> pa.Table:
-    rows = {"sample_id": list(range(first_id, first_id + n)), "input_ids": [[1, 2, 3]] * n, "prompt_len": [2] * n,
-            "label": [1] * n, "item_id": [7] * n, "candidates": [None] * n, "rep": [[0.5, 0.25]] * n,
-            "item_slots": [None] * n, "teacher_score": [0.9] * n}
+    rows = {
+        "sample_id": list(range(first_id, first_id + n)),
+        "input_ids": [[1, 2, 3]] * n,
+        "prompt_len": [2] * n,
+        "label": [1] * n,
+        "item_id": [7] * n,
+        "candidates": [None] * n,
+        "rep": [[0.5, 0.25]] * n,
+        "item_slots": [None] * n,
+        "teacher_score": [0.9] * n,
+    }
     return pa.Table.from_pydict(rows, schema=STREAM_SCHEMA)
 
 
 def _commit(task: dict, table: pa.Table) -> None:
-    from retrieval.schema import write_parquet
 
     write_parquet(table, task["url"])
-    storage.write_json_atomic(part_marker(task["url"]), {"key": task["key"], "rows": table.num_rows, "tokens": 0,
-                                                          "max_len": 3, "counts": {}})
+    storage.write_json_atomic(
+        part_marker(task["url"]), {"key": task["key"], "rows": table.num_rows, "tokens": 0, "max_len": 3, "counts": {}}
+    )
 
 
 def test_reader_waits_for_parts_being_built(tmp_path):
@@ -53,7 +70,6 @@ def test_reader_waits_for_parts_being_built(tmp_path):
 
 
 def test_uncommitted_or_stale_part_is_not_read(tmp_path):
-    from retrieval.schema import write_parquet
 
     data = str(tmp_path / "data")
     _, tasks = plan_split(data, "valid", np.arange(8), part_rows=4, key="new")
@@ -70,7 +86,9 @@ def test_failed_feed_stops_waiting_readers(tmp_path):
     data = str(tmp_path / "data")
     _, tasks = plan_split(data, "test", np.arange(4), part_rows=4, key="k")
     reader = StreamReader(storage.join(data, "test"), poll_s=0.02)
-    storage.write_json_atomic(storage.join(data, FEED_FAILED), {"error": "RepsError: no representation for sample_id 3"})
+    storage.write_json_atomic(
+        storage.join(data, FEED_FAILED), {"error": "RepsError: no representation for sample_id 3"}
+    )
     with pytest.raises(TrainDataError, match="feed failed: RepsError: no representation for sample_id 3"):
         reader.rows_at(np.array([0]))
 

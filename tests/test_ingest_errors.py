@@ -1,5 +1,6 @@
 """Bad input gets a one-line error naming file, line/column and the fix (or a counted skip), a non-zero
 exit, and nothing at the destination."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from retrieval.ingest import main
-from retrieval.schema import Dataset
+from recdata.ingest import main
+from recdata.schema import Dataset
 from tests.conftest import REPO, free_port, shared_path
 
 
@@ -80,7 +81,9 @@ def test_nan_rating_error_then_counted_skip(ml100k, tmp_path, capsys):
     lines[9] = lines[9].split("\t")[0] + "\t" + lines[9].split("\t")[1] + "\tnan\t" + lines[9].split("\t")[3]
     (ml100k / "u.data").write_text("\n".join(lines) + "\n")
     fails(["movielens", "--src", str(ml100k)], capsys, tmp_path / "out", "u.data:10", "NaN", "--on-bad-rows skip")
-    code, out, _ = run_cli(["movielens", "--src", str(ml100k), "--out", str(tmp_path / "ok"), "--on-bad-rows", "skip"], capsys)
+    code, out, _ = run_cli(
+        ["movielens", "--src", str(ml100k), "--out", str(tmp_path / "ok"), "--on-bad-rows", "skip"], capsys
+    )
     assert code == 0 and "nan_ratings=1" in out
     assert Dataset.open(str(tmp_path / "ok")).manifest["num_interactions"] == 99_999
 
@@ -102,7 +105,9 @@ def test_items_without_titles(ml100k, tmp_path, capsys):
         raw[i] = b"|".join(f)
     (ml100k / "u.item").write_bytes(b"\n".join(raw))
     fails(["movielens", "--src", str(ml100k)], capsys, tmp_path / "out", "u.item", "no title", "[5, 10]", "placeholder")
-    code, _, _ = run_cli(["movielens", "--src", str(ml100k), "--out", str(tmp_path / "o"), "--missing-title", "placeholder"], capsys)
+    code, _, _ = run_cli(
+        ["movielens", "--src", str(ml100k), "--out", str(tmp_path / "o"), "--missing-title", "placeholder"], capsys
+    )
     assert code == 0
     items = Dataset.open(str(tmp_path / "o")).read_items().to_pandas()
     assert items.loc[items.item_id == 5, "title"].item() == "an untitled item"
@@ -111,7 +116,9 @@ def test_items_without_titles(ml100k, tmp_path, capsys):
 def test_unknown_item_ids(ml100k, tmp_path, capsys):
     with open(ml100k / "u.data", "a") as f:
         f.write("1\t99999\t4\t881250949\n")
-    fails(["movielens", "--src", str(ml100k)], capsys, tmp_path / "out", "u.data:100001", "99999", "not in the items file")
+    fails(
+        ["movielens", "--src", str(ml100k)], capsys, tmp_path / "out", "u.data:100001", "99999", "not in the items file"
+    )
 
 
 def _generic(tmp_path: Path, inter: pd.DataFrame, **kw) -> Path:
@@ -124,21 +131,46 @@ def _generic(tmp_path: Path, inter: pd.DataFrame, **kw) -> Path:
 
 def test_missing_or_misspelled_column(tmp_path, capsys):
     d = _generic(tmp_path, pd.DataFrame({"user": [1, 2], "item_id": [1, 2], "timestamp": [1, 2], "rating": [4, 5]}))
-    fails(["generic", "--src", str(d / "inter.csv"), "--items", str(d / "items.csv")], capsys, tmp_path / "out",
-          "inter.csv", "'user_id'", "did you mean 'user'", "--user-col")
+    fails(
+        ["generic", "--src", str(d / "inter.csv"), "--items", str(d / "items.csv")],
+        capsys,
+        tmp_path / "out",
+        "inter.csv",
+        "'user_id'",
+        "did you mean 'user'",
+        "--user-col",
+    )
 
 
 def test_string_ids_in_generic(tmp_path, capsys):
-    d = _generic(tmp_path, pd.DataFrame({"user_id": ["u1", "u2"], "item_id": [1, 2], "timestamp": [1, 2], "rating": [4, 5]}))
-    fails(["generic", "--src", str(d / "inter.csv"), "--items", str(d / "items.csv")], capsys, tmp_path / "out",
-          "inter.csv:2", "user_id", "'u1'", "integer")
+    d = _generic(
+        tmp_path, pd.DataFrame({"user_id": ["u1", "u2"], "item_id": [1, 2], "timestamp": [1, 2], "rating": [4, 5]})
+    )
+    fails(
+        ["generic", "--src", str(d / "inter.csv"), "--items", str(d / "items.csv")],
+        capsys,
+        tmp_path / "out",
+        "inter.csv:2",
+        "user_id",
+        "'u1'",
+        "integer",
+    )
 
 
 def test_nan_rating_in_generic_names_line(tmp_path, capsys):
-    d = _generic(tmp_path, pd.DataFrame({"user_id": [1, 2, 3], "item_id": [1, 2, 3], "timestamp": [1, 2, 3],
-                                         "rating": [4.0, np.nan, 5.0]}))
-    fails(["generic", "--src", str(d / "inter.csv"), "--items", str(d / "items.csv")], capsys, tmp_path / "out",
-          "inter.csv:3", "NaN")
+    d = _generic(
+        tmp_path,
+        pd.DataFrame(
+            {"user_id": [1, 2, 3], "item_id": [1, 2, 3], "timestamp": [1, 2, 3], "rating": [4.0, np.nan, 5.0]}
+        ),
+    )
+    fails(
+        ["generic", "--src", str(d / "inter.csv"), "--items", str(d / "items.csv")],
+        capsys,
+        tmp_path / "out",
+        "inter.csv:3",
+        "NaN",
+    )
 
 
 def test_unreadable_encoding(tmp_path, capsys):
@@ -146,10 +178,28 @@ def test_unreadable_encoding(tmp_path, capsys):
     d.mkdir()
     (d / "inter.csv").write_bytes("user_id,item_id,timestamp,rating\n1,1,1,4\n2,2,2,5\n".encode())
     (d / "items.csv").write_bytes("item_id,title\n1,Amélie\n2,Léon\n".encode("latin-1"))
-    fails(["generic", "--src", str(d / "inter.csv"), "--items", str(d / "items.csv")], capsys, tmp_path / "out",
-          "items.csv:2", "not valid utf-8", "--encoding")
-    code, _, _ = run_cli(["generic", "--src", str(d / "inter.csv"), "--items", str(d / "items.csv"), "--encoding", "latin-1",
-                          "--out", str(tmp_path / "o")], capsys)
+    fails(
+        ["generic", "--src", str(d / "inter.csv"), "--items", str(d / "items.csv")],
+        capsys,
+        tmp_path / "out",
+        "items.csv:2",
+        "not valid utf-8",
+        "--encoding",
+    )
+    code, _, _ = run_cli(
+        [
+            "generic",
+            "--src",
+            str(d / "inter.csv"),
+            "--items",
+            str(d / "items.csv"),
+            "--encoding",
+            "latin-1",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert code == 0
     assert "Amélie" in Dataset.open(str(tmp_path / "o")).read_items()["title"].to_pylist()
 
@@ -161,8 +211,13 @@ def test_corrupt_parquet(tmp_path, capsys):
     data = (d / "inter.parquet").read_bytes()
     (d / "inter.parquet").write_bytes(data[: len(data) // 2])
     pd.DataFrame({"item_id": [1], "title": ["A"]}).to_csv(d / "items.csv", index=False)
-    fails(["generic", "--src", str(d / "inter.parquet"), "--items", str(d / "items.csv")], capsys, tmp_path / "out",
-          "inter.parquet", "corrupt")
+    fails(
+        ["generic", "--src", str(d / "inter.parquet"), "--items", str(d / "items.csv")],
+        capsys,
+        tmp_path / "out",
+        "inter.parquet",
+        "corrupt",
+    )
 
 
 def test_unreachable_s3_endpoint(capsys, monkeypatch):
@@ -170,8 +225,18 @@ def test_unreachable_s3_endpoint(capsys, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-never-printed")
     t0 = time.monotonic()
-    code, _, err = run_cli(["movielens", "--src", str(shared_path("data", "movielens-100k")), "--out", "s3://bucket/x",
-                            "--endpoint-url", f"http://127.0.0.1:{port}"], capsys)
+    code, _, err = run_cli(
+        [
+            "movielens",
+            "--src",
+            str(shared_path("data", "movielens-100k")),
+            "--out",
+            "s3://bucket/x",
+            "--endpoint-url",
+            f"http://127.0.0.1:{port}",
+        ],
+        capsys,
+    )
     assert code != 0 and "s3://bucket/x" in err and "unreachable" in err and f"127.0.0.1:{port}" in err
     assert "secret-never-printed" not in err
     assert time.monotonic() - t0 < 60
@@ -181,14 +246,28 @@ def test_unauthorized_s3(tmp_path, capsys, monkeypatch):
     """A moto server that enforces auth (separate process), and keys it does not know."""
     port = free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_port(port)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-never-printed")
-        code, _, err = run_cli(["movielens", "--src", str(shared_path("data", "movielens-100k")), "--out",
-                                "s3://private/ml", "--endpoint-url", f"http://127.0.0.1:{port}"], capsys)
+        code, _, err = run_cli(
+            [
+                "movielens",
+                "--src",
+                str(shared_path("data", "movielens-100k")),
+                "--out",
+                "s3://private/ml",
+                "--endpoint-url",
+                f"http://127.0.0.1:{port}",
+            ],
+            capsys,
+        )
         assert code != 0 and "s3://private/ml" in err
         assert any(w in err for w in ("access denied", "InvalidAccessKeyId", "Forbidden", "storage error")), err
         assert "secret-never-printed" not in err
@@ -216,20 +295,42 @@ def test_killed_ingest_leaves_no_complete_dataset(tmp_path):
     manifest; never a dataset that looks complete but is not. A rerun then succeeds."""
     rng = np.random.default_rng(0)
     n = 2_000_000
-    pd.DataFrame({"user_id": rng.integers(0, 50_000, n), "item_id": rng.integers(0, 1000, n),
-                  "timestamp": rng.integers(0, 10**9, n), "rating": rng.integers(1, 6, n).astype("float32")}
-                 ).to_parquet(tmp_path / "inter.parquet")
-    pd.DataFrame({"item_id": np.arange(1000), "title": [f"t{i}" for i in range(1000)]}).to_parquet(tmp_path / "items.parquet")
+    pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 50_000, n),
+            "item_id": rng.integers(0, 1000, n),
+            "timestamp": rng.integers(0, 10**9, n),
+            "rating": rng.integers(1, 6, n).astype("float32"),
+        }
+    ).to_parquet(tmp_path / "inter.parquet")
+    pd.DataFrame({"item_id": np.arange(1000), "title": [f"t{i}" for i in range(1000)]}).to_parquet(
+        tmp_path / "items.parquet"
+    )
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "retrieval.ingest", "generic", "--src", str(tmp_path / "inter.parquet"), "--items",
-           str(tmp_path / "items.parquet"), "--out", str(out), "--quiet", "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "recdata.ingest",
+        "generic",
+        "--src",
+        str(tmp_path / "inter.parquet"),
+        "--items",
+        str(tmp_path / "items.parquet"),
+        "--out",
+        str(out),
+        "--quiet",
+        "--overwrite",
+    ]
     for delay in (0.5, 1.5, 3.0):
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if (out / "manifest.json").exists():
-            assert Dataset.open(str(out)).read_interactions(["user_id"]).num_rows == n - Dataset.open(str(out)).manifest["skipped"]["duplicates"]
+            assert (
+                Dataset.open(str(out)).read_interactions(["user_id"]).num_rows
+                == n - Dataset.open(str(out)).manifest["skipped"]["duplicates"]
+            )
         else:
             with pytest.raises(Exception, match="no manifest.json"):
                 Dataset.open(str(out))

@@ -10,15 +10,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest_lora_helpers import (ILORA_TARGETS, RECLORA_TARGETS, batch, max_rel_err, randomize_bank,
-                                   ref_ilora_loop, ref_reclora_bmm, tiny_llama)
+from conftest_lora_helpers import (
+    ILORA_TARGETS,
+    RECLORA_TARGETS,
+    batch,
+    max_rel_err,
+    randomize_bank,
+    ref_ilora_loop,
+    ref_reclora_bmm,
+    tiny_llama,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
 from trainer import export as export_mod
-from trainer.lora import (MixtureLoraConfig, MixtureLoraLinear, build_personalized_model, load_personalized,
-                          use_per_sample_weights)
+from trainer.lora import (
+    MixtureLoraConfig,
+    MixtureLoraLinear,
+    build_personalized_model,
+    load_personalized,
+    use_per_sample_weights,
+)
 
 COND = 12
 
@@ -43,8 +56,9 @@ class Toy(nn.Module):
 
 
 def toy_layer(mode: str, num_experts: int, r: int, d_in: int = 24, d_out: int = 40, **overrides):
-    cfg = MixtureLoraConfig(mode=mode, target_modules=["q_proj"], r=r, alpha=16.0, num_experts=num_experts,
-                            cond_dim=4, **overrides)
+    cfg = MixtureLoraConfig(
+        mode=mode, target_modules=["q_proj"], r=r, alpha=16.0, num_experts=num_experts, cond_dim=4, **overrides
+    )
     lora_config = cfg.to_lora_config()
     lora_config.task_type = None  # a bare nn.Module, not a causal LM
     torch.manual_seed(0)
@@ -113,8 +127,8 @@ def test_mix_weights_is_not_mix_outputs():
 
 
 def test_cost_rule_is_static_in_shapes():
-    assert not use_per_sample_weights(1, 16)       # decode step: rank space
-    assert use_per_sample_weights(256, 16)         # long prompt: per-sample weights
+    assert not use_per_sample_weights(1, 16)  # decode step: rank space
+    assert use_per_sample_weights(256, 16)  # long prompt: per-sample weights
     assert not any(use_per_sample_weights(t, 1) for t in (1, 64, 4096))  # N = 1 is plain LoRA
     _, layer = toy_layer("reclora", num_experts=16, r=2)
     assert layer._per_sample(256) and not layer._per_sample(1)
@@ -150,8 +164,9 @@ def test_zero_b_gives_base_output_exactly(mode):
 
 def _plain_twin(cfg: MixtureLoraConfig, source) -> nn.Module:
     """Stock PEFT LoRA with the given rank/alpha carrying `source`'s A and B."""
-    plain = get_peft_model(tiny_llama(seed=0), LoraConfig(r=cfg.total_rank, lora_alpha=cfg.alpha,
-                                                          target_modules=cfg.target_modules))
+    plain = get_peft_model(
+        tiny_llama(seed=0), LoraConfig(r=cfg.total_rank, lora_alpha=cfg.alpha, target_modules=cfg.target_modules)
+    )
     state = {k: v for k, v in source.lm.state_dict().items() if "lora_" in k}
     missing = plain.load_state_dict(state, strict=False)
     assert not missing.unexpected_keys
@@ -290,11 +305,23 @@ def test_generation_uses_one_gate_across_decode_steps(mode):
 # ---- other architectures --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 def test_other_causal_lms_with_linear_projections(arch, tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     cls, cfg_cls = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "mistral": (MistralForCausalLM, MistralConfig)}[arch]
-    hf_config = cfg_cls(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    hf_config = cfg_cls(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
 
     def fresh():
         torch.manual_seed(0)
@@ -357,8 +384,8 @@ def test_per_user_export_loads_in_stock_peft_and_matches(mode, tmp_path):
         assert lora_cfg["r"] == (8 if mode == "ilora" else 4)
         stock = PeftModel.from_pretrained(tiny_llama(seed=0), out).eval()
         with torch.no_grad():
-            want = model(ids[user:user + 1], mask[:1], cond[user:user + 1]).logits
-            got = stock(input_ids=ids[user:user + 1], attention_mask=mask[:1]).logits
+            want = model(ids[user : user + 1], mask[:1], cond[user : user + 1]).logits
+            got = stock(input_ids=ids[user : user + 1], attention_mask=mask[:1]).logits
         assert (got - want).abs().max().item() <= 1e-4
     # The in-memory export writes the same tensors as the folder-based one.
     live = export_mod.export_user_adapter_from_model(model, cond[0], tmp_path / "live")
@@ -374,21 +401,58 @@ def test_export_cli_npy_and_parquet_with_check(tmp_path, capsys):
     model.save_adapter(tmp_path / "adapter")
     cond = np.random.default_rng(0).standard_normal((3, COND)).astype(np.float32)
     np.save(tmp_path / "cond.npy", cond)
-    rc = export_mod.main(["--adapter", str(tmp_path / "adapter"), "--cond", str(tmp_path / "cond.npy"), "--row",
-                          "1", "--out", str(tmp_path / "npy"), "--base", str(base_dir), "--check"])
+    rc = export_mod.main(
+        [
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--cond",
+            str(tmp_path / "cond.npy"),
+            "--row",
+            "1",
+            "--out",
+            str(tmp_path / "npy"),
+            "--base",
+            str(base_dir),
+            "--check",
+        ]
+    )
     assert rc == 0 and "max |logit diff|" in capsys.readouterr().out
-    table = pa.table({"user_id": pa.array([7, 8, 9], pa.int64()),
-                      "cond": pa.array([row.tolist() for row in cond], pa.list_(pa.float32()))})
+    table = pa.table(
+        {
+            "user_id": pa.array([7, 8, 9], pa.int64()),
+            "cond": pa.array([row.tolist() for row in cond], pa.list_(pa.float32())),
+        }
+    )
     pq.write_table(table, tmp_path / "cond.parquet")
-    rc = export_mod.main(["--adapter", str(tmp_path / "adapter"), "--cond-parquet", str(tmp_path / "cond.parquet"),
-                          "--user-id", "8", "--out", str(tmp_path / "pq")])
+    rc = export_mod.main(
+        [
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--cond-parquet",
+            str(tmp_path / "cond.parquet"),
+            "--user-id",
+            "8",
+            "--out",
+            str(tmp_path / "pq"),
+        ]
+    )
     assert rc == 0
     for key, tensor in load_file(str(tmp_path / "npy" / "adapter_model.safetensors")).items():
         assert torch.equal(tensor, load_file(str(tmp_path / "pq" / "adapter_model.safetensors"))[key])
     assert json.loads((tmp_path / "pq" / "user_export.json").read_text())["user_id"] == "8"
     with pytest.raises(SystemExit, match="exactly one row"):
-        export_mod.main(["--adapter", str(tmp_path / "adapter"), "--cond-parquet", str(tmp_path / "cond.parquet"),
-                         "--user-id", "99", "--out", str(tmp_path / "none")])
+        export_mod.main(
+            [
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--cond-parquet",
+                str(tmp_path / "cond.parquet"),
+                "--user-id",
+                "99",
+                "--out",
+                str(tmp_path / "none"),
+            ]
+        )
 
 
 def test_mixture_layers_are_peft_custom_modules():

@@ -33,17 +33,18 @@ COND_DIM = 8
 WORKER_TIMEOUT_S = 300
 # reclora also runs with activation checkpointing: the gate must survive the recompute under ZeRO-3 too.
 RUNS = {
-    "reclora": dict(checkpointing=True, config=dict(mode="reclora", target_modules=RECLORA_TARGETS, r=4, alpha=8,
-                                                    num_experts=3)),
-    "ilora": dict(checkpointing=False, config=dict(mode="ilora", target_modules=ILORA_TARGETS, r=8, alpha=32,
-                                                   num_experts=4)),
+    "reclora": dict(
+        checkpointing=True, config=dict(mode="reclora", target_modules=RECLORA_TARGETS, r=4, alpha=8, num_experts=3)
+    ),
+    "ilora": dict(
+        checkpointing=False, config=dict(mode="ilora", target_modules=ILORA_TARGETS, r=8, alpha=32, num_experts=4)
+    ),
 }
 
 
 def mixture_config(mode: str) -> MixtureLoraConfig:
     # No dropout anywhere: ranks and the single-process run must draw identical computations.
-    return MixtureLoraConfig(**RUNS[mode]["config"], cond_dim=COND_DIM, dropout=0.0, gate_dropout=0.0,
-                             gate_lr_mult=0.5)
+    return MixtureLoraConfig(**RUNS[mode]["config"], cond_dim=COND_DIM, dropout=0.0, gate_dropout=0.0, gate_lr_mult=0.5)
 
 
 def data() -> dict[str, torch.Tensor]:
@@ -100,8 +101,7 @@ def worker(workdir: Path) -> None:
         losses = []
         for _ in range(STEPS):
             ids = batch["ids"][mine]
-            loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids), cond=batch["cond"][mine],
-                          labels=ids).loss
+            loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids), cond=batch["cond"][mine], labels=ids).loss
             engine.backward(loss)
             engine.step()
             mean = loss.detach().clone()
@@ -110,24 +110,31 @@ def worker(workdir: Path) -> None:
         engine.eval()
         eval_ids = batch["eval_ids"]
         with torch.no_grad():
-            logits = engine(input_ids=eval_ids, attention_mask=torch.ones_like(eval_ids),
-                            cond=batch["eval_cond"]).logits
+            logits = engine(
+                input_ids=eval_ids, attention_mask=torch.ones_like(eval_ids), cond=batch["eval_cond"]
+            ).logits
         adapter_dir = workdir / f"adapter_{mode}"
         model.save_adapter(adapter_dir)  # gathers on every rank, rank 0 writes
         torch.distributed.barrier()
 
         # Reload into a fresh, differently initialised ZeRO-3 model (no optimizer: ZeRO-3 inference engine).
-        fresh = build_personalized_model(AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32),
-                                         config, seed=1).eval()
+        fresh = build_personalized_model(
+            AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32), config, seed=1
+        ).eval()
         fresh_engine, *_ = deepspeed.initialize(model=fresh, config=ds_config())
         fresh.load_adapter_weights(adapter_dir)
         with torch.no_grad():
-            reloaded = fresh_engine(input_ids=eval_ids, attention_mask=torch.ones_like(eval_ids),
-                                    cond=batch["eval_cond"]).logits
+            reloaded = fresh_engine(
+                input_ids=eval_ids, attention_mask=torch.ones_like(eval_ids), cond=batch["eval_cond"]
+            ).logits
         del hf_ds
-        results[mode] = {"losses": losses, "partitioned": partitioned, "base_zero3": base_zero3,
-                         "use_reentrant": reentrant,
-                         "reload_max_diff": (reloaded - logits).abs().max().item()}
+        results[mode] = {
+            "losses": losses,
+            "partitioned": partitioned,
+            "base_zero3": base_zero3,
+            "use_reentrant": reentrant,
+            "reload_max_diff": (reloaded - logits).abs().max().item(),
+        }
         if rank == 0:
             save_file({"logits": logits.contiguous()}, str(workdir / f"logits_{mode}.safetensors"))
     if rank == 0:
@@ -149,12 +156,26 @@ def zero3_run(tmp_path_factory) -> tuple[Path, dict]:
     port = str(free_port())
     procs = []
     for rank in range(WORLD_SIZE):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(WORLD_SIZE), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(WORLD_SIZE),
+            DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1",
+        )
         env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
         log = open(workdir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, str(workdir)], cwd=REPO, env=env, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, __file__, str(workdir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+                ),
+                log,
+            )
+        )
     try:
         for proc, _ in procs:
             proc.wait(timeout=WORKER_TIMEOUT_S)
@@ -176,8 +197,9 @@ def single_process(workdir: Path, mode: str):
     from transformers import AutoModelForCausalLM
 
     batch = data()
-    model = build_personalized_model(AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32),
-                                     mixture_config(mode), seed=0).train()
+    model = build_personalized_model(
+        AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32), mixture_config(mode), seed=0
+    ).train()
     if RUNS[mode]["checkpointing"]:
         model.activation_checkpointing_enable(use_reentrant=True)
     optimizer = torch.optim.AdamW(model.optimizer_param_groups(lr=LR))
@@ -228,10 +250,10 @@ def test_zero3_trainable_only_save_and_reload(zero3_run, mode):
     adapter_dir = workdir / f"adapter_{mode}"
     bank = load_file(str(adapter_dir / "adapter_model.safetensors"))
     assert all(".lora_A." in key or ".lora_B." in key for key in bank)
-    model = load_personalized(AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32),
-                              adapter_dir)
+    model = load_personalized(AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32), adapter_dir)
     assert sum(t.numel() for t in bank.values()) == sum(
-        p.numel() for n, p in model.trainable_parameters().items() if not n.startswith("gates."))
+        p.numel() for n, p in model.trainable_parameters().items() if not n.startswith("gates.")
+    )
     batch = data()
     with torch.no_grad():
         logits = model(batch["eval_ids"], torch.ones_like(batch["eval_ids"]), batch["eval_cond"]).logits

@@ -2,6 +2,7 @@
 127.0.0.1, each with its own custom resource): the whole tiny pipeline (`trainer/main.py`) on that cluster
 with trainer workers forced onto different nodes and every output on the moto S3 server, then a preemption:
 the second node's processes are killed mid-training and the run finishes like the uninterrupted one."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval import storage
+from configs.loader import load_config
+from recdata import storage
 from tests.conftest import REPO, free_port
 from tests.test_pipeline import data_args, source  # noqa: F401  (module fixture reused)
 from tests.test_trainer import run_train
@@ -31,7 +33,9 @@ def _start(args: list[str]) -> None:
     env.pop("RAY_ADDRESS", None)
     # `0` (our single-node default) makes `ray start --address` refuse to join: a real multi-node cluster here.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
-    proc = subprocess.run([RAY, "start", *args, "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [RAY, "start", *args, "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -74,10 +78,22 @@ def cluster(tmp_path, monkeypatch):
     port = free_port()
     tmpdir = f"/tmp/rn-{os.getpid()}"
     node_b_port = free_port()
-    head = ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
-            f"--temp-dir={tmpdir}", '--resources={"node_head": 1, "trainer_slot": 1}']
-    node_b = [f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-              f"--node-manager-port={node_b_port}", '--resources={"node_b": 1, "trainer_slot": 1}']
+    head = [
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        f"--temp-dir={tmpdir}",
+        '--resources={"node_head": 1, "trainer_slot": 1}',
+    ]
+    node_b = [
+        f"--address=127.0.0.1:{port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=2",
+        f"--node-manager-port={node_b_port}",
+        '--resources={"node_b": 1, "trainer_slot": 1}',
+    ]
     _start(head)
     _start(node_b)
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
@@ -89,9 +105,18 @@ def cluster(tmp_path, monkeypatch):
 
 
 def _overrides(src, s3_bucket, s3_server, name) -> list[str]:
-    return [f"run.output_dir={s3_bucket}/runs", f"run.name={name}", f"storage.endpoint_url={s3_server}", *data_args(src),
-            "trainer.placement=SPREAD", "trainer.worker_resources={trainer_slot: 1}", "trainer.max_failures=3",
-            "trainer.lr=0.02", "trainer.max_steps=8", "trainer.checkpoint_every=4"]
+    return [
+        f"run.output_dir={s3_bucket}/runs",
+        f"run.name={name}",
+        f"storage.endpoint_url={s3_server}",
+        *data_args(src),
+        "trainer.placement=SPREAD",
+        "trainer.worker_resources={trainer_slot: 1}",
+        "trainer.max_failures=3",
+        "trainer.lr=0.02",
+        "trainer.max_steps=8",
+        "trainer.checkpoint_every=4",
+    ]
 
 
 def _adapter(run_url: str) -> dict[str, torch.Tensor]:
@@ -103,21 +128,33 @@ def _adapter(run_url: str) -> dict[str, torch.Tensor]:
 def test_pipeline_across_nodes_and_survive_preemption(source, s3_server, s3_bucket, cluster, tmp_path):  # noqa: F811
     import ray
 
-    from configs.loader import load_config
-
     # Uninterrupted reference: the whole pipeline, joining the 2-node cluster through RAY_ADDRESS (as under
     # `ray job submit`), one trainer worker on each node.
     env = {**os.environ, "PYTHONPATH": str(REPO), "RECLORA_NODE_REPORT_DIR": str(tmp_path / "ref-nodes")}
-    proc = subprocess.run([sys.executable, str(REPO / "trainer" / "main.py"), "--config", "tiny",
-                           *_overrides(source, s3_bucket, s3_server, "ref")], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=800)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "trainer" / "main.py"),
+            "--config",
+            "tiny",
+            *_overrides(source, s3_bucket, s3_server, "ref"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=800,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     fs, _ = storage.get_fs(s3_bucket)
     names = [p.rsplit("/", 1)[-1] for p in fs.find(f"{s3_bucket.removeprefix('s3://')}/runs/ref/checkpoints")]
     assert "rank-00000-of-00002.safetensors" in names and "rank-00001-of-00002.safetensors" in names
     nodes = {json.loads(p.read_text())["node_id"] for p in (tmp_path / "ref-nodes").glob("*.json")}
     assert len(nodes) == 2, "SPREAD with one trainer slot per node must put the workers on different nodes"
-    ref = {"history": storage.read_json(f"{s3_bucket}/runs/ref/logs/train.jsonl.json"), "run_url": f"{s3_bucket}/runs/ref"}
+    ref = {
+        "history": storage.read_json(f"{s3_bucket}/runs/ref/logs/train.jsonl.json"),
+        "run_url": f"{s3_bucket}/runs/ref",
+    }
 
     # The same run, with the second node's processes killed while training sits after its step-4 checkpoint.
     # The same training on the pipeline's stored stages (content-addressed, so found from the config alone).

@@ -1,6 +1,7 @@
 """The whole pipeline (`trainer/main.py`) as users run it: a real `ray start --head` with `ray job submit`
 and storage on the moto S3 server; a pipeline SIGKILLed in the middle of retrieval and rerun from a
 relative output folder; `--dry-run` on the partly built prefix."""
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from recdata.subsets import load_subset
+from recdata.synthetic import preference_dataset
 from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -25,7 +28,6 @@ MAIN = str(REPO / "trainer" / "main.py")
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    from retrieval.synthetic import preference_dataset
 
     return preference_dataset(tmp_path_factory.mktemp("pipeline-src"))
 
@@ -74,15 +76,45 @@ def test_ray_job_submit_runs_the_whole_pipeline_on_s3(source, s3_bucket, s3_serv
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     ray_bin = str(Path(sys.executable).parent / "ray")
     tmpdir = f"/tmp/rj-{os.getpid()}"  # unique: identifies this head's processes for cleanup
-    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
-                            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                            f"--temp-dir={tmpdir}", "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    start = subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=3",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--temp-dir={tmpdir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert start.returncode == 0, start.stderr[-2000:]
     out = f"{s3_bucket}/runs"
     try:
-        cmd = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-               "python", "trainer/main.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
-               f"storage.endpoint_url={s3_server}", *data_args(source), "trainer.max_steps=4"]
+        cmd = [
+            ray_bin,
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dash}",
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "trainer/main.py",
+            "--config",
+            "configs/tiny.yaml",
+            f"run.output_dir={out}",
+            f"storage.endpoint_url={s3_server}",
+            *data_args(source),
+            "trainer.max_steps=4",
+        ]
         for _ in range(12):  # a loaded machine may need a while before the head's job agent is up
             job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
             logs = job.stdout + job.stderr
@@ -99,18 +131,31 @@ def test_ray_job_submit_runs_the_whole_pipeline_on_s3(source, s3_bucket, s3_serv
 
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     bucket = s3_bucket.removeprefix("s3://")
-    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])}
+    keys = {
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+    }
 
     def has(pattern: str) -> bool:
         import fnmatch
 
         return any(fnmatch.fnmatch(k, pattern) for k in keys)
 
-    for pattern in ("runs/datasets/ml-100k-ctr/*/manifest.json", "runs/samples/ml-100k-ctr/*/manifest.json",
-                    "runs/teachers/ml-100k-din/*/teacher.json", "runs/embeddings/ml-100k-ctr/*/meta.json",
-                    "runs/tiny/data/train/part-00000.json", "runs/tiny/adapter/adapter_model.safetensors",
-                    "runs/tiny/adapter/gates.safetensors", "runs/tiny/checkpoints/step-00000004/COMPLETE",
-                    "runs/tiny/report.md", "runs/tiny/metrics.json", "runs/tiny/inputs.json", "runs/tiny/feed.json"):
+    for pattern in (
+        "runs/datasets/ml-100k-ctr/*/manifest.json",
+        "runs/samples/ml-100k-ctr/*/manifest.json",
+        "runs/teachers/ml-100k-din/*/teacher.json",
+        "runs/embeddings/ml-100k-ctr/*/meta.json",
+        "runs/tiny/data/train/part-00000.json",
+        "runs/tiny/adapter/adapter_model.safetensors",
+        "runs/tiny/adapter/gates.safetensors",
+        "runs/tiny/checkpoints/step-00000004/COMPLETE",
+        "runs/tiny/report.md",
+        "runs/tiny/metrics.json",
+        "runs/tiny/inputs.json",
+        "runs/tiny/feed.json",
+    ):
         assert has(pattern), (pattern, sorted(keys)[:50])
     metrics = json.loads(s3.get_object(Bucket=bucket, Key="runs/tiny/metrics.json")["Body"].read())
     assert metrics["steps"] == 4
@@ -122,8 +167,9 @@ def _run(args: list[str], cwd: Path, env: dict, timeout: int = 600) -> subproces
     """trainer/main.py in its own session; whatever it leaves behind (a killed driver's local Ray) is
     killed with its process group."""
     cmd = [sys.executable, MAIN, "--config", "tiny", *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
@@ -159,8 +205,11 @@ def test_kill_during_retrieval_then_rerun_reuses_committed_shards(source, tmp_pa
 
     work = tmp_path / "work"
     work.mkdir()
-    killed = _run([*args, "run.output_dir=runs", "--stages", "ingest,embed,samples"], work,
-                  {**env, "RECLORA_KILL_AFTER": "samples:1"})
+    killed = _run(
+        [*args, "run.output_dir=runs", "--stages", "ingest,embed,samples"],
+        work,
+        {**env, "RECLORA_KILL_AFTER": "samples:1"},
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     samples = _samples_dir(work / "runs")
     committed = sorted((samples / "_commits").glob("*.json"))
@@ -184,7 +233,6 @@ def test_kill_during_retrieval_then_rerun_reuses_committed_shards(source, tmp_pa
     ours, theirs = _split_tables(samples), _split_tables(_samples_dir(tmp_path / "clean"))
     for split in ours:
         assert ours[split].equals(theirs[split]), split
-    from retrieval.subsets import load_subset
 
     for split in ("train", "valid", "test"):
         assert (load_subset(str(samples), split) == load_subset(str(_samples_dir(tmp_path / "clean")), split)).all()
@@ -192,10 +240,15 @@ def test_kill_during_retrieval_then_rerun_reuses_committed_shards(source, tmp_pa
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2
     assert (run / "adapter" / "gates.safetensors").exists() and (run / "loss_throughput.png").stat().st_size > 0
     report = (run / "report.md").read_text()
-    for row in ("| trained LLM | test | auc |", "| zero-shot LLM | test | auc |", "| teacher (din) | test | auc |",
-                "waiting for data", "## Gate usage", "## Configuration"):
+    for row in (
+        "| trained LLM | test | auc |",
+        "| zero-shot LLM | test | auc |",
+        "| teacher (din) | test | auc |",
+        "waiting for data",
+        "## Gate usage",
+        "## Configuration",
+    ):
         assert row in report, row
     results = json.loads((run / "results.json").read_text())
     assert math.isfinite(results["teacher"]["test_auc"]) and math.isfinite(results["llm"]["zeroshot_test_auc"])
     assert "trained LLM" in rerun.stdout and "teacher" in rerun.stdout  # the final table
-

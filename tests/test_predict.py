@@ -8,6 +8,7 @@ Slow: a tiny run trained end to end by trainer/main.py (subprocess), then `train
 actors: p(yes) of known test samples equals the trained run's own evaluation forward on its test stream,
 bad requests keep their row with a reason, a rerun skips committed parts, a missing column exits 2.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,23 +20,52 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval import storage
-from retrieval.build import BuildOptions, build_samples, load_item_vectors
+from recdata import storage
+from recdata.layout import paths
+from recdata.samples import BuildOptions, SampleSet
+from recdata.schema import Dataset, write_parquet
+from recdata.streams import StreamReader, collate
+from recdata.synthetic import preference_dataset
+from retrieval.build import build_samples, load_item_vectors
+from retrieval.encoding import PromptEncoder, answer_token_ids
 from retrieval.requests import RequestRetriever
-from retrieval.samples import SampleSet
-from retrieval.schema import write_parquet
+from teacher.features import Encoder
+from teacher.model_io import load_teacher, to_tensors
 from tests.conftest import REPO
 from tests.test_retrieval_build import synthetic_interactions, write_dataset
+from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_FALLBACK, HybridLM
+from trainer.lora import load_personalized
+from trainer.objective import answer_loss, candidate_scores, p_yes_from_logits
+from trainer.predict import (
+from cluster.pool import run_sharded
+    MANIFEST,
+    PredictInputError,
+    load_run_config,
+    plan_tasks,
+    predict,
+    read_predictions,
+    read_requests,
+    summary_line,
+)
 
-HIST_FIELDS = ("hist_len", "text_hist_items", "text_hist_ratings", "id_hist_items", "id_hist_ratings", "id_hist_timestamps")
+HIST_FIELDS = (
+    "hist_len",
+    "text_hist_items",
+    "text_hist_ratings",
+    "id_hist_items",
+    "id_hist_ratings",
+    "id_hist_timestamps",
+)
 
 
 def _embeddings(url: str, n_items: int, dim: int = 16, seed: int = 3) -> str:
     rng = np.random.default_rng(seed)
     vecs = rng.normal(size=(n_items, dim)).astype(np.float32)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim).cast(pa.list_(pa.float32()))
-    write_parquet(pa.table({"item_id": pa.array(np.arange(n_items) + 1, pa.int64()), "embedding": emb}),
-                  storage.join(url, "embeddings.parquet"))
+    write_parquet(
+        pa.table({"item_id": pa.array(np.arange(n_items) + 1, pa.int64()), "embedding": emb}),
+        storage.join(url, "embeddings.parquet"),
+    )
     return url
 
 
@@ -46,8 +76,13 @@ def _records_for(retriever: RequestRetriever, users, items, times, cands=None):
     out, reasons = [None] * len(users), [None] * len(users)
     for s in np.unique(shard):
         idx = np.flatnonzero(shard == s)
-        rec = retriever.records(int(s), users[idx], [items[i] for i in idx], [times[i] for i in idx],
-                                None if cands is None else [cands[i] for i in idx])
+        rec = retriever.records(
+            int(s),
+            users[idx],
+            [items[i] for i in idx],
+            [times[i] for i in idx],
+            None if cands is None else [cands[i] for i in idx],
+        )
         for i, r in zip(idx, rec.reasons):
             reasons[i] = r
         for k, row in zip(rec.rows, rec.table.to_pylist()):
@@ -74,8 +109,9 @@ def test_request_records_equal_built_samples_subr_sim(ctr_built):
     samples = SampleSet.open(b["samples"])
     want = pa.concat_tables([samples.read(s) for s in ("train", "valid", "test")]).to_pylist()
     assert len(want) > 300 and any(r["hist_len"] == 0 for r in want) and any(r["hist_len"] > 20 for r in want)
-    got, reasons = _records_for(retriever, [r["user_id"] for r in want], [r["item_id"] for r in want],
-                                [r["timestamp"] for r in want])
+    got, reasons = _records_for(
+        retriever, [r["user_id"] for r in want], [r["item_id"] for r in want], [r["timestamp"] for r in want]
+    )
     assert reasons == [None] * len(want)
     for w, g in zip(want, got):
         assert g["sample_id"] == w["sample_id"] and g["label"] == w["label"] and g["rating"] == w["rating"]
@@ -113,8 +149,9 @@ def test_next_item_candidates_equal_built_and_user_lists(tmp_path):
     build_samples(ds, sm, opts, num_workers=1)
     want = pa.concat_tables([SampleSet.open(sm).read(s) for s in ("valid", "test")]).to_pylist()
     retriever = RequestRetriever(ds, opts)
-    got, reasons = _records_for(retriever, [r["user_id"] for r in want], [r["item_id"] for r in want],
-                                [r["timestamp"] for r in want])
+    got, reasons = _records_for(
+        retriever, [r["user_id"] for r in want], [r["item_id"] for r in want], [r["timestamp"] for r in want]
+    )
     assert reasons == [None] * len(want)
     for w, g in zip(want, got):
         assert g["candidates"] == w["candidates"] and g["text_hist_items"] == w["text_hist_items"], w["sample_id"]
@@ -130,19 +167,28 @@ def test_read_requests_row_reasons_and_file_errors(tmp_path):
     """Unusable values give their row a reason; an unusable file or column is an error naming it."""
     import datetime
 
-    from trainer.predict import PredictInputError, plan_tasks, read_requests
-
     f = tmp_path / "r.parquet"
     when = datetime.datetime(2001, 9, 9, 1, 46, 40)  # epoch second 1_000_000_000
-    pq.write_table(pa.table({
-        "user_id": pa.array(["7", "x", None, "8", "9", "10"], pa.string()),
-        "item_id": pa.array([1.0, 2.0, 3.0, float("nan"), None, 2.5]),
-        "timestamp": pa.array([when, None, when, when, when, when], pa.timestamp("s")),
-        "candidates": pa.array([[1, 2], None, None, None, None, [1, None]], pa.list_(pa.int64())),
-    }), f)
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array(["7", "x", None, "8", "9", "10"], pa.string()),
+                "item_id": pa.array([1.0, 2.0, 3.0, float("nan"), None, 2.5]),
+                "timestamp": pa.array([when, None, when, when, when, when], pa.timestamp("s")),
+                "candidates": pa.array([[1, 2], None, None, None, None, [1, None]], pa.list_(pa.int64())),
+            }
+        ),
+        f,
+    )
     req, digest = read_requests(str(f), "next_item")
-    assert req["reason"] == [None, "malformed_user_id", "missing_user_id", "malformed_item_id", "missing_item_id",
-                             "malformed_item_id"]
+    assert req["reason"] == [
+        None,
+        "malformed_user_id",
+        "missing_user_id",
+        "malformed_item_id",
+        "missing_item_id",
+        "malformed_item_id",
+    ]
     assert req["user_id"][0] == 7 and req["item_id"][0] == 1 and req["timestamp"][0] == 1_000_000_000
     assert req["has_time"].tolist() == [True, False, True, True, True, True] and req["candidates"][0] == [1, 2]
     assert read_requests(str(f), "next_item")[1] == digest  # content digest: deterministic
@@ -150,8 +196,16 @@ def test_read_requests_row_reasons_and_file_errors(tmp_path):
     assert sorted(j for t in tasks for j in t["rows"]["request_index"]) == list(range(6))  # every row in one task
     assert all(len(t["rows"]["request_index"]) <= 4 for t in tasks)
 
-    pq.write_table(pa.table({"user_id": pa.array([1]), "item_id": pa.array([2]),
-                             "candidates": pa.array([[1.5]], pa.list_(pa.float64()))}), f)
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array([1]),
+                "item_id": pa.array([2]),
+                "candidates": pa.array([[1.5]], pa.list_(pa.float64())),
+            }
+        ),
+        f,
+    )
     assert read_requests(str(f), "next_item")[0]["reason"] == ["malformed_candidates"]
     pq.write_table(pa.table({"user_id": pa.array([1]), "item": pa.array([2])}), f)
     with pytest.raises(PredictInputError, match=r"r\.parquet: missing required column 'item_id'"):
@@ -175,24 +229,44 @@ def _env() -> dict[str, str]:
 def ctr_run(tmp_path_factory):
     """A tiny CTR run trained by trainer/main.py on the synthetic preference dataset (SUBR retrieval with
     the tiny model's item embeddings, DIN teacher, RecLoRA adapter)."""
-    from retrieval.synthetic import preference_dataset
 
     root = tmp_path_factory.mktemp("predict-run")
     src = preference_dataset(root)
     out = root / "runs"
-    cmd = [sys.executable, "trainer/main.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}", "run.name=p",
-           "data.format=generic", f"data.src={src / 'inter.csv'}", f"data.items={src / 'items.csv'}",
-           "data.dataset_url=datasets/syn", "trainer.num_workers=1", "trainer.micro_batch_size=8", "trainer.max_steps=4",
-           "trainer.lr=0.02", "trainer.feed_workers=0", "retrieval.max_eval_samples=32", "retrieval.num_workers=1",
-           "teacher.num_workers=1"]
+    cmd = [
+        sys.executable,
+        "trainer/main.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"run.output_dir={out}",
+        "run.name=p",
+        "data.format=generic",
+        f"data.src={src / 'inter.csv'}",
+        f"data.items={src / 'items.csv'}",
+        "data.dataset_url=datasets/syn",
+        "trainer.num_workers=1",
+        "trainer.micro_batch_size=8",
+        "trainer.max_steps=4",
+        "trainer.lr=0.02",
+        "trainer.feed_workers=0",
+        "retrieval.max_eval_samples=32",
+        "retrieval.num_workers=1",
+        "teacher.num_workers=1",
+    ]
     job = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     return {"root": root, "run": str(out / "p")}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.predict", *args], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.predict", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _eval_p_yes(run: str) -> dict[int, float]:
@@ -200,13 +274,11 @@ def _eval_p_yes(run: str) -> dict[int, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.data import StreamReader, answer_token_ids, collate
-    from trainer.lora import load_personalized
-    from trainer.objective import answer_loss, p_yes_from_logits
-
     tok = AutoTokenizer.from_pretrained(f"{run}/base_model")
     ids = answer_token_ids(tok, "ctr")
-    pm = load_personalized(AutoModelForCausalLM.from_pretrained(f"{run}/base_model", dtype=torch.float32), f"{run}/adapter")
+    pm = load_personalized(
+        AutoModelForCausalLM.from_pretrained(f"{run}/base_model", dtype=torch.float32), f"{run}/adapter"
+    )
     reader = StreamReader(storage.join(run, "data", "test"))
     out = {}
     with torch.no_grad():
@@ -223,8 +295,6 @@ def _eval_p_yes(run: str) -> dict[int, float]:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_predict_ctr_end_to_end(ctr_run, ray_local, tmp_path):
-    from trainer.predict import MANIFEST, load_run_config, predict, read_predictions, summary_line
-    from trainer.stages import paths
 
     run = ctr_run["run"]
     p = paths(load_run_config(run))
@@ -238,11 +308,19 @@ def test_predict_ctr_end_to_end(ctr_run, ray_local, tmp_path):
     items = test["item_id"].to_pylist() + [test["item_id"][0].as_py(), 987_654, test["item_id"][1].as_py()]
     times = test["timestamp"].to_pylist() + [first, first + 10**7, first]
     req = tmp_path / "requests.parquet"
-    pq.write_table(pa.table({"user_id": pa.array(users, pa.int64()), "item_id": pa.array(items, pa.int64()),
-                             "timestamp": pa.array(times, pa.int64())}), req)
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array(users, pa.int64()),
+                "item_id": pa.array(items, pa.int64()),
+                "timestamp": pa.array(times, pa.int64()),
+            }
+        ),
+        req,
+    )
     out = str(tmp_path / "pred")
 
-    m = predict(run, str(req), out, num_workers=2, batch_size=4, rows_per_task=5)
+    m = predict(run, str(req), out, num_workers=2, batch_size=4, rows_per_task=5, runner=run_sharded)
     print(summary_line(m))
     assert m["rows"] == len(users) and len(m["parts"]) >= 3 and m["parts_skipped"] == 0
     t = read_predictions(out).to_pylist()
@@ -262,7 +340,7 @@ def test_predict_ctr_end_to_end(ctr_run, ray_local, tmp_path):
 
     # Rerun: every part is committed, nothing is recomputed or rewritten.
     before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f.startswith("part-")}
-    m2 = predict(run, str(req), out, num_workers=2, batch_size=4, rows_per_task=5)
+    m2 = predict(run, str(req), out, num_workers=2, batch_size=4, rows_per_task=5, runner=run_sharded)
     assert m2["parts_skipped"] == len(m["parts"]) and m2["parts_built"] == 0
     assert {f: os.path.getmtime(os.path.join(out, f)) for f in before} == before
     assert pq.read_table(out).num_rows == len(users)  # the folder reads as one dataset (_ names skipped)
@@ -274,8 +352,12 @@ def test_predict_ctr_end_to_end(ctr_run, ray_local, tmp_path):
     assert (m3["parts_built"], m3["parts_skipped"]) == (1, len(m["parts"]) - 1)
     again = read_predictions(out)
     assert again.drop(["p_yes"]).equals(committed.drop(["p_yes"]))
-    assert np.allclose(again["p_yes"].to_numpy(zero_copy_only=False).astype(float),
-                       committed["p_yes"].to_numpy(zero_copy_only=False).astype(float), atol=1e-6, equal_nan=True)
+    assert np.allclose(
+        again["p_yes"].to_numpy(zero_copy_only=False).astype(float),
+        committed["p_yes"].to_numpy(zero_copy_only=False).astype(float),
+        atol=1e-6,
+        equal_nan=True,
+    )
 
 
 def _teacher_scores(teacher_url: str, samples: SampleSet, ids: list[int]) -> dict[int, float]:
@@ -283,9 +365,6 @@ def _teacher_scores(teacher_url: str, samples: SampleSet, ids: list[int]) -> dic
     from collections import Counter
 
     import torch
-
-    from teacher.features import Encoder
-    from teacher.model_io import load_teacher, to_tensors
 
     teacher = load_teacher(teacher_url)
     table = samples.read("test", sample_ids=np.asarray(ids, dtype=np.int64))
@@ -310,18 +389,41 @@ def test_predict_cli_missing_column_exits_2(ctr_run, tmp_path):
 @pytest.fixture(scope="module")
 def next_item_run(tmp_path_factory):
     """A tiny next-item run: SASRec teacher, iLoRA adapter, LLaRA hybrid item tokens."""
-    from retrieval.synthetic import preference_dataset
 
     root = tmp_path_factory.mktemp("predict-next")
     src = preference_dataset(root)
     out = root / "runs"
-    cmd = [sys.executable, "trainer/main.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}", "run.name=n",
-           "data.format=generic", f"data.src={src / 'inter.csv'}", f"data.items={src / 'items.csv'}", "data.task=next_item",
-           "data.dataset_url=datasets/syn-next", "teacher.model=sasrec", "teacher.embed_dim=16", "teacher.rep_dim=16",
-           "trainer.lora.mode=ilora", "trainer.lora.target_modules=[q_proj,v_proj]", "trainer.lora.r=8",
-           "trainer.lora.num_experts=4", "trainer.lora.alpha=32", "trainer.hybrid_item_emb=true", "model.max_length=448",
-           "trainer.num_workers=1", "trainer.micro_batch_size=8", "trainer.max_steps=4", "trainer.lr=0.02",
-           "trainer.feed_workers=0", "retrieval.max_eval_samples=16", "retrieval.num_workers=1", "teacher.num_workers=1"]
+    cmd = [
+        sys.executable,
+        "trainer/main.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"run.output_dir={out}",
+        "run.name=n",
+        "data.format=generic",
+        f"data.src={src / 'inter.csv'}",
+        f"data.items={src / 'items.csv'}",
+        "data.task=next_item",
+        "data.dataset_url=datasets/syn-next",
+        "teacher.model=sasrec",
+        "teacher.embed_dim=16",
+        "teacher.rep_dim=16",
+        "trainer.lora.mode=ilora",
+        "trainer.lora.target_modules=[q_proj,v_proj]",
+        "trainer.lora.r=8",
+        "trainer.lora.num_experts=4",
+        "trainer.lora.alpha=32",
+        "trainer.hybrid_item_emb=true",
+        "model.max_length=448",
+        "trainer.num_workers=1",
+        "trainer.micro_batch_size=8",
+        "trainer.max_steps=4",
+        "trainer.lr=0.02",
+        "trainer.feed_workers=0",
+        "retrieval.max_eval_samples=16",
+        "retrieval.num_workers=1",
+        "teacher.num_workers=1",
+    ]
     job = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     return {"root": root, "run": str(out / "n")}
@@ -333,23 +435,22 @@ def _eval_candidate_scores(run: str, max_length: int) -> dict[int, tuple[list[in
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from retrieval.schema import Dataset
-    from trainer.data import PromptEncoder, StreamReader, collate
-    from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_FALLBACK, HybridLM
-    from trainer.lora import load_personalized
-    from trainer.objective import candidate_scores
-    from trainer.predict import load_run_config
-    from trainer.stages import paths
-
     tok = AutoTokenizer.from_pretrained(f"{run}/base_model")
     tok.add_special_tokens({"additional_special_tokens": [HISTORY_TOKEN, CANDIDATE_TOKEN]})
     enc = PromptEncoder(tok, max_length)
     items = Dataset.open(paths(load_run_config(run)).dataset).read_items()
     answers = {i: enc.answer_ids(t) for i, t in zip(items["item_id"].to_pylist(), items["title"].to_pylist())}
-    pm = load_personalized(AutoModelForCausalLM.from_pretrained(f"{run}/base_model", dtype=torch.float32), f"{run}/adapter")
+    pm = load_personalized(
+        AutoModelForCausalLM.from_pretrained(f"{run}/base_model", dtype=torch.float32), f"{run}/adapter"
+    )
     table = load_file(f"{run}/data/item_emb.safetensors")
-    model = HybridLM(pm, table["item_ids"].numpy(), table["emb"], tok.convert_tokens_to_ids([HISTORY_TOKEN, CANDIDATE_TOKEN]),
-                     tok(TEXT_FALLBACK, add_special_tokens=False)["input_ids"][0])
+    model = HybridLM(
+        pm,
+        table["item_ids"].numpy(),
+        table["emb"],
+        tok.convert_tokens_to_ids([HISTORY_TOKEN, CANDIDATE_TOKEN]),
+        tok(TEXT_FALLBACK, add_special_tokens=False)["input_ids"][0],
+    )
     model.projector.load_state_dict(load_file(f"{run}/adapter/projector.safetensors"))
     model.eval()
     reader = StreamReader(storage.join(run, "data", "test"))
@@ -366,8 +467,6 @@ def _eval_candidate_scores(run: str, max_length: int) -> dict[int, tuple[list[in
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_predict_next_item_hybrid_cli(next_item_run, tmp_path):
-    from trainer.predict import load_run_config, read_predictions
-    from trainer.stages import paths
 
     run = next_item_run["run"]
     cfg = load_run_config(run)
@@ -381,8 +480,17 @@ def test_predict_next_item_hybrid_cli(next_item_run, tmp_path):
     times = test["timestamp"].to_pylist() + [None, None, None]
     cands = [None] * len(known) + [[others[0], i0, others[1]], None, others]
     req = tmp_path / "requests.parquet"
-    pq.write_table(pa.table({"user_id": pa.array(users, pa.int64()), "item_id": pa.array(items, pa.int64()),
-                             "timestamp": pa.array(times, pa.int64()), "candidates": pa.array(cands, pa.list_(pa.int64()))}), req)
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": pa.array(users, pa.int64()),
+                "item_id": pa.array(items, pa.int64()),
+                "timestamp": pa.array(times, pa.int64()),
+                "candidates": pa.array(cands, pa.list_(pa.int64())),
+            }
+        ),
+        req,
+    )
     out = str(tmp_path / "pred")
     r = _cli("--run", run, "--requests", str(req), "--out", out, "--num-workers", "0", "--batch-size", "2")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -395,11 +503,15 @@ def test_predict_next_item_hybrid_cli(next_item_run, tmp_path):
         assert row["reason"] is None and row["sample_id"] == sid
         assert row["candidates"] == want_c  # the persisted list, resampled from the request's key
         assert np.abs(np.asarray(row["scores"]) - want_s).max() < 1e-5, (sid, row["scores"], want_s)
-        assert row["ranking"] == [want_c[k] for k in np.argsort(-np.asarray(row["scores"], dtype=np.float64), kind="stable")]
+        assert row["ranking"] == [
+            want_c[k] for k in np.argsort(-np.asarray(row["scores"], dtype=np.float64), kind="stable")
+        ]
         assert row["predicted_item"] == row["ranking"][0] and row["ranking"][row["target_rank"] - 1] == row["item_id"]
-        assert len(row["teacher_candidate_scores"]) == len(want_c) and np.isfinite(row["teacher_candidate_scores"]).all()
+        assert (
+            len(row["teacher_candidate_scores"]) == len(want_c) and np.isfinite(row["teacher_candidate_scores"]).all()
+        )
     given = t[n]
     assert given["reason"] is None and given["candidates"] == [others[0], i0, others[1]] and len(given["scores"]) == 3
     assert given["hist_len"] > 0 and given["timestamp"] is None
-    assert [x["reason"] for x in t[n + 1:]] == ["unknown_user", "item_not_in_candidates"]
-    assert all(x["scores"] is None and x["ranking"] is None for x in t[n + 1:])
+    assert [x["reason"] for x in t[n + 1 :]] == ["unknown_user", "item_not_in_candidates"]
+    assert all(x["scores"] is None and x["ranking"] is None for x in t[n + 1 :])

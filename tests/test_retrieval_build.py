@@ -1,4 +1,5 @@
 """Sample building end to end: references, leakage, commits and resume, Ray workers, S3."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,19 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from retrieval import storage
-from retrieval.build import BuildOptions, build_samples
-from retrieval.samples import SampleSet, SamplesError, commit_marker
-from retrieval.schema import INTERACTIONS, SCHEMA_VERSION, split_array, user_bucket, write_parquet
-from retrieval.subsets import load_subset
+from cluster.pool import run_sharded
+from configs.schema import Config
+from recdata import storage
+from recdata.samples import BuildOptions, SamplesError, SampleSet, commit_marker, options_from_config
+from recdata.schema import (
+    INTERACTIONS,
+    SCHEMA_VERSION,
+    split_array,
+    user_bucket,
+    write_parquet,
+)
+from recdata.subsets import load_subset
+from retrieval.build import build_samples
 
 
 def synthetic_interactions(seed=0, n_users=40, n_items=80, max_len=60, n_ts=400, item_base=1):
@@ -26,13 +35,15 @@ def synthetic_interactions(seed=0, n_users=40, n_items=80, max_len=60, n_ts=400,
     df = df.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
     df["rating"] = rng.integers(1, 6, len(df)).astype(np.float32)
     q = np.quantile(df.timestamp, [0.2, 0.8, 0.9])
-    df["split"] = np.select([df.timestamp < q[0], df.timestamp < q[1], df.timestamp < q[2]], ["context", "train", "valid"], "test")
+    df["split"] = np.select(
+        [df.timestamp < q[0], df.timestamp < q[1], df.timestamp < q[2]], ["context", "train", "valid"], "test"
+    )
     df["label"] = (df.rating >= 4).astype(np.int8)
     return df
 
 
 def write_dataset(url, df, task="ctr", num_shards=3, row_group_size=37, n_items=80, item_base=1, titles=None):
-    """The schema.Dataset layout, written directly (retrieval.ingest does this for real sources)."""
+    """The schema.Dataset layout, written directly (recdata.ingest does this for real sources)."""
     shard_of = user_bucket(df.user_id.to_numpy(), num_shards)
     shards = []
     for s in range(num_shards):
@@ -53,7 +64,10 @@ def write_dataset(url, df, task="ctr", num_shards=3, row_group_size=37, n_items=
         shards.append({"path": f"interactions/shard-{s:05d}.parquet", "rows": len(part)})
     ids = np.arange(n_items) + item_base
     titles = titles if titles is not None else [f"Movie {i} ({1950 + i % 50})" for i in ids]
-    write_parquet(pa.table({"item_id": pa.array(ids, pa.int64()), "title": pa.array(titles, pa.string())}), storage.join(url, "items.parquet"))
+    write_parquet(
+        pa.table({"item_id": pa.array(ids, pa.int64()), "title": pa.array(titles, pa.string())}),
+        storage.join(url, "items.parquet"),
+    )
     storage.write_json_atomic(
         storage.join(url, "manifest.json"),
         {"schema_version": SCHEMA_VERSION, "task": task, "shards": shards, "items": {"path": "items.parquet"}},
@@ -95,7 +109,12 @@ def reference(df, k_text, k_id, vecs=None, pool=200, text_subr=False, id_sim_poo
             text = _top(h, row.item_id, vecs, k_text, pool) if text_subr else h.tail(k_text)
             ids = h.tail(k_id) if id_sim_pool is None else _top(h, row.item_id, vecs, k_id, id_sim_pool)
             out[(u, row.item_id, row.timestamp, row.rating)] = (
-                len(h), text.item_id.tolist(), text.rating.tolist(), ids.item_id.tolist(), ids.rating.tolist(), ids.timestamp.tolist()
+                len(h),
+                text.item_id.tolist(),
+                text.rating.tolist(),
+                ids.item_id.tolist(),
+                ids.rating.tolist(),
+                ids.timestamp.tolist(),
             )
     return out
 
@@ -130,7 +149,10 @@ def test_recent_build_matches_pandas_reference_across_row_groups(tmp_path):
     assert c["tied_rows"] > 0 and c["target_in_history"] > 0 and c["empty_history"] > 0
     # Few2Many: nested prefixes over train sample ids.
     train = set(samples[samples.split == "train"].sample_id)
-    s64, s256 = load_subset(str(tmp_path / "samples"), "train", 64), load_subset(str(tmp_path / "samples"), "train", 256)
+    s64, s256 = (
+        load_subset(str(tmp_path / "samples"), "train", 64),
+        load_subset(str(tmp_path / "samples"), "train", 256),
+    )
     assert set(s64) < set(s256) <= train
 
 
@@ -151,14 +173,20 @@ def test_next_item_candidates_and_history_filters(tmp_path):
     df = synthetic_interactions(seed=2)
     df.loc[df.groupby("user_id").head(1).index[:5], "split"] = "train"  # users whose first row is a target
     ds = write_dataset(str(tmp_path / "ds"), df, task="next_item")
-    opts = BuildOptions(k_text=10, k_id=20, text_mode="recent", min_history=3, empty_history="drop", max_eval_samples=10)
+    opts = BuildOptions(
+        k_text=10, k_id=20, text_mode="recent", min_history=3, empty_history="drop", max_eval_samples=10
+    )
     m = build_samples(ds, str(tmp_path / "s"), opts, num_workers=1)
     s = all_samples(str(tmp_path / "s"))
     assert (s.hist_len >= 3).all() and s.label.isna().all()
     ref_len = {k: v[0] for k, v in reference(df, k_text=1, k_id=1).items()}  # hist_len per sample
     assert m["counts"]["dropped_empty_history"] == sum(v == 0 for v in ref_len.values()) > 0
     assert m["counts"]["dropped_min_history"] == sum(v in (1, 2) for v in ref_len.values()) > 0
-    assert m["counts"]["samples"] == len(s) == m["counts"]["targets"] - m["counts"]["dropped_empty_history"] - m["counts"]["dropped_min_history"]
+    assert (
+        m["counts"]["samples"]
+        == len(s)
+        == m["counts"]["targets"] - m["counts"]["dropped_empty_history"] - m["counts"]["dropped_min_history"]
+    )
     for row in s.itertuples():
         c = list(row.candidates)
         seen = set(df[(df.user_id == row.user_id) & (df.timestamp < row.timestamp)].item_id)
@@ -184,7 +212,10 @@ def test_rerun_redoes_only_uncommitted_shards_and_output_is_identical(tmp_path):
     assert not list(tmp_path.glob("s/*/*.tmp-*"))
     with pytest.raises(SamplesError, match="other inputs/options"):
         build_samples(ds, out, BuildOptions(k_text=4, k_id=8, text_mode="recent"), num_workers=1)
-    assert json.loads((tmp_path / "s" / "_commits" / "shard-00002.json").read_text())["rows"]["train"] == first["splits"]["train"]["files"][2]["rows"]
+    assert (
+        json.loads((tmp_path / "s" / "_commits" / "shard-00002.json").read_text())["rows"]["train"]
+        == first["splits"]["train"]["files"][2]["rows"]
+    )
 
 
 def test_bad_inputs_fail_with_named_ids(tmp_path):
@@ -193,13 +224,17 @@ def test_bad_inputs_fail_with_named_ids(tmp_path):
     ds = write_dataset(str(tmp_path / "ds"), df, n_items=10, titles=titles)
     with pytest.raises(SamplesError, match=r"no title.*\[10\]"):
         build_samples(ds, str(tmp_path / "a"), BuildOptions(text_mode="recent"), num_workers=1)
-    m = build_samples(ds, str(tmp_path / "b"), BuildOptions(text_mode="recent", missing_text="placeholder"), num_workers=1)
+    m = build_samples(
+        ds, str(tmp_path / "b"), BuildOptions(text_mode="recent", missing_text="placeholder"), num_workers=1
+    )
     assert m["counts"]["items_without_text"] > 0
     with pytest.raises(SamplesError, match="need item embeddings"):
         build_samples(ds, str(tmp_path / "c"), BuildOptions(text_mode="subr"), num_workers=1)
     emb_url, _ = write_embeddings(str(tmp_path / "emb.parquet"), n_items=9)
     with pytest.raises(Exception, match=r"no embedding for 1 item id\(s\), e.g. \[10\]"):
-        build_samples(ds, str(tmp_path / "d"), BuildOptions(missing_text="placeholder"), num_workers=1, embeddings_url=emb_url)
+        build_samples(
+            ds, str(tmp_path / "d"), BuildOptions(missing_text="placeholder"), num_workers=1, embeddings_url=emb_url
+        )
     with pytest.raises(ValueError, match="text_mode"):
         BuildOptions(text_mode="similar").validate()
 
@@ -211,16 +246,19 @@ def test_two_ray_workers_read_and_write_s3(s3_bucket, ray_local, tmp_path):
     emb_url, vecs = write_embeddings(storage.join(s3_bucket, "emb/embeddings.parquet"))
     out = storage.join(s3_bucket, "samples")
     opts = BuildOptions(k_text=4, k_id=10, subr_pool=15)
-    m = build_samples(ds, out, opts, num_workers=2, embeddings_url=storage.join(s3_bucket, "emb"))
+    m = build_samples(ds, out, opts, num_workers=2, embeddings_url=storage.join(s3_bucket, "emb"), runner=run_sharded)
     assert m["shards"]["built"] == 4
     check_against_reference(all_samples(out), df, k_text=4, k_id=10, vecs=vecs, pool=15, text_subr=True)
     storage.rm(commit_marker(out, 1))
-    assert build_samples(ds, out, opts, num_workers=2, embeddings_url=storage.join(s3_bucket, "emb"))["shards"]["skipped"] == 3
+    assert (
+        build_samples(ds, out, opts, num_workers=2, embeddings_url=storage.join(s3_bucket, "emb"), runner=run_sharded)[
+            "shards"
+        ]["skipped"]
+        == 3
+    )
 
 
 def test_options_from_typed_config():
-    from configs.schema import Config
-    from retrieval.build import options_from_config
 
     cfg = Config()
     cfg.retrieval.k_text, cfg.retrieval.text_mode, cfg.retrieval.min_history, cfg.run.seed = 5, "recent", 5, 7

@@ -1,5 +1,6 @@
 """Item embeddings with a tiny random Llama (real tokenizer), and the real ML-100K end to end:
 ingest -> embed_items -> SUBR samples (checked against brute force) -> prompts."""
+
 from __future__ import annotations
 
 import shutil
@@ -8,12 +9,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from retrieval.build import BuildOptions, build_samples, load_item_vectors
+from cluster.pool import run_sharded
+from recdata.ingest import IngestOptions, ingest
+from recdata.samples import BuildOptions, SampleSet
+from recdata.schema import Dataset
+from recdata.subsets import load_subset
+from retrieval.build import build_samples, load_item_vectors
 from retrieval.embed_items import EmbedOptions, EmbedWorker, embed_items, item_texts
 from retrieval.history import history_bounds, top_similar_reference
 from retrieval.prompts import PromptRenderer
-from retrieval.samples import SampleSet
-from retrieval.schema import Dataset
 from tests.conftest import shared_path
 
 
@@ -39,7 +43,6 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ml100k(tmp_path_factory):
     src = shared_path("data", "movielens-100k")
-    from retrieval.ingest import IngestOptions, ingest
 
     out = str(tmp_path_factory.mktemp("ml100k") / "ds")
     ingest("movielens", str(src), out, IngestOptions(task="ctr", num_shards=4, progress=False, workers=1))
@@ -50,12 +53,18 @@ def test_item_texts_drop_sentences_with_missing_fields():
     items = pa.table({"item_id": [1, 2], "title": ["Heat (1995)", "Solaris"], "genres": ["Action|Crime", None]})
     ids, texts = item_texts(items, EmbedOptions())
     assert ids.tolist() == [1, 2]
-    assert texts == ["Here is a movie. Its title is Heat (1995). Its genre is Action, Crime.", "Here is a movie. Its title is Solaris."]
+    assert texts == [
+        "Here is a movie. Its title is Heat (1995). Its genre is Action, Crime.",
+        "Here is a movie. Its title is Solaris.",
+    ]
 
 
 def test_mean_pool_ignores_padding(tiny_model_dir):
     w = EmbedWorker(tiny_model_dir, {**EmbedOptions().__dict__, "batch_size": 8})
-    texts = ["Here is a movie. Its title is A.", "Here is a movie. Its title is a much longer name, with genres and more words."]
+    texts = [
+        "Here is a movie. Its title is A.",
+        "Here is a movie. Its title is a much longer name, with genres and more words.",
+    ]
     both = w.embed(texts)
     alone = w.embed(texts[:1])
     np.testing.assert_allclose(both[0], alone[0], rtol=1e-4, atol=1e-5)
@@ -103,7 +112,6 @@ def test_ml100k_embed_cache_and_subr_samples_match_brute_force(tiny_model_dir, m
 
 
 def load_subset_first(out):
-    from retrieval.subsets import load_subset
 
     return load_subset(out, "test", 1)
 
@@ -112,6 +120,9 @@ def load_subset_first(out):
 def test_embed_on_two_ray_actors_equals_in_process(tiny_model_dir, ml100k, tmp_path, ray_local):
     opts = EmbedOptions(pca_dims=0, batch_size=64, items_per_task=500)
     local = load_item_vectors(embed_items(ml100k, tiny_model_dir, str(tmp_path / "a"), opts), normalize=False)
-    remote = load_item_vectors(embed_items(ml100k, tiny_model_dir, str(tmp_path / "b"), opts, num_workers=2), normalize=False)
+    remote = load_item_vectors(
+        embed_items(ml100k, tiny_model_dir, str(tmp_path / "b"), opts, num_workers=2, runner=run_sharded),
+        normalize=False,
+    )
     assert np.array_equal(local.item_ids, remote.item_ids)
     np.testing.assert_allclose(local.matrix, remote.matrix, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,5 @@
 """History retrieval: the leakage rule, recent == pandas reference, SUBR top-K == brute force."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Candidate lists, Few2Many subsets and prompt rendering."""
+
 from __future__ import annotations
 
 import ast
@@ -9,10 +10,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from recdata.samples import SamplesError, sample_candidates
+from recdata.subsets import load_subset, nested_sizes, seeded_order, write_subsets
 from retrieval.history import history_bounds
-from retrieval.prompts import PromptError, PromptRenderer, ML1M_AGE_LABELS, ctr_prompt, fit_history, next_item_prompt, style_for
-from retrieval.samples import SamplesError, sample_candidates
-from retrieval.subsets import load_subset, nested_sizes, seeded_order, write_subsets
+from retrieval.prompts import (
+    ML1M_AGE_LABELS,
+    PromptError,
+    PromptRenderer,
+    ctr_prompt,
+    fit_history,
+    next_item_prompt,
+    style_for,
+)
 from tests.conftest import shared_path
 
 
@@ -97,7 +106,14 @@ def test_renderer_next_item_tokens_and_no_raw_ids():
     users = pa.table({"user_id": [5], "gender": ["F"], "age": [31], "occupation": ["writer"], "zip": ["90210"]})
     style = style_for("movie", history_token="[HistoryEmb]", candidate_token="[CansEmb]")
     r = PromptRenderer(items, "next_item", style, users)
-    rec = {"sample_id": 1, "user_id": 5, "item_id": 12, "text_hist_items": [11, 13], "candidates": [13, 12], "label": None}
+    rec = {
+        "sample_id": 1,
+        "user_id": 5,
+        "item_id": 12,
+        "text_hist_items": [11, 13],
+        "candidates": [13, 12],
+        "label": None,
+    }
     out = r.render(rec)
     assert out.text == (
         "This user has watched Alpha (1990) [HistoryEmb], Gamma [HistoryEmb] in the previous. Please predict the next "
@@ -105,12 +121,17 @@ def test_renderer_next_item_tokens_and_no_raw_ids():
     )
     assert out.answer == "Beta\n"
     ctr = PromptRenderer(items, "ctr", style_for("book"), users)
-    text = ctr.render({"user_id": 5, "item_id": 13, "label": 1, "text_hist_items": [11], "text_hist_ratings": [4.5]}).text
+    text = ctr.render(
+        {"user_id": 5, "item_id": 13, "label": 1, "text_hist_items": [11], "text_hist_ratings": [4.5]}
+    ).text
     assert text.startswith("The user is a female. Her job is writer. Her age is 31.\nShe read the following books")
     assert "'0. Alpha (1990) (4.5 stars)'" in text and "90210" not in text and "***Gamma***" in text
     with pytest.raises(PromptError, match=r"\[14\]"):
         r.render({**rec, "text_hist_items": [14]})
-    assert "an unknown item" in PromptRenderer(items, "next_item", missing_text="placeholder").render({**rec, "text_hist_items": [14]}).text
+    assert (
+        "an unknown item"
+        in PromptRenderer(items, "next_item", missing_text="placeholder").render({**rec, "text_hist_items": [14]}).text
+    )
 
 
 def test_truncation_drops_oldest_history_keeps_question_and_counts():

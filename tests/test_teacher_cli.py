@@ -1,6 +1,7 @@
 """`python -m teacher.train --config` and `python -m teacher.score --config`: the URLs come from
 trainer.stages.paths (where the pipeline looks), the teacher settings from the run config, and mistakes
 exit 2 with a message naming the key, the path or the command that is missing."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from configs.loader import load_config
-from retrieval import storage
+from recdata import storage
+from recdata.layout import paths
 from teacher import refdata
 from teacher.data import list_shards, read_shard
 from teacher.model_io import load_teacher
+from teacher.score import main as score_main
 from teacher.score import open_reps
-from trainer.stages import paths
+from teacher.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast: tiny's teacher (embed 16, MLP 64-32, rep 32, 1 epoch) with smaller batches.
@@ -25,8 +28,14 @@ OVERRIDES = ["teacher.batch_size=128", "teacher.lr=0.002", "run.seed=3"]
 
 
 def _run(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "RECLORA_QUIET": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "RECLORA_QUIET": "1"},
+    )
 
 
 @pytest.fixture
@@ -55,8 +64,6 @@ def test_train_cli_from_config_commits_where_the_pipeline_looks(built):
 
 
 def test_config_mistakes_exit_2_naming_the_problem(tmp_path, capsys):
-    from teacher.score import main as score_main
-    from teacher.train import main as train_main
 
     out = f"run.output_dir={tmp_path}"
     assert train_main(["--config", "tiny", out, "teacher.epochs=x"]) == 2
@@ -93,4 +100,6 @@ def test_score_cli_from_config_writes_reps_where_the_trainer_reads(built):
     for split in ("train", "valid", "test"):
         rows = sum(read_shard(u, columns=["sample_id"]).num_rows for u in list_shards(p.samples, split))
         assert m["splits"][split]["rows"] == rows > 0
-    assert m["model_sha256"] == storage.read_json(storage.join(p.teacher, "teacher.json"))["sha256"]["model.safetensors"]
+    assert (
+        m["model_sha256"] == storage.read_json(storage.join(p.teacher, "teacher.json"))["sha256"]["model.safetensors"]
+    )

@@ -1,5 +1,6 @@
 """Data-parallel teacher training: the per-rank batch slices (fast, no Ray) and DIN on MovieLens-100K with
 two real Ray Train workers (DistributedDataParallel over gloo) against one in-process worker."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -8,18 +9,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import shared_path
 
-from retrieval import storage
+from cluster.launch import run_training
+from recdata import storage
+from recdata.metrics import auc
 from teacher import refdata
 from teacher.baselines import popularity_ctr
 from teacher.config import TeacherConfig
 from teacher.data import iter_train_parts, list_shards, rank_slice, read_shard
 from teacher.features import Encoder
-from teacher.metrics import auc
 from teacher.model_io import apply_unk_dropout, build_model, load_teacher, to_tensors
 from teacher.train import build_feature_space, side_tables, train_teacher
-
-from conftest import shared_path
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,9 @@ def test_rank_parts_reassemble_the_single_process_batches(synthetic):
         world = 4
         per_rank, stats = [], Counter()
         for r in range(world):
-            per_rank.append(list(iter_train_parts(shards, enc, bs, seed=7, epoch=epoch, stats=stats, rank=r, world=world)))
+            per_rank.append(
+                list(iter_train_parts(shards, enc, bs, seed=7, epoch=epoch, stats=stats, rank=r, world=world))
+            )
         assert stats == single_stats  # every row encoded exactly once over the ranks
         for i, (full, _, size) in enumerate(single):
             parts = [per_rank[r][i] for r in range(world)]
@@ -95,8 +98,11 @@ def test_unk_dropout_on_parts_matches_the_whole_batch(synthetic):
 def test_empty_rank_slice_gives_finite_zero_gradients(synthetic, model):
     # A rank without rows of a short last batch still runs forward/backward so DDP's all-reduce completes.
     samples, shards, space = synthetic
-    cfg = TeacherConfig.defaults(model, max_hist=20, mlp_hidden=[32, 16], rep_dim=16) if model == "din" else \
-        TeacherConfig.defaults(model, max_hist=20, embed_dim=16, rep_dim=16)
+    cfg = (
+        TeacherConfig.defaults(model, max_hist=20, mlp_hidden=[32, 16], rep_dim=16)
+        if model == "din"
+        else TeacherConfig.defaults(model, max_hist=20, embed_dim=16, rep_dim=16)
+    )
     net = build_model(cfg, space).train()
     enc = Encoder(space, 20, cfg.task)
     empty = {k: v[:0] for k, v in enc.encode(read_shard(shards[0]).slice(0, 4)).items()}
@@ -110,7 +116,10 @@ def test_empty_rank_slice_gives_finite_zero_gradients(synthetic, model):
 def _valid_pop_auc(samples: str) -> float:
     tr = pa.concat_tables([read_shard(u) for u in list_shards(samples, "train")])
     ev = pa.concat_tables([read_shard(u) for u in list_shards(samples, "valid")])
-    return auc(ev["label"].to_numpy(), popularity_ctr(tr["item_id"].to_numpy(), tr["label"].to_numpy(), ev["item_id"].to_numpy()))
+    return auc(
+        ev["label"].to_numpy(),
+        popularity_ctr(tr["item_id"].to_numpy(), tr["label"].to_numpy(), ev["item_id"].to_numpy()),
+    )
 
 
 @pytest.mark.slow  # Ray Train start-up dominates: ~30-60 s on 2 shared cores
@@ -121,11 +130,22 @@ def test_din_two_ray_workers_match_one_process_on_ml100k(ray_local, tmp_path):
     # dropout 0: nn.Dropout masks are per rank and cannot match a single process; UNK-id dropout can
     # (drawn for the global batch). Batch 1023 is odd, so every batch splits 511/512 between the ranks
     # and the unequal-share loss weighting is exercised on every step.
-    cfg = dict(epochs=1, num_threads=1, dropout=0.0, mlp_hidden=[64, 32], rep_dim=32, max_hist=30, batch_size=1023, lr=3e-3)
-    one = train_teacher(samples, str(tmp_path / "one"), TeacherConfig.defaults("din", **cfg), progress=False, evaluate_test=False)
+    cfg = dict(
+        epochs=1, num_threads=1, dropout=0.0, mlp_hidden=[64, 32], rep_dim=32, max_hist=30, batch_size=1023, lr=3e-3
+    )
+    one = train_teacher(
+        samples, str(tmp_path / "one"), TeacherConfig.defaults("din", **cfg), progress=False, evaluate_test=False
+    )
     two_url = str(tmp_path / "two")
-    two = train_teacher(samples, two_url, TeacherConfig.defaults("din", **cfg), progress=False, evaluate_test=False,
-                        num_workers=2)
+    two = train_teacher(
+        samples,
+        two_url,
+        TeacherConfig.defaults("din", **cfg),
+        progress=False,
+        evaluate_test=False,
+        num_workers=2,
+        launch=run_training,
+    )
     assert one["train_workers"] == 1 and two["train_workers"] == 2
     pop = _valid_pop_auc(samples)
     assert two["valid"]["auc"] > pop + 0.01, (two["valid"], pop)
@@ -139,4 +159,7 @@ def test_din_two_ray_workers_match_one_process_on_ml100k(ray_local, tmp_path):
     loaded = load_teacher(two_url)
     assert loaded.meta["metrics"]["train_workers"] == loaded.cfg.train_workers == 2 and loaded.rep_dim == 32
     assert sorted(p.rsplit("/", 1)[-1] for p in storage.get_fs(two_url)[0].ls(two_url, detail=False)) == [
-        "features.safetensors", "model.safetensors", "teacher.json"]
+        "features.safetensors",
+        "model.safetensors",
+        "teacher.json",
+    ]

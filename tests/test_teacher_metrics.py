@@ -1,4 +1,5 @@
-"""teacher.metrics: values checked by hand and against sklearn."""
+"""recdata.metrics: values checked by hand and against sklearn."""
+
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from teacher import metrics as M
+from recdata import metrics as M
 
 
 def test_auc_logloss_known_values():

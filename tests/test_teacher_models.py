@@ -1,5 +1,6 @@
 """DIN / SASRec / features on small synthetic sample tables: shapes, masking, unknown ids, bad input,
 save/load and seeded determinism."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from retrieval import storage
+from recdata import storage
 from teacher import refdata
 from teacher.config import TeacherConfig, TeacherConfigError
 from teacher.data import list_shards, read_shard
@@ -183,10 +184,35 @@ def test_train_cli_commits_model(ctr, tmp_path):
     from pathlib import Path
 
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "teacher.train", "--samples", ctr, "--out", str(out), "--model", "din", "--epochs", "1",
-           "--batch-size", "256", "--mlp-hidden", "64,32", "--max-hist", "20", "--num-threads", "1"]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "RECLORA_QUIET": "1"},
-                          capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "teacher.train",
+        "--samples",
+        ctr,
+        "--out",
+        str(out),
+        "--model",
+        "din",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "256",
+        "--mlp-hidden",
+        "64,32",
+        "--max-hist",
+        "20",
+        "--num-threads",
+        "1",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "RECLORA_QUIET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "auc" in res["valid"] and res["out"] == str(out)

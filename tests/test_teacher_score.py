@@ -1,5 +1,6 @@
 """teacher.score: complete, correctly keyed output; Ray actors; resume after SIGKILL; S3 over HTTP;
 bad input (rep size, missing sample ids, NaN features)."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from retrieval import storage
-from retrieval.schema import write_parquet
+from cluster.pool import run_sharded
+from recdata import storage
+from recdata.schema import write_parquet
 from teacher import refdata
 from teacher.config import TeacherConfig
 from teacher.data import list_shards, read_shard
@@ -41,8 +43,13 @@ def trained(tmp_path_factory):
 
 
 def _all_samples(samples: str) -> pa.Table:
-    return pa.concat_tables([read_shard(u, columns=["sample_id", "split"]) for s in ("train", "valid", "test")
-                             for u in list_shards(samples, s)])
+    return pa.concat_tables(
+        [
+            read_shard(u, columns=["sample_id", "split"])
+            for s in ("train", "valid", "test")
+            for u in list_shards(samples, s)
+        ]
+    )
 
 
 def _reps_by_id(reps: str) -> dict[int, tuple]:
@@ -75,7 +82,9 @@ def test_in_process_scoring_is_complete_and_keyed(trained, tmp_path):
         b = to_tensors(Encoder(t.space, t.cfg.max_hist, "ctr").encode(tab), torch.device("cpu"))
         out = t.model(b)
     ids = tab["sample_id"].to_numpy()
-    np.testing.assert_allclose(rep_matrix(reps, "test", ids, expected_rep_dim=32), out["rep"].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        rep_matrix(reps, "test", ids, expected_rep_dim=32), out["rep"].numpy(), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose([got[i][2] for i in ids], torch.sigmoid(out["logit"]).numpy(), rtol=1e-5)
     # a rerun finds everything committed
     again = score_samples(model, samples, reps, num_actors=0)
@@ -86,7 +95,7 @@ def test_two_ray_actors_write_the_same_output(trained, tmp_path, ray_local):
     samples, model = trained
     local, ray_out = str(tmp_path / "local"), str(tmp_path / "ray")
     score_samples(model, samples, local, num_actors=0)
-    res = score_samples(model, samples, ray_out, num_actors=2)
+    res = score_samples(model, samples, ray_out, num_actors=2, runner=run_sharded)
     assert res["shards_total"] == 18
     assert _reps_by_id(local) == _reps_by_id(ray_out)
 
@@ -96,8 +105,21 @@ def test_resume_after_sigkill_gives_identical_output(trained, tmp_path):
     clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
     # Same batch size in both runs: results are bit-identical only for identical batching.
     score_samples(model, samples, clean, num_actors=0, batch_size=16)
-    cmd = [sys.executable, "-m", "teacher.score", "--model", model, "--samples", samples, "--out", killed,
-           "--num-actors", "0", "--batch-size", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "teacher.score",
+        "--model",
+        model,
+        "--samples",
+        samples,
+        "--out",
+        killed,
+        "--num-actors",
+        "0",
+        "--batch-size",
+        "16",
+    ]
     env = {**os.environ, "RECLORA_QUIET": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -173,7 +195,9 @@ def test_nan_feature_fails_the_shard_naming_sample(trained, tmp_path):
     ratings = t["id_hist_ratings"].to_pylist()
     row = next(i for i, r in enumerate(ratings) if r)
     ratings[row] = [float("nan")] * len(ratings[row])
-    t = t.set_column(t.schema.get_field_index("id_hist_ratings"), "id_hist_ratings", pa.array(ratings, pa.list_(pa.float32())))
+    t = t.set_column(
+        t.schema.get_field_index("id_hist_ratings"), "id_hist_ratings", pa.array(ratings, pa.list_(pa.float32()))
+    )
     write_parquet(t, f"{bad}/valid/shard-00000.parquet")
     sid = t["sample_id"][row].as_py()
     with pytest.raises(FeatureError, match=rf"id_hist_ratings.*NaN.*sample_id {sid}"):

@@ -1,6 +1,7 @@
 """Few2Many stage 1 on the shared real data: DIN on MovieLens-100K CTR, SASRec on LLaRA LastFM.
 They must beat the popularity and random baselines on validation (one epoch), and the longer runs check
 the benchmark targets. All are marked slow: real data on 2 shared cores takes minutes."""
+
 from __future__ import annotations
 
 import os
@@ -8,15 +9,14 @@ import os
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import shared_path
 
+from recdata.metrics import auc, hit_rate_at_k, ndcg_at_k
 from teacher import refdata
 from teacher.baselines import popularity_candidates, popularity_ctr
 from teacher.config import TeacherConfig
 from teacher.data import list_shards, read_shard
-from teacher.metrics import auc, hit_rate_at_k, ndcg_at_k
 from teacher.train import train_teacher
-
-from conftest import shared_path
 
 pytestmark = pytest.mark.shared
 
@@ -75,8 +75,10 @@ def test_sasrec_beats_popularity_and_random_on_lastfm(lastfm, tmp_path):
 
 # The full-length runs repeat bench/teacher.py's quality figures (several minutes each on 2 cores): they run
 # only when asked for, e.g. `RECLORA_LONG_TESTS=1 pytest tests/test_teacher_train.py`.
-long_test = pytest.mark.skipif(os.environ.get("RECLORA_LONG_TESTS") != "1",
-                               reason="full-length teacher training; set RECLORA_LONG_TESTS=1 (bench/teacher.py measures it)")
+long_test = pytest.mark.skipif(
+    os.environ.get("RECLORA_LONG_TESTS") != "1",
+    reason="full-length teacher training; set RECLORA_LONG_TESTS=1 (bench/teacher.py measures it)",
+)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The trainer on real parts: Ray Train workers, DeepSpeed ZeRO-3 on CPU (gloo), Parquet inputs, storage
 checkpoints (local and the moto S3 server), SIGKILL of a worker, resume, and bad inputs."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,14 +12,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from configs.loader import load_config
-from retrieval import storage
+from cluster.launch import run_training
+from configs.loader import ConfigError, load_config
+from recdata import storage
+from recdata.ingest import IngestOptions, ingest
+from recdata.samples import BuildOptions
+from recdata.synthetic import preference_dataset
+from retrieval.build import build_samples
+from teacher.config import TeacherConfig
+from teacher.score import RepsError, score_samples
+from teacher.train import train_teacher
+from trainer.checkpoint import CheckpointError, check_compatible, latest_complete
+from trainer.hybrid import use_hybrid
+from trainer.loop import fingerprint_parts, train_worker
+from trainer.prepare import plan_training, prepare
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _synthetic_source(root: Path) -> Path:
-    from retrieval.synthetic import preference_dataset
 
     return preference_dataset(root)
 
@@ -26,51 +38,81 @@ def _synthetic_source(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Dataset -> samples -> teacher -> representations, built once with the project's own stages."""
-    from retrieval.build import BuildOptions, build_samples
-    from retrieval.ingest import IngestOptions, ingest
-    from teacher.config import TeacherConfig
-    from teacher.score import score_samples
-    from teacher.train import train_teacher
 
     root = tmp_path_factory.mktemp("trainer")
     src = _synthetic_source(root)
     ds, sm, tm, rp = (str(root / x) for x in ("dataset", "samples", "teacher", "reps"))
-    ingest("generic", str(src / "inter.csv"), ds, IngestOptions(num_shards=2, progress=False), items=str(src / "items.csv"))
-    build_samples(ds, sm, BuildOptions(k_text=5, k_id=10, text_mode="recent", min_history=1, max_eval_samples=32), num_workers=1)
-    train_teacher(sm, tm, TeacherConfig(model="din", embed_dim=8, mlp_hidden=[32, 16], rep_dim=16, epochs=1, max_hist=10),
-                  dataset_url=ds, progress=False)
+    ingest(
+        "generic", str(src / "inter.csv"), ds, IngestOptions(num_shards=2, progress=False), items=str(src / "items.csv")
+    )
+    build_samples(
+        ds, sm, BuildOptions(k_text=5, k_id=10, text_mode="recent", min_history=1, max_eval_samples=32), num_workers=1
+    )
+    train_teacher(
+        sm,
+        tm,
+        TeacherConfig(model="din", embed_dim=8, mlp_hidden=[32, 16], rep_dim=16, epochs=1, max_hist=10),
+        dataset_url=ds,
+        progress=False,
+    )
     score_samples(tm, sm, rp, num_actors=0, expected_rep_dim=16)
     return {"root": root, "dataset": ds, "samples": sm, "reps": rp}
 
 
 def tiny_cfg(inputs, out: str, name: str, *extra: str):
-    return load_config("tiny", [
-        f"run.output_dir={out}", f"run.name={name}", f"data.dataset_url={inputs['dataset']}",
-        f"retrieval.samples_url={inputs['samples']}", f"teacher.reps_url={inputs['reps']}",
-        "teacher.mlp_hidden=[32,16]", "teacher.rep_dim=16", "trainer.lr=0.02", "trainer.batch_size=8",
-        "trainer.micro_batch_size=2", "trainer.num_workers=2", "trainer.train_subset=96", "trainer.epochs=1",
-        "trainer.checkpoint_every=4", "trainer.max_steps=8", "trainer.max_failures=1", "retrieval.max_eval_samples=32",
-        "model.max_length=192", "trainer.eval_every=4", *extra])
+    return load_config(
+        "tiny",
+        [
+            f"run.output_dir={out}",
+            f"run.name={name}",
+            f"data.dataset_url={inputs['dataset']}",
+            f"retrieval.samples_url={inputs['samples']}",
+            f"teacher.reps_url={inputs['reps']}",
+            "teacher.mlp_hidden=[32,16]",
+            "teacher.rep_dim=16",
+            "trainer.lr=0.02",
+            "trainer.batch_size=8",
+            "trainer.micro_batch_size=2",
+            "trainer.num_workers=2",
+            "trainer.train_subset=96",
+            "trainer.epochs=1",
+            "trainer.checkpoint_every=4",
+            "trainer.max_steps=8",
+            "trainer.max_failures=1",
+            "retrieval.max_eval_samples=32",
+            "model.max_length=192",
+            "trainer.eval_every=4",
+            *extra,
+        ],
+    )
 
 
 def run_train(cfg, node_report_dir: str | None = None, **params_extra) -> dict:
-    from cluster.launch import run_training
-    from trainer.loop import train_worker
-    from trainer.prepare import prepare
 
     run_url = storage.join(cfg.run.output_dir, cfg.run.name)
     params = prepare(cfg, run_url)
     params.update(params_extra)
     t = cfg.trainer
-    run_training(train_worker, params, num_workers=t.num_workers, use_gpu=False, cpus_per_worker=1,
-                 name=f"{cfg.run.name}-{time.time_ns()}", max_failures=t.max_failures, placement=t.placement,
-                 worker_resources=t.worker_resources, node_report_dir=node_report_dir)
-    return {"metrics": storage.read_json(storage.join(run_url, "metrics.json")),
-            "history": storage.read_json(storage.join(run_url, "logs", "train.jsonl.json")), "run_url": run_url}
+    run_training(
+        train_worker,
+        params,
+        num_workers=t.num_workers,
+        use_gpu=False,
+        cpus_per_worker=1,
+        name=f"{cfg.run.name}-{time.time_ns()}",
+        max_failures=t.max_failures,
+        placement=t.placement,
+        worker_resources=t.worker_resources,
+        node_report_dir=node_report_dir,
+    )
+    return {
+        "metrics": storage.read_json(storage.join(run_url, "metrics.json")),
+        "history": storage.read_json(storage.join(run_url, "logs", "train.jsonl.json")),
+        "run_url": run_url,
+    }
 
 
 def adapter_tensors(run_url: str) -> dict[str, torch.Tensor]:
-    from trainer.checkpoint import latest_complete
 
     url = latest_complete(run_url)
     fs, path = storage.get_fs(url)
@@ -103,7 +145,15 @@ def test_two_workers_zero3_ctr_trains_and_evaluates(baseline):
     assert final["valid_n"] == 32
     assert "valid_auc" in baseline["history"][3]  # evaluated during training (eval_every=4)
     rec = baseline["history"][-1]
-    for key in ("tokens_per_s", "samples_per_s", "data_wait_fraction", "grad_norm", "lr", "gate_entropy", "expert_load_0"):
+    for key in (
+        "tokens_per_s",
+        "samples_per_s",
+        "data_wait_fraction",
+        "grad_norm",
+        "lr",
+        "gate_entropy",
+        "expert_load_0",
+    ):
         assert key in rec
     run = Path(baseline["run_url"])
     assert (run / "adapter" / "gates.safetensors").exists() and any((run / "tensorboard").iterdir())
@@ -140,8 +190,6 @@ def test_resume_on_fewer_workers(inputs, baseline, tmp_path):
 
 
 def test_incompatible_resume_is_refused(inputs, baseline):
-    from trainer.checkpoint import CheckpointError, check_compatible, latest_complete
-    from trainer.loop import fingerprint_parts
 
     cfg = tiny_cfg(inputs, str(inputs["root"] / "runs"), "base", "trainer.lora.r=8", "trainer.lora.alpha=16")
     with pytest.raises(CheckpointError, match=r"lora"):
@@ -160,14 +208,16 @@ def test_checkpoints_on_s3(inputs, s3_bucket, s3_server):
     fs, _ = storage.get_fs(s3_bucket)
     bucket = s3_bucket.removeprefix("s3://")
     names = [p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/runs/s3run/checkpoints")]
-    assert "COMPLETE" in names and "rank-00000-of-00002.safetensors" in names and "rank-00001-of-00002.safetensors" in names
+    assert (
+        "COMPLETE" in names
+        and "rank-00000-of-00002.safetensors" in names
+        and "rank-00001-of-00002.safetensors" in names
+    )
     assert len(out["history"]) == 4
     ray.shutdown()
 
 
 def test_missing_representation_is_a_clear_error(inputs, tmp_path):
-    from teacher.score import RepsError
-    from trainer.prepare import prepare
 
     reps = tmp_path / "reps"
     shutil.copytree(inputs["reps"], reps)
@@ -182,7 +232,6 @@ def test_missing_representation_is_a_clear_error(inputs, tmp_path):
 
 
 def test_prompts_longer_than_max_length_are_counted(inputs, tmp_path):
-    from trainer.prepare import prepare
 
     cfg = tiny_cfg(inputs, str(tmp_path), "short", "model.max_length=150")
     params = prepare(cfg, str(tmp_path / "short"))
@@ -193,7 +242,6 @@ def test_prompts_longer_than_max_length_are_counted(inputs, tmp_path):
 
 
 def test_rep_size_mismatch_is_refused_at_load():
-    from configs.loader import ConfigError
 
     with pytest.raises(ConfigError, match="teacher.rep_dim"):
         load_config("tiny", ["teacher.rep_dim=7"])
@@ -202,27 +250,35 @@ def test_rep_size_mismatch_is_refused_at_load():
 @pytest.fixture(scope="module")
 def next_item_inputs(tmp_path_factory):
     """Next-item data (leave-last-out, fixed 20-candidate lists) and a SASRec teacher."""
-    from retrieval.build import BuildOptions, build_samples
-    from retrieval.ingest import IngestOptions, ingest
-    from teacher.config import TeacherConfig
-    from teacher.score import score_samples
-    from teacher.train import train_teacher
 
     root = tmp_path_factory.mktemp("trainer-next")
     src = _synthetic_source(root)
     ds, sm, tm, rp = (str(root / x) for x in ("dataset", "samples", "teacher", "reps"))
-    ingest("generic", str(src / "inter.csv"), ds, IngestOptions(task="next_item", num_shards=2, progress=False),
-           items=str(src / "items.csv"))
-    build_samples(ds, sm, BuildOptions(k_text=5, k_id=10, text_mode="recent", min_history=3, num_candidates=20,
-                                       max_eval_samples=16), num_workers=1)
-    train_teacher(sm, tm, TeacherConfig(model="sasrec", embed_dim=16, rep_dim=16, attn_layers=1, epochs=1, max_hist=10),
-                  dataset_url=ds, progress=False)
+    ingest(
+        "generic",
+        str(src / "inter.csv"),
+        ds,
+        IngestOptions(task="next_item", num_shards=2, progress=False),
+        items=str(src / "items.csv"),
+    )
+    build_samples(
+        ds,
+        sm,
+        BuildOptions(k_text=5, k_id=10, text_mode="recent", min_history=3, num_candidates=20, max_eval_samples=16),
+        num_workers=1,
+    )
+    train_teacher(
+        sm,
+        tm,
+        TeacherConfig(model="sasrec", embed_dim=16, rep_dim=16, attn_layers=1, epochs=1, max_hist=10),
+        dataset_url=ds,
+        progress=False,
+    )
     score_samples(tm, sm, rp, num_actors=0, expected_rep_dim=16)
     return {"root": root, "dataset": ds, "samples": sm, "reps": rp, "teacher": tm}
 
 
 def test_curriculum_is_rank_independent_and_grows():
-    from trainer.hybrid import use_hybrid
 
     draws = [use_hybrid(0, s, 1000) for s in range(1000)]
     assert draws == [use_hybrid(0, s, 1000) for s in range(1000)]  # no rank or process state involved
@@ -230,15 +286,40 @@ def test_curriculum_is_rank_independent_and_grows():
 
 
 def _ilora_cfg(inp, out, name, *extra):
-    return load_config("tiny", [
-        f"run.output_dir={out}", f"run.name={name}", f"data.dataset_url={inp['dataset']}", "data.task=next_item",
-        f"retrieval.samples_url={inp['samples']}", f"teacher.reps_url={inp['reps']}", "teacher.model=sasrec",
-        f"teacher.model_url={inp['teacher']}", "teacher.embed_dim=16", "teacher.rep_dim=16", "trainer.lora.mode=ilora",
-        "trainer.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "trainer.lora.r=8",
-        "trainer.lora.num_experts=4", "trainer.lora.alpha=32", "trainer.lora.dropout=0.1", "trainer.lora.gate_lr_mult=0.3",
-        "trainer.lr=0.02", "trainer.batch_size=8", "trainer.micro_batch_size=2", "trainer.num_workers=2",
-        "trainer.train_subset=96", "trainer.max_steps=8", "trainer.checkpoint_every=0", "trainer.schedule=cosine",
-        "trainer.warmup_ratio=0.1", "retrieval.max_eval_samples=16", "model.max_length=448", *extra])
+    return load_config(
+        "tiny",
+        [
+            f"run.output_dir={out}",
+            f"run.name={name}",
+            f"data.dataset_url={inp['dataset']}",
+            "data.task=next_item",
+            f"retrieval.samples_url={inp['samples']}",
+            f"teacher.reps_url={inp['reps']}",
+            "teacher.model=sasrec",
+            f"teacher.model_url={inp['teacher']}",
+            "teacher.embed_dim=16",
+            "teacher.rep_dim=16",
+            "trainer.lora.mode=ilora",
+            "trainer.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+            "trainer.lora.r=8",
+            "trainer.lora.num_experts=4",
+            "trainer.lora.alpha=32",
+            "trainer.lora.dropout=0.1",
+            "trainer.lora.gate_lr_mult=0.3",
+            "trainer.lr=0.02",
+            "trainer.batch_size=8",
+            "trainer.micro_batch_size=2",
+            "trainer.num_workers=2",
+            "trainer.train_subset=96",
+            "trainer.max_steps=8",
+            "trainer.checkpoint_every=0",
+            "trainer.schedule=cosine",
+            "trainer.warmup_ratio=0.1",
+            "retrieval.max_eval_samples=16",
+            "model.max_length=448",
+            *extra,
+        ],
+    )
 
 
 def test_two_workers_zero3_ilora_next_item(next_item_inputs, tmp_path):
@@ -254,8 +335,17 @@ def test_two_workers_zero3_ilora_next_item(next_item_inputs, tmp_path):
 def test_hybrid_item_embeddings_with_curriculum(next_item_inputs, tmp_path):
     """LLaRA hybrid prompts: placeholders after titles take projector(SASRec item embedding); the
     curriculum mixes text-only and hybrid steps; text-only steps leave the projector untouched."""
-    out = run_train(_ilora_cfg(next_item_inputs, tmp_path, "hybrid", "trainer.hybrid_item_emb=true",
-                               "trainer.max_steps=10", "trainer.checkpoint_every=1", "trainer.keep_last=20"))
+    out = run_train(
+        _ilora_cfg(
+            next_item_inputs,
+            tmp_path,
+            "hybrid",
+            "trainer.hybrid_item_emb=true",
+            "trainer.max_steps=10",
+            "trainer.checkpoint_every=1",
+            "trainer.keep_last=20",
+        )
+    )
     kinds = [h["hybrid_prompt"] for h in out["history"]]
     assert 0 < sum(kinds) < len(kinds), kinds
     assert all(np.isfinite(h["loss"]) for h in out["history"])
@@ -265,7 +355,9 @@ def test_hybrid_item_embeddings_with_curriculum(next_item_inputs, tmp_path):
     def projector(step):
         t = {}
         for f in (ck / f"step-{step:08d}").glob("*.safetensors"):
-            t.update({k: v for k, v in load_file(str(f)).items() if k.startswith("projector.") and k.endswith("::param")})
+            t.update(
+                {k: v for k, v in load_file(str(f)).items() if k.startswith("projector.") and k.endswith("::param")}
+            )
         return t
 
     for i, hyb in enumerate(kinds[1:-1], start=2):  # step i's projector vs step i-1's
@@ -279,18 +371,20 @@ def test_feed_scores_inline_like_the_score_stage(inputs, tmp_path):
     streams equal those built from the score stage's representations (same tokens, reps, teacher scores)."""
     import pyarrow.parquet as pq
 
-    from trainer.prepare import plan_training
-
     def stream(name, *extra):
         cfg = tiny_cfg(inputs, str(tmp_path), name, "trainer.feed_workers=0", "trainer.feed_part_rows=32", *extra)
         params, job = plan_training(cfg, str(tmp_path / name), splits=("train", "test"))
         assert job.worker_kwargs["reps_url"] == (None if "missing" in " ".join(extra) else inputs["reps"])
         summaries = job.run()
         assert summaries["train"]["rows"] == 96 and summaries["test"]["rows"] == 32
-        return {s: pq.read_table(sorted((tmp_path / name / "data" / s).glob("part-*.parquet"))) for s in ("train", "test")}
+        return {
+            s: pq.read_table(sorted((tmp_path / name / "data" / s).glob("part-*.parquet"))) for s in ("train", "test")
+        }
 
     from_reps = stream("fromreps")
-    inline = stream("inline", f"teacher.reps_url={tmp_path / 'missing'}", f"teacher.model_url={inputs['root'] / 'teacher'}")
+    inline = stream(
+        "inline", f"teacher.reps_url={tmp_path / 'missing'}", f"teacher.model_url={inputs['root'] / 'teacher'}"
+    )
     for split in from_reps:
         a, b = from_reps[split], inline[split]
         assert a["sample_id"].equals(b["sample_id"]) and a["input_ids"].equals(b["input_ids"])

@@ -13,10 +13,10 @@ Only trainable tensors (adapter, gates, projector) are saved; the frozen base ne
 parameter is stored whole, a checkpoint written by N workers loads on M workers. A folder without
 COMPLETE (a crash mid-save) is skipped, so the previous checkpoint stays the latest.
 """
+
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
@@ -30,13 +30,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file as st_save_file
 
-from retrieval import storage
+from configs.errors import RecloraError
+from recdata import storage
 
 _STEP_DIR = re.compile(r"step-(\d{8})$")
 MARKER = "COMPLETE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RecloraError, RuntimeError):
     """A checkpoint cannot be used (incompatible config, missing files); the message says why."""
 
 
@@ -46,7 +47,7 @@ def step_dir(run_url: str, step: int) -> str:
 
 def config_fingerprint(parts: dict[str, Any]) -> str:
     """Hash of the config parts a checkpoint's tensors depend on (model, adapter shape, task)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return storage.digest(parts)
 
 
 def list_checkpoints(run_url: str) -> list[tuple[int, str, bool]]:
@@ -70,7 +71,9 @@ def latest_complete(run_url: str) -> str | None:
     """The newest checkpoint whose files are all present; partial ones are skipped with a warning."""
     for step, url, complete in reversed(list_checkpoints(run_url)):
         if not complete:
-            warnings.warn(f"skipping incomplete checkpoint {url} (no {MARKER} marker: a crash during save?)", stacklevel=2)
+            warnings.warn(
+                f"skipping incomplete checkpoint {url} (no {MARKER} marker: a crash during save?)", stacklevel=2
+            )
             continue
         try:
             meta = storage.read_json(storage.join(url, "meta.json"))
@@ -136,15 +139,23 @@ def staging_dir(run_url: str, step: int, rank: int) -> str:
     """A fresh node-local folder for one rank's checkpoint share: RECLORA_STAGING_DIR (e.g. a node's local
     NVMe on a cluster) or the system temp folder."""
     root = os.environ.get("RECLORA_STAGING_DIR") or tempfile.gettempdir()
-    run = hashlib.sha256(run_url.encode()).hexdigest()[:12]
+    run = storage.digest(run_url, 12)
     path = os.path.join(root, "reclora-staging", run, f"step-{step:08d}-rank-{rank:05d}")
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
     return path
 
 
-def save(run_url: str, step: int, rank: int, world: int, my_tensors: dict[str, torch.Tensor], rank_meta: dict,
-         meta: dict | None, barrier) -> str:
+def save(
+    run_url: str,
+    step: int,
+    rank: int,
+    world: int,
+    my_tensors: dict[str, torch.Tensor],
+    rank_meta: dict,
+    meta: dict | None,
+    barrier,
+) -> str:
     """Collective save. Every rank writes its tensor share and metadata; after a barrier, rank 0 writes
     meta.json and then the COMPLETE marker, so the checkpoint is visible only when whole."""
     url = step_dir(run_url, step)

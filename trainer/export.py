@@ -24,18 +24,34 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from trainer.gates import MixtureGates
-from trainer.lora import (GATES_FILE, MIXTURE_CONFIG_FILE, PEFT_WEIGHTS_FILE, MixtureLoraConfig, PersonalizedLM,
-                          is_main_process, read_mixture_config)
+from trainer.lora import (
+    GATES_FILE,
+    MIXTURE_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    MixtureLoraConfig,
+    PersonalizedLM,
+    is_main_process,
+    load_personalized,
+    read_mixture_config,
+)
 
 USER_META_FILE = "user_export.json"
 PEFT_MODULE_PREFIX = "base_model.model."  # PEFT's key prefix in front of the HF module name
 
 
-def compute_user_gates(config: MixtureLoraConfig, module_names: list[str], gate_state: dict[str, torch.Tensor],
-                       cond: torch.Tensor) -> dict[str, torch.Tensor]:
+def compute_user_gates(
+    config: MixtureLoraConfig, module_names: list[str], gate_state: dict[str, torch.Tensor], cond: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Gate values (N,) per adapted module for one conditioning vector, with gate dropout off."""
-    gates = MixtureGates(config.mode, module_names, config.cond_dim, config.num_experts,
-                         hidden=config.gate_hidden, dropout=config.gate_dropout, temperature=config.temperature)
+    gates = MixtureGates(
+        config.mode,
+        module_names,
+        config.cond_dim,
+        config.num_experts,
+        hidden=config.gate_hidden,
+        dropout=config.gate_dropout,
+        temperature=config.temperature,
+    )
     gates.load_state_dict({k: v.float() for k, v in gate_state.items()}, strict=True)
     gates.eval()
     cond = torch.as_tensor(cond, dtype=torch.float32).reshape(1, -1)
@@ -43,8 +59,9 @@ def compute_user_gates(config: MixtureLoraConfig, module_names: list[str], gate_
         return {name: g[0] for name, g in gates(cond).items()}
 
 
-def personalize_bank(config: MixtureLoraConfig, bank: dict[str, torch.Tensor],
-                     user_gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def personalize_bank(
+    config: MixtureLoraConfig, bank: dict[str, torch.Tensor], user_gates: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Map the PEFT-keyed bank (rank N*r) to a stock PEFT LoRA state dict for one user (computed in float64)."""
     n, r = config.num_experts, config.rank_per_expert
     out: dict[str, torch.Tensor] = {}
@@ -74,9 +91,17 @@ def personalize_bank(config: MixtureLoraConfig, bank: dict[str, torch.Tensor],
     return out
 
 
-def write_user_adapter(config: MixtureLoraConfig, module_names: list[str], bank: dict[str, torch.Tensor],
-                       gate_state: dict[str, torch.Tensor], cond: torch.Tensor | np.ndarray, out_dir: str | Path,
-                       *, base_model_name_or_path: str | None = None, user_id: str | None = None) -> Path:
+def write_user_adapter(
+    config: MixtureLoraConfig,
+    module_names: list[str],
+    bank: dict[str, torch.Tensor],
+    gate_state: dict[str, torch.Tensor],
+    cond: torch.Tensor | np.ndarray,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    user_id: str | None = None,
+) -> Path:
     """Write a stock PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) for one user."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,15 +114,27 @@ def write_user_adapter(config: MixtureLoraConfig, module_names: list[str], bank:
         rank = config.total_rank if config.mode == "ilora" else config.rank_per_expert
         meta["gates"] = {name: g.tolist() for name, g in sorted(gates.items())}
     save_file(weights, str(out / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
-    LoraConfig(r=rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=list(config.target_modules),
-               bias="none", task_type="CAUSAL_LM",
-               base_model_name_or_path=base_model_name_or_path).save_pretrained(str(out))
+    LoraConfig(
+        r=rank,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+    ).save_pretrained(str(out))
     (out / USER_META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
 
-def export_user_adapter(adapter_dir: str | Path, cond: torch.Tensor | np.ndarray, out_dir: str | Path, *,
-                        base_model_name_or_path: str | None = None, user_id: str | None = None) -> Path:
+def export_user_adapter(
+    adapter_dir: str | Path,
+    cond: torch.Tensor | np.ndarray,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    user_id: str | None = None,
+) -> Path:
     """Per-user export from a PersonalizedLM.save_adapter folder."""
     adapter_dir = Path(adapter_dir)
     config = read_mixture_config(adapter_dir)
@@ -105,24 +142,39 @@ def export_user_adapter(adapter_dir: str | Path, cond: torch.Tensor | np.ndarray
     bank = load_file(str(adapter_dir / PEFT_WEIGHTS_FILE))
     gate_state = load_file(str(adapter_dir / GATES_FILE)) if config.mode != "plain" else {}
     base = base_model_name_or_path or meta.get("base_model_name_or_path")
-    return write_user_adapter(config, meta["module_names"], bank, gate_state, cond, out_dir,
-                              base_model_name_or_path=base, user_id=user_id)
+    return write_user_adapter(
+        config, meta["module_names"], bank, gate_state, cond, out_dir, base_model_name_or_path=base, user_id=user_id
+    )
 
 
-def export_user_adapter_from_model(model: PersonalizedLM, cond: torch.Tensor | np.ndarray, out_dir: str | Path, *,
-                                   base_model_name_or_path: str | None = None,
-                                   user_id: str | None = None) -> Path | None:
+def export_user_adapter_from_model(
+    model: PersonalizedLM,
+    cond: torch.Tensor | np.ndarray,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    user_id: str | None = None,
+) -> Path | None:
     """Per-user export from a live model (collective under ZeRO-3; rank 0 writes and gets the path)."""
     state = model.trainable_state_dict()
     if not is_main_process():
         return None
     bank = {n.removeprefix("lm."): t for n, t in state.items() if n.startswith("lm.")}
-    bank = get_peft_model_state_dict(model.lm, state_dict=bank, adapter_name=model.adapter_name,
-                                     save_embedding_layers=False)
+    bank = get_peft_model_state_dict(
+        model.lm, state_dict=bank, adapter_name=model.adapter_name, save_embedding_layers=False
+    )
     gate_state = {n.removeprefix("gates."): t for n, t in state.items() if n.startswith("gates.")}
     module_names = model.gates.module_names if model.gates is not None else []
-    return write_user_adapter(model.config, module_names, bank, gate_state, cond, out_dir,
-                              base_model_name_or_path=base_model_name_or_path, user_id=user_id)
+    return write_user_adapter(
+        model.config,
+        module_names,
+        bank,
+        gate_state,
+        cond,
+        out_dir,
+        base_model_name_or_path=base_model_name_or_path,
+        user_id=user_id,
+    )
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
@@ -158,8 +210,6 @@ def check_against_stock_peft(adapter_dir: str, user_dir: str, base: str, cond: n
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainer.lora import load_personalized
-
     def fresh_base() -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
 
@@ -178,13 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.export",
         description="Write a standard PEFT LoRA adapter for one user from a mixture-LoRA adapter folder "
-                    "(PersonalizedLM.save_adapter output). safetensors + JSON only.",
+        "(PersonalizedLM.save_adapter output). safetensors + JSON only.",
         epilog="examples:\n"
-               "  python -m trainer.export --adapter runs/x/adapter --cond user.npy --out exports/u42\n"
-               "  python -m trainer.export --adapter DIR --cond-parquet s3://bucket/cond.parquet --user-id 42 "
-               "--out DIR --base MODEL_DIR --check\n"
-               "load the result with peft.PeftModel.from_pretrained(base_model, OUT).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  python -m trainer.export --adapter runs/x/adapter --cond user.npy --out exports/u42\n"
+        "  python -m trainer.export --adapter DIR --cond-parquet s3://bucket/cond.parquet --user-id 42 "
+        "--out DIR --base MODEL_DIR --check\n"
+        "load the result with peft.PeftModel.from_pretrained(base_model, OUT).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--adapter", required=True, help="mixture adapter folder (has mixture_config.json)")
     parser.add_argument("--out", required=True, help="output folder for the user's PEFT LoRA adapter")
     source = parser.add_mutually_exclusive_group()
@@ -195,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id-column", default="user_id", help="parquet id column (default: user_id)")
     parser.add_argument("--cond-column", default="cond", help="parquet list<float> column (default: cond)")
     parser.add_argument("--base", help="base model folder: recorded in adapter_config.json; needed by --check")
-    parser.add_argument("--check", action="store_true",
-                        help="load --base, compare personalized logits with stock PEFT on the export")
+    parser.add_argument(
+        "--check", action="store_true", help="load --base, compare personalized logits with stock PEFT on the export"
+    )
     parser.add_argument("--tol", type=float, default=1e-4, help="max abs logit difference allowed by --check")
     args = parser.parse_args(argv)
 

@@ -9,7 +9,7 @@ exists. Each part is one task for a `FeedWorker` (a plain class; Ray actors thro
 written as `{run}/data/{split}/part-XXXXX.parquet`, then committed by `part-XXXXX.json` (the marker
 carries the stream's cache key). Parts are built in the order the trainer needs them (zero-shot test
 first when that evaluation runs, then train, valid, test), so the trainer can start on the first
-committed parts while later ones are being built; `trainer.data.StreamReader` waits for a part only
+committed parts while later ones are being built; `recdata.streams.StreamReader` waits for a part only
 when a step needs it. A rerun skips committed parts with the same key; a changed input (samples,
 teacher, tokenizer, max_length, part size) changes the key and rebuilds the split.
 
@@ -17,11 +17,9 @@ Representations come from the score stage's output (`teacher.reps_url`) when it 
 teacher; otherwise the feed runs the teacher itself on just the samples the LLM sees (Few2Many: a
 small subset of what the teacher was trained on, so scoring everything would be wasted work).
 """
+
 from __future__ import annotations
 
-import hashlib
-import json
-import sys
 import threading
 import time
 from collections import Counter
@@ -30,8 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from retrieval import storage
-from trainer.data import FEED_FAILED, TrainDataError, part_marker, part_name
+from recdata import storage
+from recdata.runner import Runner, run_in_process
+from recdata.samples import SampleSet
+from recdata.schema import Dataset, write_parquet
+from recdata.streams import FEED_FAILED, TrainDataError, part_marker, part_name
+from retrieval.encoding import PromptEncoder, encode_rows
+from retrieval.prompts import PromptRenderer, style_for
+from teacher.score import RepsError, ScoreWorker, check_rep_dim, pc_flatten, read_reps
 
 
 @dataclass
@@ -46,23 +50,22 @@ class FeedJob:
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> plan
     error: BaseException | None = None
     seconds: float = 0.0
+    runner: Runner | None = None  # cluster.pool.run_sharded for Ray actors; None builds in this process
     _thread: threading.Thread | None = None
 
     def run(self) -> dict[str, dict[str, Any]]:
         """Build every part not yet committed (in task order) and return per-split summaries."""
         t0 = time.perf_counter()
         todo = [t for t in self.tasks if not _committed(t["url"], t["key"])]
-        if todo and self.num_workers == 0:
-            from tqdm.auto import tqdm
-
-            worker = FeedWorker(**self.worker_kwargs)
-            for t in tqdm(todo, desc="feed", unit="part", disable=not sys.stderr.isatty(), file=sys.stderr):
-                worker.run(t)
-        elif todo:
-            from cluster.pool import run_sharded
-
-            run_sharded(FeedWorker, self.worker_kwargs, todo, num_actors=self.num_workers,
-                        num_cpus_per_actor=self.cpus_per_worker, desc="feed")
+        run = self.runner if self.runner is not None and self.num_workers > 0 else run_in_process
+        run(
+            FeedWorker,
+            self.worker_kwargs,
+            todo,
+            num_actors=self.num_workers,
+            num_cpus_per_actor=self.cpus_per_worker,
+            desc="feed",
+        )
         self.seconds = time.perf_counter() - t0
         return self.summaries()
 
@@ -75,7 +78,9 @@ class FeedJob:
                 self.run()
             except BaseException as e:  # noqa: BLE001 - re-raised by join() in the driver
                 self.error = e
-                storage.write_json_atomic(storage.join(self.data_url, FEED_FAILED), {"error": f"{type(e).__name__}: {e}"})
+                storage.write_json_atomic(
+                    storage.join(self.data_url, FEED_FAILED), {"error": f"{type(e).__name__}: {e}"}
+                )
 
         self._thread = threading.Thread(target=target, name="reclora-feed", daemon=True)
         self._thread.start()
@@ -97,10 +102,15 @@ class FeedJob:
                 counts.update(m["counts"])
                 counts["tokens"] += m["tokens"]
                 counts["max_len"] = max(counts["max_len"], m["max_len"])
-            out[split] = {"rows": plan["rows"], "tokens": int(counts["tokens"]), "max_len": int(counts["max_len"]),
-                          "mean_len": float(counts["tokens"] / max(plan["rows"], 1)),
-                          "history_truncated": int(counts["history_truncated"]),
-                          "prompt_truncated": int(counts["prompt_truncated"]), "key": plan["key"]}
+            out[split] = {
+                "rows": plan["rows"],
+                "tokens": int(counts["tokens"]),
+                "max_len": int(counts["max_len"]),
+                "mean_len": float(counts["tokens"] / max(plan["rows"], 1)),
+                "history_truncated": int(counts["history_truncated"]),
+                "prompt_truncated": int(counts["prompt_truncated"]),
+                "key": plan["key"],
+            }
         return out
 
 
@@ -110,10 +120,12 @@ def _committed(part_url: str, key: str) -> bool:
 
 
 def stream_key(parts: list[Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return storage.digest(parts)
 
 
-def plan_split(data_url: str, split: str, ids: np.ndarray, part_rows: int, key: str) -> tuple[dict[str, Any], list[dict]]:
+def plan_split(
+    data_url: str, split: str, ids: np.ndarray, part_rows: int, key: str
+) -> tuple[dict[str, Any], list[dict]]:
     """Write `{data}/{split}/plan.json` (a stale split with another key is removed first) and return the plan
     and its part tasks. Must run before any trainer reads the split."""
     if len(ids) == 0:
@@ -124,30 +136,50 @@ def plan_split(data_url: str, split: str, ids: np.ndarray, part_rows: int, key: 
         fs, path = storage.get_fs(url)
         with storage.storage_errors(url):
             fs.rm(path, recursive=True)
-    plan = {"split": split, "rows": int(len(ids)), "part_rows": int(part_rows), "key": key,
-            "parts": -(-len(ids) // part_rows)}
+    plan = {
+        "split": split,
+        "rows": int(len(ids)),
+        "part_rows": int(part_rows),
+        "key": key,
+        "parts": -(-len(ids) // part_rows),
+    }
     if not storage.exists(plan_url):
         storage.write_json_atomic(plan_url, plan)
-    tasks = [{"split": split, "part": k, "ids": [int(x) for x in ids[k * part_rows:(k + 1) * part_rows]],
-              "url": storage.join(url, part_name(k)), "key": key} for k in range(plan["parts"])]
+    tasks = [
+        {
+            "split": split,
+            "part": k,
+            "ids": [int(x) for x in ids[k * part_rows : (k + 1) * part_rows]],
+            "url": storage.join(url, part_name(k)),
+            "key": key,
+        }
+        for k in range(plan["parts"])
+    ]
     return plan, tasks
 
 
 class FeedWorker:
     """Builds stream parts. Plain Python: runs in the driver or as a Ray actor (cluster.pool)."""
 
-    def __init__(self, samples_url: str, dataset_url: str, tokenizer_dir: str, max_length: int, task: str, domain: str,
-                 rep_dim: int, teacher_url: str | None, reps_url: str | None, slot_tokens: list[str] | None = None,
-                 s3_endpoint: str | None = None, num_threads: int = 1):
+    def __init__(
+        self,
+        samples_url: str,
+        dataset_url: str,
+        tokenizer_dir: str,
+        max_length: int,
+        task: str,
+        domain: str,
+        rep_dim: int,
+        teacher_url: str | None,
+        reps_url: str | None,
+        slot_tokens: list[str] | None = None,
+        s3_endpoint: str | None = None,
+        num_threads: int = 1,
+    ):
         if s3_endpoint:
             storage.configure(endpoint_url=s3_endpoint)
         import torch
         from transformers import AutoTokenizer
-
-        from retrieval.prompts import PromptRenderer, style_for
-        from retrieval.samples import SampleSet
-        from retrieval.schema import Dataset
-        from trainer.data import PromptEncoder
 
         torch.set_num_threads(max(1, int(num_threads)))
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -165,8 +197,6 @@ class FeedWorker:
         self._reps: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.scorer = None
         if reps_url is None:
-            from teacher.score import ScoreWorker, check_rep_dim
-
             # Only the scoring half of a score worker is used: its output location is never written.
             self.scorer = ScoreWorker(teacher_url, samples_url, teacher_url, num_threads=num_threads)
             check_rep_dim(self.scorer.teacher.rep_dim, rep_dim, teacher_url)
@@ -174,8 +204,6 @@ class FeedWorker:
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
         if _committed(task["url"], task["key"]):
             return {"split": task["split"], "part": task["part"], "skipped": True}
-        from retrieval.schema import write_parquet
-        from trainer.data import encode_rows
 
         t0 = time.perf_counter()
         ids = np.asarray(task["ids"], dtype=np.int64)
@@ -184,8 +212,14 @@ class FeedWorker:
         rows, counts = encode_rows(table.to_pylist(), reps, scores, self.renderer, self.encoder, self.slot_ids)
         write_parquet(rows, task["url"])
         lengths = [len(x) for x in rows.column("input_ids").to_pylist()]
-        marker = {"key": task["key"], "rows": rows.num_rows, "tokens": int(sum(lengths)), "max_len": int(max(lengths)),
-                  "counts": counts, "seconds": round(time.perf_counter() - t0, 3)}
+        marker = {
+            "key": task["key"],
+            "rows": rows.num_rows,
+            "tokens": int(sum(lengths)),
+            "max_len": int(max(lengths)),
+            "counts": counts,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         # The marker is the commit point: written only once the part is complete at its final name.
         storage.write_json_atomic(part_marker(task["url"]), marker)
         return {"split": task["split"], "part": task["part"], "skipped": False, **marker}
@@ -197,22 +231,25 @@ class FeedWorker:
             if not np.array_equal(out["sample_id"].to_numpy(), ids):
                 raise TrainDataError(f"{where}: teacher output is not in sample order")
             d = out.schema.field("rep").type.list_size
-            return out["rep"].combine_chunks().flatten().to_numpy().reshape(len(ids), d), out["teacher_score"].to_numpy()
+            return out["rep"].combine_chunks().flatten().to_numpy().reshape(len(ids), d), out[
+                "teacher_score"
+            ].to_numpy()
         if split not in self._reps:
-            from teacher.score import pc_flatten, read_reps
-
             t = read_reps(self.reps_url, split, self.rep_dim, columns=["sample_id", "rep", "teacher_score"])
             have = t["sample_id"].to_numpy()
             order = np.argsort(have, kind="stable")
             d = t.schema.field("rep").type.list_size
-            self._reps[split] = (have[order], pc_flatten(t["rep"]).reshape(len(have), d)[order],
-                                 t["teacher_score"].to_numpy()[order])
+            self._reps[split] = (
+                have[order],
+                pc_flatten(t["rep"]).reshape(len(have), d)[order],
+                t["teacher_score"].to_numpy()[order],
+            )
         have, reps, scores = self._reps[split]
         pos = np.minimum(np.searchsorted(have, ids), max(len(have) - 1, 0))
         missing = (len(have) == 0) | (have[pos] != ids)
         if np.any(missing):
-            from teacher.score import RepsError
-
-            raise RepsError(f"{self.reps_url}/{split}: no representation for sample_id {int(ids[np.flatnonzero(missing)[0]])} "
-                            f"({int(np.sum(missing))} of {len(ids)} missing)")
+            raise RepsError(
+                f"{self.reps_url}/{split}: no representation for sample_id {int(ids[np.flatnonzero(missing)[0]])} "
+                f"({int(np.sum(missing))} of {len(ids)} missing)"
+            )
         return reps[pos], scores[pos]

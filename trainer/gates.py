@@ -18,8 +18,9 @@ def gate_key(module_name: str) -> str:
 class RecLoraGate(nn.Module):
     """LayerNorm(d_c) -> Linear(d_c, hidden) -> ReLU -> Dropout -> Linear(hidden, N), softmax(logits / tau)."""
 
-    def __init__(self, cond_dim: int, num_experts: int, hidden: int = 60, dropout: float = 0.1,
-                 temperature: float = 1.0) -> None:
+    def __init__(
+        self, cond_dim: int, num_experts: int, hidden: int = 60, dropout: float = 0.1, temperature: float = 1.0
+    ) -> None:
         super().__init__()
         self.temperature = float(temperature)
         self.net = nn.Sequential(
@@ -56,8 +57,17 @@ class MixtureGates(nn.Module):
     Each gate is its own submodule and is called through its forward, so ZeRO-3 gathers its parameters.
     """
 
-    def __init__(self, mode: str, module_names: list[str], cond_dim: int, num_experts: int, *,
-                 hidden: int = 60, dropout: float = 0.1, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        mode: str,
+        module_names: list[str],
+        cond_dim: int,
+        num_experts: int,
+        *,
+        hidden: int = 60,
+        dropout: float = 0.1,
+        temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         if cond_dim <= 0:
             raise ValueError(f"cond_dim must be positive for mode {mode!r}, got {cond_dim}")
@@ -65,10 +75,12 @@ class MixtureGates(nn.Module):
         self.module_names = list(module_names)
         self.cond_dim = cond_dim
         if mode == "reclora":
-            self.per_module = nn.ModuleDict({
-                gate_key(name): RecLoraGate(cond_dim, num_experts, hidden, dropout, temperature)
-                for name in self.module_names
-            })
+            self.per_module = nn.ModuleDict(
+                {
+                    gate_key(name): RecLoraGate(cond_dim, num_experts, hidden, dropout, temperature)
+                    for name in self.module_names
+                }
+            )
         elif mode == "ilora":
             self.shared = ILoraGate(cond_dim, num_experts, temperature)
         else:

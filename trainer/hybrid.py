@@ -6,6 +6,7 @@ of a plain text token, and the projector is left untouched (its learning rate is
 probability of a hybrid step grows with training progress (LLaRA's curriculum) and is drawn from
 (seed, step), so every rank makes the same choice (a rank-dependent branch would hang ZeRO-3).
 """
+
 from __future__ import annotations
 
 import random
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from trainer.lora import _gathered, is_main_process
 
 HISTORY_TOKEN = "[HistoryEmb]"
 CANDIDATE_TOKEN = "[CansEmb]"
@@ -40,8 +43,9 @@ def use_hybrid(seed: int, step: int, total_steps: int) -> bool:
 class HybridLM(nn.Module):
     """A PersonalizedLM plus the projector; exposes the same training surface (one trainable list)."""
 
-    def __init__(self, pm: nn.Module, item_ids: np.ndarray, item_emb: torch.Tensor, slot_token_ids: list[int],
-                 text_token_id: int):
+    def __init__(
+        self, pm: nn.Module, item_ids: np.ndarray, item_emb: torch.Tensor, slot_token_ids: list[int], text_token_id: int
+    ):
         super().__init__()
         self.pm = pm
         d_model = pm.lm.get_base_model().config.hidden_size
@@ -56,8 +60,9 @@ class HybridLM(nn.Module):
 
     # ---- the one trainable list, extended by the projector
     def trainable_parameter_names(self) -> list[str]:
-        return [f"pm.{n}" for n in self.pm.trainable_parameter_names()] + [f"projector.{n}" for n, _ in
-                                                                            self.projector.named_parameters()]
+        return [f"pm.{n}" for n in self.pm.trainable_parameter_names()] + [
+            f"projector.{n}" for n, _ in self.projector.named_parameters()
+        ]
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         params = dict(self.named_parameters())
@@ -65,8 +70,9 @@ class HybridLM(nn.Module):
 
     def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         groups = self.pm.optimizer_param_groups(lr, weight_decay)
-        groups.append({"params": list(self.projector.parameters()), "lr": lr, "weight_decay": weight_decay,
-                       "name": "projector"})
+        groups.append(
+            {"params": list(self.projector.parameters()), "lr": lr, "weight_decay": weight_decay, "name": "projector"}
+        )
         return groups
 
     @property
@@ -78,8 +84,6 @@ class HybridLM(nn.Module):
 
     def save_adapter(self, out_dir: str | Path) -> None:
         from safetensors.torch import save_file
-
-        from trainer.lora import _gathered, is_main_process
 
         self.pm.save_adapter(out_dir)
         params = list(self.projector.parameters())
@@ -96,8 +100,10 @@ class HybridLM(nn.Module):
         embeds = self.pm.lm.get_input_embeddings()(safe_ids)
         if self.hybrid:
             if item_slots is None or int(slot_mask.sum()) != item_slots.numel():
-                raise ValueError(f"hybrid step: {int(slot_mask.sum())} placeholder tokens but "
-                                 f"{0 if item_slots is None else item_slots.numel()} item ids")
+                raise ValueError(
+                    f"hybrid step: {int(slot_mask.sum())} placeholder tokens but "
+                    f"{0 if item_slots is None else item_slots.numel()} item ids"
+                )
             rows = torch.searchsorted(self.item_ids, item_slots)
             rows = rows.clamp(max=len(self.item_ids) - 1)
             if not torch.equal(self.item_ids[rows], item_slots):

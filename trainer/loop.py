@@ -4,6 +4,7 @@ setup (distributed, model under zero.Init, adapter, resume) -> train (micro-batc
 logging, checkpoints) -> evaluate -> save. Knows nothing of Ray: `rank`, `world` and a `report`
 callback come from the launcher (cluster/launch.py), so the same function runs under any launcher.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from retrieval import storage
+from configs.loader import validate
+from recdata import storage
+from recdata.metrics import ctr_metrics, ranking_metrics
+from recdata.streams import Schedule, StreamReader, collate
 from trainer import checkpoint as ckpt
-from trainer.data import Schedule, StreamReader, collate
+from trainer.hybrid import HybridLM, use_hybrid
+from trainer.lora import MixtureLoraConfig, build_personalized_model
 from trainer.objective import answer_loss, candidate_scores, p_yes_from_logits
+from trainer.prepare import worker_model_dir
 
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -67,10 +73,18 @@ def lr_lambda(t, total_steps: int) -> Callable[[int], float]:
 
 def fingerprint_parts(cfg) -> dict[str, Any]:
     """Settings that the trainable tensors depend on: a resume with other values is refused."""
-    return {"model": cfg.model.name_or_path, "tiny": cfg.model.tiny.model_dump() if cfg.model.tiny else None,
-            "task": cfg.data.task, "lora": {k: v for k, v in cfg.trainer.lora.model_dump().items()
-                                           if k not in ("gate_lr_mult", "dropout", "gate_dropout")},
-            "rep_dim": cfg.teacher.rep_dim, "hybrid_item_emb": cfg.trainer.hybrid_item_emb}
+    return {
+        "model": cfg.model.name_or_path,
+        "tiny": cfg.model.tiny.model_dump() if cfg.model.tiny else None,
+        "task": cfg.data.task,
+        "lora": {
+            k: v
+            for k, v in cfg.trainer.lora.model_dump().items()
+            if k not in ("gate_lr_mult", "dropout", "gate_dropout")
+        },
+        "rep_dim": cfg.teacher.rep_dim,
+        "hybrid_item_emb": cfg.trainer.hybrid_item_emb,
+    }
 
 
 def _setup_distributed(use_gpu: bool) -> None:
@@ -113,19 +127,25 @@ def build_model(cfg, model_dir: str, ds_cfg: dict, use_gpu: bool, hybrid: dict |
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from trainer.lora import MixtureLoraConfig, build_personalized_model
-
     hf_ds = HfDeepSpeedConfig(ds_cfg) if ds_cfg["zero_optimization"]["stage"] == 3 else None
     dtype = getattr(torch, cfg.model.dtype) if use_gpu else torch.float32
-    from trainer.prepare import worker_model_dir
 
     base = AutoModelForCausalLM.from_pretrained(worker_model_dir(model_dir), dtype=dtype)
     base.config.use_cache = False
     lo = cfg.trainer.lora
-    mcfg = MixtureLoraConfig(mode=lo.mode, target_modules=list(lo.target_modules), r=lo.r, alpha=lo.alpha,
-                             dropout=lo.dropout, num_experts=lo.num_experts, temperature=lo.temperature,
-                             gate_hidden=lo.gate_hidden, gate_dropout=lo.gate_dropout,
-                             cond_dim=cfg.teacher.rep_dim, gate_lr_mult=lo.gate_lr_mult)
+    mcfg = MixtureLoraConfig(
+        mode=lo.mode,
+        target_modules=list(lo.target_modules),
+        r=lo.r,
+        alpha=lo.alpha,
+        dropout=lo.dropout,
+        num_experts=lo.num_experts,
+        temperature=lo.temperature,
+        gate_hidden=lo.gate_hidden,
+        gate_dropout=lo.gate_dropout,
+        cond_dim=cfg.teacher.rep_dim,
+        gate_lr_mult=lo.gate_lr_mult,
+    )
     # Same seed on every rank: adapter initialisation must not depend on the number of workers.
     torch.manual_seed(cfg.run.seed)
     pm = build_personalized_model(base, mcfg, seed=cfg.run.seed)
@@ -133,8 +153,6 @@ def build_model(cfg, model_dir: str, ds_cfg: dict, use_gpu: bool, hybrid: dict |
         pm.activation_checkpointing_enable()
     if hybrid:
         from safetensors.torch import load as st_load
-
-        from trainer.hybrid import HybridLM
 
         fs, path = storage.get_fs(hybrid["item_emb_url"])
         with storage.storage_errors(hybrid["item_emb_url"]), fs.open(path, "rb") as f:
@@ -151,7 +169,9 @@ def _full_state(engine, pm, names: list[str]) -> dict[str, torch.Tensor]:
     out = {}
     for n in names:
         p = params[n]
-        out[f"{n}::param"] = safe_get_full_fp32_param(p).detach().cpu().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+        out[f"{n}::param"] = (
+            safe_get_full_fp32_param(p).detach().cpu().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+        )
         for k in OPT_KEYS:
             v = safe_get_full_optimizer_state(p, k)
             if v is not None:
@@ -182,7 +202,9 @@ def _load_params_before_engine(pm, tensors: dict[str, torch.Tensor]) -> None:
             if key not in tensors:
                 raise ckpt.CheckpointError(f"checkpoint lacks trainable tensor {n}")
             if tuple(tensors[key].shape) != tuple(p.shape):
-                raise ckpt.CheckpointError(f"checkpoint tensor {n} has shape {tuple(tensors[key].shape)}, model has {tuple(p.shape)}")
+                raise ckpt.CheckpointError(
+                    f"checkpoint tensor {n} has shape {tuple(tensors[key].shape)}, model has {tuple(p.shape)}"
+                )
             p.copy_(tensors[key].to(p.dtype))
 
 
@@ -275,7 +297,6 @@ def gate_stats(pm, cond: torch.Tensor) -> dict[str, float]:
 
 
 def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable[[dict], None]) -> dict[str, Any]:
-    from configs.loader import validate
 
     cfg = validate(params["config"])
     t = cfg.trainer
@@ -298,7 +319,9 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     parts = fingerprint_parts(cfg)
 
     reader = StreamReader(params["streams"]["train"], timeout_s=params.get("feed_timeout_s", 3600.0))
-    sched = Schedule(rows=reader.rows, global_batch=t.batch_size, world=world, micro=t.micro_batch_size, seed=cfg.run.seed)
+    sched = Schedule(
+        rows=reader.rows, global_batch=t.batch_size, world=world, micro=t.micro_batch_size, seed=cfg.run.seed
+    )
     schedule_epochs = t.schedule_epochs or t.epochs
     total_steps = t.max_steps or sched.steps_per_epoch * t.epochs
     schedule_steps = t.max_steps or sched.steps_per_epoch * schedule_epochs
@@ -308,11 +331,16 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     if state is not None:
         _load_params_before_engine(pm, state.tensors)
 
-    optimizer = torch.optim.AdamW(pm.optimizer_param_groups(t.lr, t.weight_decay), lr=t.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        pm.optimizer_param_groups(t.lr, t.weight_decay), lr=t.lr, betas=(0.9, 0.999), eps=1e-8
+    )
     lam = lr_lambda(t, schedule_steps)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=pm, optimizer=optimizer, config=ds_cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, [lam] * len(opt.param_groups)))
+        model=pm,
+        optimizer=optimizer,
+        config=ds_cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, [lam] * len(opt.param_groups)),
+    )
     start = 0
     if state is not None:
         _prime_optimizer_state(engine)
@@ -333,7 +361,9 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
 
     pad_id = params["pad_id"]
     log_path = storage.join(run_url, "logs", "train.jsonl")
-    history: list[dict] = storage.read_json(log_path + ".json") if (start and storage.exists(log_path + ".json")) else []
+    history: list[dict] = (
+        storage.read_json(log_path + ".json") if (start and storage.exists(log_path + ".json")) else []
+    )
     history = [h for h in history if h["step"] <= start]
     tb = _TensorBoard(run_url) if rank == 0 else None
     if use_gpu and not params.get("peak_flops"):
@@ -349,7 +379,9 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     zero_shot = {}
     if start == 0 and params.get("eval_zero_shot") and "test" in params["streams"]:
         # B = 0 at step 0, so the personalized model is exactly the base LLM: its zero-shot score.
-        zero_shot = {f"zeroshot_test_{k}": v for k, v in evaluate(engine, pm, params, "test", rank, world, device).items()}
+        zero_shot = {
+            f"zeroshot_test_{k}": v for k, v in evaluate(engine, pm, params, "test", rank, world, device).items()
+        }
 
     # ---- train
     t_train, wait_total = time.perf_counter(), 0.0
@@ -375,19 +407,36 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
         dt = time.perf_counter() - t_step
         wait_total += wait
         tokens_seen += int(counts[1])
-        rec = {"step": step + 1, "epoch": sched.cursor(step)["epoch"], "loss": float(counts[0] / t.batch_size),
-               "lr": float(engine.optimizer.param_groups[0]["lr"]), "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-               "tokens_per_s": float(counts[1] / dt), "samples_per_s": t.batch_size / dt, "data_wait_fraction": wait / dt,
-               "step_seconds": dt, **gstats}
+        rec = {
+            "step": step + 1,
+            "epoch": sched.cursor(step)["epoch"],
+            "loss": float(counts[0] / t.batch_size),
+            "lr": float(engine.optimizer.param_groups[0]["lr"]),
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": float(counts[1] / dt),
+            "samples_per_s": t.batch_size / dt,
+            "data_wait_fraction": wait / dt,
+            "step_seconds": dt,
+            **gstats,
+        }
         if hybrid_step is not None:
             rec["hybrid_prompt"] = float(hybrid_step)
         if use_gpu:
-            fpt = flops_per_token(_base_config(pm), int(batch["input_ids"].shape[1]), int(batch["answer_len"].max()) + 1)
+            fpt = flops_per_token(
+                _base_config(pm), int(batch["input_ids"].shape[1]), int(batch["answer_len"].max()) + 1
+            )
             rec["mfu"] = rec["tokens_per_s"] * fpt / (params["peak_flops"] * world)
         history.append(rec)
         if rank == 0 and (step + 1) % t.log_every == 0:
-            print("[train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
-                                         if not k.startswith("expert_load")), flush=True)
+            print(
+                "[train] "
+                + " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in rec.items()
+                    if not k.startswith("expert_load")
+                ),
+                flush=True,
+            )
             tb.add(rec)
         report({k: v for k, v in rec.items()})
         if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < total_steps and "valid" in params["streams"]:
@@ -395,7 +444,9 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
             ev = {f"valid_{k}": v for k, v in evaluate(engine, pm, params, "valid", rank, world, device).items()}
             rec.update(ev)
             if rank == 0:
-                print("[eval] step " + str(step + 1) + " " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True)
+                print(
+                    "[eval] step " + str(step + 1) + " " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True
+                )
                 tb.add({"step": rec["step"], **ev})
         if bar is not None:
             bar.update(1)
@@ -414,24 +465,48 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     metrics = {}
     for split in ("valid", "test"):
         if split in params["streams"]:
-            metrics.update({f"{split}_{k}": v for k, v in evaluate(engine, pm, params, split, rank, world, device).items()})
+            metrics.update(
+                {f"{split}_{k}": v for k, v in evaluate(engine, pm, params, split, rank, world, device).items()}
+            )
     metrics.update(zero_shot)
     if rank == 0 and metrics:
         print("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
-    final = _save(engine, pm, names, my_names, run_url, total_steps, rank, world, sched, reader, parts, t, history, tb,
-                  metrics=metrics)
+    final = _save(
+        engine,
+        pm,
+        names,
+        my_names,
+        run_url,
+        total_steps,
+        rank,
+        world,
+        sched,
+        reader,
+        parts,
+        t,
+        history,
+        tb,
+        metrics=metrics,
+    )
     _export_adapter(pm, run_url, rank)
     if rank == 0:
         # Data wait: time the step loop spent on batches, including waiting for feed parts still being built.
         worker_seconds = time.perf_counter() - t_setup
-        timing = {"setup_seconds": t_train - t_setup, "train_seconds": train_seconds, "data_wait_seconds": wait_total,
-                  "data_wait_fraction": wait_total / train_seconds if train_seconds > 0 else 0.0,
-                  "eval_wait_seconds": _EVAL_WAIT[0], "worker_seconds": worker_seconds,
-                  # every wait for data (steps and evaluations) over the worker's whole life
-                  "total_wait_fraction": (wait_total + _EVAL_WAIT[0]) / worker_seconds,
-                  "steps_run": total_steps - start}
-        storage.write_json_atomic(storage.join(run_url, "metrics.json"), {"final": metrics, "steps": total_steps,
-                                                                          "checkpoint": final, "timing": timing})
+        timing = {
+            "setup_seconds": t_train - t_setup,
+            "train_seconds": train_seconds,
+            "data_wait_seconds": wait_total,
+            "data_wait_fraction": wait_total / train_seconds if train_seconds > 0 else 0.0,
+            "eval_wait_seconds": _EVAL_WAIT[0],
+            "worker_seconds": worker_seconds,
+            # every wait for data (steps and evaluations) over the worker's whole life
+            "total_wait_fraction": (wait_total + _EVAL_WAIT[0]) / worker_seconds,
+            "steps_run": total_steps - start,
+        }
+        storage.write_json_atomic(
+            storage.join(run_url, "metrics.json"),
+            {"final": metrics, "steps": total_steps, "checkpoint": final, "timing": timing},
+        )
         tb.close()
     report({"step": total_steps, **metrics, "done": 1})
     reader.close()
@@ -447,7 +522,6 @@ def _base_config(pm):
 def _curriculum(engine, model, seed: int, step: int, total: int) -> bool | None:
     """LLaRA curriculum for hybrid prompts; text-only steps give the projector a learning rate of 0
     (the scheduler restores it at the next step)."""
-    from trainer.hybrid import HybridLM, use_hybrid
 
     if not isinstance(model, HybridLM):
         return None
@@ -469,19 +543,27 @@ def _maybe_fail(fail_at: dict | None, step: int, rank: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _save(engine, pm, names, my_names, run_url, step, rank, world, sched, reader, parts, t, history, tb, metrics=None) -> str:
+def _save(
+    engine, pm, names, my_names, run_url, step, rank, world, sched, reader, parts, t, history, tb, metrics=None
+) -> str:
     full = _full_state(engine, pm, names)  # collective: every rank walks every parameter in the same order
     mine = {k: v for k, v in full.items() if k.split("::")[0] in set(my_names)}
     cur = sched.cursor(min(step, sched.steps_per_epoch * 10**9))
     rank_meta = {"rng": ckpt.rng_state(), "cursor": {**cur, **reader.position(cur["row"] % max(reader.rows, 1))}}
     meta = None
     if rank == 0:
-        meta = {"fingerprint": ckpt.config_fingerprint(parts), "fingerprint_parts": parts,
-                "optimizer_step": _optimizer_step_count(engine), "metrics": metrics or {},
-                "trainable_names": names, "last_log": history[-1] if history else None}
+        meta = {
+            "fingerprint": ckpt.config_fingerprint(parts),
+            "fingerprint_parts": parts,
+            "optimizer_step": _optimizer_step_count(engine),
+            "metrics": metrics or {},
+            "trainable_names": names,
+            "last_log": history[-1] if history else None,
+        }
         storage.write_json_atomic(storage.join(run_url, "logs", "train.jsonl.json"), history)
-        storage.write_bytes_atomic(storage.join(run_url, "logs", "train.jsonl"),
-                                   "".join(json.dumps(h) + "\n" for h in history).encode())
+        storage.write_bytes_atomic(
+            storage.join(run_url, "logs", "train.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode()
+        )
         tb.flush_to(run_url)
     url = ckpt.save(run_url, step, rank, world, mine, rank_meta, meta, _barrier)
     if rank == 0:
@@ -514,7 +596,6 @@ _EVAL_WAIT = [0.0]
 
 
 def _evaluate(engine, pm, params, split: str, rank: int, world: int, device, reader) -> dict[str, float]:
-    from teacher.metrics import ctr_metrics, ranking_metrics
 
     n = reader.rows
     per_rank = -(-n // world)
@@ -528,14 +609,16 @@ def _evaluate(engine, pm, params, split: str, rank: int, world: int, device, rea
     rows_out = []
     with torch.no_grad():
         for s in range(0, len(idx), bs):
-            rows = reader.rows_at(idx[s:s + bs])
+            rows = reader.rows_at(idx[s : s + bs])
             batch = {k: v.to(device) for k, v in collate(rows, params["pad_id"]).items()}
             if params["task"] == "ctr":
                 _, nll, logits = answer_loss(engine, batch)
                 p = p_yes_from_logits(logits, batch["answer_len"], params["yes_id"], params["no_id"])
                 rows_out.append(torch.stack([batch["label"].double().cpu(), p.double().cpu(), nll.double().cpu()], 1))
             else:
-                sc = candidate_scores(engine, rows, params["pad_id"], lambda c: params["answer_ids"][str(c)], batch["cond"], device)
+                sc = candidate_scores(
+                    engine, rows, params["pad_id"], lambda c: params["answer_ids"][str(c)], batch["cond"], device
+                )
                 target = torch.tensor([r["candidates"].index(r["item_id"]) for r in rows], dtype=torch.float64)
                 rows_out.append(torch.cat([target.unsqueeze(1), sc.double().cpu()], 1))
     engine.train()

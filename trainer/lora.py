@@ -81,8 +81,10 @@ class MixtureLoraConfig:
         if self.mode == "plain" and self.num_experts != 1:
             raise ValueError(f"mode 'plain' has one expert, got num_experts={self.num_experts}")
         if self.mode == "ilora" and self.r % self.num_experts:
-            raise ValueError(f"ilora splits the total rank r={self.r} into num_experts={self.num_experts} "
-                             "equal blocks: r must be divisible by num_experts")
+            raise ValueError(
+                f"ilora splits the total rank r={self.r} into num_experts={self.num_experts} "
+                "equal blocks: r must be divisible by num_experts"
+            )
         if self.mode != "plain" and self.cond_dim <= 0:
             raise ValueError(f"mode {self.mode!r} needs cond_dim > 0 (size of the conditioning vector)")
         if self.temperature <= 0:
@@ -106,11 +108,18 @@ class MixtureLoraConfig:
 
     def to_lora_config(self) -> LoraConfig:
         """The PEFT config of the bank (rank N*r); mixture modes register the custom layer on it."""
-        config = LoraConfig(r=self.total_rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=self.total_rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         if self.mode != "plain":
-            layer = functools.partial(MixtureLoraLinear, mode=self.mode, num_experts=self.num_experts,
-                                      reclora_path=self.reclora_path)
+            layer = functools.partial(
+                MixtureLoraLinear, mode=self.mode, num_experts=self.num_experts, reclora_path=self.reclora_path
+            )
             config._register_custom_module({nn.Linear: layer})
         return config
 
@@ -161,9 +170,19 @@ class ExpertBankB(nn.Linear):
 class MixtureLoraLinear(nn.Module, LoraLayer):
     """PEFT LoRA layer for nn.Linear whose rank space is gated per sample (registered as a PEFT custom module)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
-                 lora_alpha: float = 1, *, mode: str, num_experts: int, reclora_path: str = "auto",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: float = 1,
+        *,
+        mode: str,
+        num_experts: int,
+        reclora_path: str = "auto",
+        **kwargs: Any,
+    ) -> None:
         if mode not in ("reclora", "ilora"):
             raise ValueError(f"MixtureLoraLinear mode must be 'reclora' or 'ilora', got {mode!r}")
         super().__init__()
@@ -181,8 +200,7 @@ class MixtureLoraLinear(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig,
-                     **kwargs: Any) -> None:
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs: Any) -> None:
         if config.use_dora or config.use_rslora or config.lora_bias:
             raise ValueError(f"{self.module_name}: mixture LoRA does not support use_dora/use_rslora/lora_bias")
         if r % self.num_experts:
@@ -203,8 +221,10 @@ class MixtureLoraLinear(nn.Module, LoraLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotImplementedError(f"{self.module_name}: a per-sample mixture cannot be merged into W0; "
-                                  "export a per-user adapter (trainer.export) and merge that instead")
+        raise NotImplementedError(
+            f"{self.module_name}: a per-sample mixture cannot be merged into W0; "
+            "export a per-user adapter (trainer.export) and merge that instead"
+        )
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         raise NotImplementedError(f"{self.module_name}: the delta weight depends on the per-sample gate")
@@ -214,13 +234,15 @@ class MixtureLoraLinear(nn.Module, LoraLayer):
             raise RuntimeError(
                 f"{self.module_name}: mixture LoRA layer ran without a gate. Call the model through "
                 "PersonalizedLM(input_ids, attention_mask, cond) / PersonalizedLM.generate, and enable activation "
-                "checkpointing with PersonalizedLM.activation_checkpointing_enable() so the recompute sees the gate.")
+                "checkpointing with PersonalizedLM.activation_checkpointing_enable() so the recompute sees the gate."
+            )
         gate = self.gate
         if gate.shape[0] != x.shape[0]:
             # generate() expands each sample into contiguous beams/return sequences (repeat_interleave).
             if not (self.gate_expand_ok and x.shape[0] % gate.shape[0] == 0):
-                raise ValueError(f"{self.module_name}: gate has {gate.shape[0]} rows but the input batch has "
-                                 f"{x.shape[0]} samples")
+                raise ValueError(
+                    f"{self.module_name}: gate has {gate.shape[0]} rows but the input batch has {x.shape[0]} samples"
+                )
             gate = gate.repeat_interleave(x.shape[0] // gate.shape[0], dim=0)
         return gate
 
@@ -284,8 +306,10 @@ def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> I
 
 
 def is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+    return (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
         or torch.distributed.get_rank() == 0
+    )
 
 
 class PersonalizedLM(nn.Module):
@@ -309,9 +333,15 @@ class PersonalizedLM(nn.Module):
         else:
             if not self._layers:
                 raise ValueError(f"no module matched target_modules={config.target_modules}")
-            self.gates = MixtureGates(config.mode, sorted(self._layers), config.cond_dim, config.num_experts,
-                                      hidden=config.gate_hidden, dropout=config.gate_dropout,
-                                      temperature=config.temperature)
+            self.gates = MixtureGates(
+                config.mode,
+                sorted(self._layers),
+                config.cond_dim,
+                config.num_experts,
+                hidden=config.gate_hidden,
+                dropout=config.gate_dropout,
+                temperature=config.temperature,
+            )
         self.apply_trainable_flags()
 
     # ---- the one trainable list -------------------------------------------------------------------------------
@@ -336,16 +366,22 @@ class PersonalizedLM(nn.Module):
         params = dict(self.named_parameters())
         return {name: params[name] for name in self.trainable_parameter_names()}
 
-    def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0,
-                               gate_weight_decay: float | None = None) -> list[dict[str, Any]]:
+    def optimizer_param_groups(
+        self, lr: float, weight_decay: float = 0.0, gate_weight_decay: float | None = None
+    ) -> list[dict[str, Any]]:
         """Bank at `lr`, gates at `lr * gate_lr_mult` (iLoRA trains its router at 0.3x)."""
         params = self.trainable_parameters()
         bank = [p for n, p in params.items() if not n.startswith("gates.")]
         gates = [p for n, p in params.items() if n.startswith("gates.")]
         groups = [{"params": bank, "lr": lr, "weight_decay": weight_decay}]
         if gates:
-            groups.append({"params": gates, "lr": lr * self.config.gate_lr_mult,
-                           "weight_decay": weight_decay if gate_weight_decay is None else gate_weight_decay})
+            groups.append(
+                {
+                    "params": gates,
+                    "lr": lr * self.config.gate_lr_mult,
+                    "weight_decay": weight_decay if gate_weight_decay is None else gate_weight_decay,
+                }
+            )
         return groups
 
     # ---- gates ------------------------------------------------------------------------------------------------
@@ -384,12 +420,15 @@ class PersonalizedLM(nn.Module):
             use_reentrant = any(_is_zero3_param(p) for p in self.parameters())
         base = self.lm.get_base_model()
         # The public call sets the per-layer flags, use_cache handling and input grads (needed by reentrant).
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant},
-                                             every_n_layers=every_n_layers)
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": use_reentrant}, every_n_layers=every_n_layers
+        )
         # Then swap in a checkpoint function that closes over the gates (HF's documented override point).
         base._set_gradient_checkpointing(
-            enable=True, every_n_layers=every_n_layers,
-            gradient_checkpointing_func=functools.partial(self._checkpoint_with_gates, use_reentrant=use_reentrant))
+            enable=True,
+            every_n_layers=every_n_layers,
+            gradient_checkpointing_func=functools.partial(self._checkpoint_with_gates, use_reentrant=use_reentrant),
+        )
 
     def _checkpoint_with_gates(self, function: Any, *args: Any, use_reentrant: bool, **kwargs: Any) -> Any:
         # Runs in the original forward, where the gates are set. The recompute happens in backward, after forward
@@ -406,15 +445,26 @@ class PersonalizedLM(nn.Module):
         self.activation_checkpointing_enable(use_reentrant=(gradient_checkpointing_kwargs or {}).get("use_reentrant"))
 
     # ---- forward / generate -------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                cond: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         gates = self.compute_gates(cond)
         with self.gates_set(gates):
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 cond: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
         """HF generate with one gate per prompt, constant over decode steps (and shared by its beams)."""
         gates = self.compute_gates(cond)
         with self.gates_set(gates, allow_expand=True):
@@ -436,8 +486,9 @@ class PersonalizedLM(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         bank = {name.removeprefix("lm."): t for name, t in state.items() if name.startswith("lm.")}
-        peft_state = get_peft_model_state_dict(self.lm, state_dict=bank, adapter_name=self.adapter_name,
-                                               save_embedding_layers=False)
+        peft_state = get_peft_model_state_dict(
+            self.lm, state_dict=bank, adapter_name=self.adapter_name, save_embedding_layers=False
+        )
         if len(peft_state) != len(bank):
             raise RuntimeError(f"PEFT kept {len(peft_state)} of {len(bank)} bank tensors when saving")
         save_file(peft_state, str(out / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
@@ -447,9 +498,13 @@ class PersonalizedLM(nn.Module):
         if self.gates is not None:
             gates = {name.removeprefix("gates."): t for name, t in state.items() if name.startswith("gates.")}
             save_file(gates, str(out / GATES_FILE), metadata={"format": "pt"})
-        meta = {"format": FORMAT_VERSION, "adapter_name": self.adapter_name,
-                "config": dataclasses.asdict(self.config), "module_names": sorted(self._layers),
-                "base_model_name_or_path": lora_config.base_model_name_or_path}
+        meta = {
+            "format": FORMAT_VERSION,
+            "adapter_name": self.adapter_name,
+            "config": dataclasses.asdict(self.config),
+            "module_names": sorted(self._layers),
+            "base_model_name_or_path": lora_config.base_model_name_or_path,
+        }
         (out / MIXTURE_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     def load_adapter_weights(self, adapter_dir: str | Path) -> None:
@@ -465,8 +520,10 @@ class PersonalizedLM(nn.Module):
             bank_names = {n.removeprefix("lm.") for n in params if n.startswith("lm.")}
             missing = bank_names & set(result.missing_keys)
             if missing or result.unexpected_keys:
-                raise ValueError(f"{adapter_dir / PEFT_WEIGHTS_FILE}: missing {sorted(missing)[:3]}, "
-                                 f"unexpected {sorted(result.unexpected_keys)[:3]}")
+                raise ValueError(
+                    f"{adapter_dir / PEFT_WEIGHTS_FILE}: missing {sorted(missing)[:3]}, "
+                    f"unexpected {sorted(result.unexpected_keys)[:3]}"
+                )
             if self.gates is not None:
                 self.gates.load_state_dict(load_file(str(adapter_dir / GATES_FILE)), strict=True)
 
@@ -481,8 +538,9 @@ def read_mixture_config(adapter_dir: str | Path) -> MixtureLoraConfig:
     return MixtureLoraConfig(**meta["config"])
 
 
-def build_personalized_model(model: nn.Module, config: MixtureLoraConfig, *, adapter_name: str = "default",
-                             seed: int | None = 0) -> PersonalizedLM:
+def build_personalized_model(
+    model: nn.Module, config: MixtureLoraConfig, *, adapter_name: str = "default", seed: int | None = 0
+) -> PersonalizedLM:
     """Inject the bank into any HF causal LM with linear projections (PEFT target selection) and add gates.
 
     Build it outside deepspeed.zero.Init (PEFT's B = 0 init must see full tensors); deepspeed.initialize then
@@ -499,8 +557,9 @@ def build_personalized_model(model: nn.Module, config: MixtureLoraConfig, *, ada
     return personalized
 
 
-def load_personalized(model: nn.Module, adapter_dir: str | Path, *, adapter_name: str = "default",
-                      is_trainable: bool = False) -> PersonalizedLM:
+def load_personalized(
+    model: nn.Module, adapter_dir: str | Path, *, adapter_name: str = "default", is_trainable: bool = False
+) -> PersonalizedLM:
     """Rebuild a PersonalizedLM on a fresh base model from a save_adapter folder."""
     config = read_mixture_config(adapter_dir)
     personalized = build_personalized_model(model, config, adapter_name=adapter_name, seed=None)
@@ -517,13 +576,22 @@ def count_parameters(personalized: PersonalizedLM) -> dict[str, int]:
         return getattr(p, "ds_numel", p.numel())  # ZeRO-3 keeps the full size in ds_numel
 
     params = personalized.trainable_parameters()
-    return {"bank": sum(numel(p) for n, p in params.items() if not n.startswith("gates.")),
-            "gates": sum(numel(p) for n, p in params.items() if n.startswith("gates.")),
-            "total_model": sum(numel(p) for p in personalized.parameters())}
+    return {
+        "bank": sum(numel(p) for n, p in params.items() if not n.startswith("gates.")),
+        "gates": sum(numel(p) for n, p in params.items() if n.startswith("gates.")),
+        "total_model": sum(numel(p) for p in personalized.parameters()),
+    }
 
 
 __all__ = [
-    "ExpertBankA", "ExpertBankB", "MixtureLoraConfig", "MixtureLoraLinear", "PersonalizedLM",
-    "build_personalized_model", "count_parameters", "load_personalized", "read_mixture_config",
+    "ExpertBankA",
+    "ExpertBankB",
+    "MixtureLoraConfig",
+    "MixtureLoraLinear",
+    "PersonalizedLM",
+    "build_personalized_model",
+    "count_parameters",
+    "load_personalized",
+    "read_mixture_config",
     "use_per_sample_weights",
 ]

@@ -1,12 +1,15 @@
 """Task heads on a causal LM: answer-only LM loss, CTR p(yes), candidate log-likelihood.
 
-Batches are left-padded (trainer.data.collate), so every answer ends at the last position and the LM
+Batches are left-padded (recdata.streams.collate), so every answer ends at the last position and the LM
 head runs only on the last `max answer length + 1` positions (`logits_to_keep`), never on the prompt.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from recdata.streams import collate
 
 
 def _tail_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -15,10 +18,17 @@ def _tail_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     n = ids.shape[1]
     k = int(batch["answer_len"].max()) + 1
     extra = {"item_slots": batch["item_slots"]} if "item_slots" in batch else {}
-    out = model(input_ids=ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                cond=batch["cond"], logits_to_keep=k, use_cache=False, **extra)
+    out = model(
+        input_ids=ids,
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        cond=batch["cond"],
+        logits_to_keep=k,
+        use_cache=False,
+        **extra,
+    )
     logits = out.logits[:, -k:].float()
-    target = ids[:, n - k + 1:]
+    target = ids[:, n - k + 1 :]
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     pos = torch.arange(n - k + 1, n, device=ids.device).unsqueeze(0)
     mask = pos >= (n - batch["answer_len"]).unsqueeze(1)
@@ -44,7 +54,6 @@ def p_yes_from_logits(logits: torch.Tensor, answer_len: torch.Tensor, yes_id: in
 @torch.no_grad()
 def candidate_scores(model, rows: list[dict], pad_id: int, answer_ids_of, cond: torch.Tensor, device) -> torch.Tensor:
     """Log-likelihood of each candidate title as the answer: [num_rows, num_candidates]."""
-    from trainer.data import collate
 
     scores = []
     for i, r in enumerate(rows):
@@ -52,10 +61,18 @@ def candidate_scores(model, rows: list[dict], pad_id: int, answer_ids_of, cond: 
         seqs = []
         for cand in r["candidates"]:
             ans = answer_ids_of(cand)
-            seqs.append({"input_ids": prompt + ans, "prompt_len": len(prompt), "label": None, "rep": r["rep"],
-                         "sample_id": r["sample_id"], "item_slots": r.get("item_slots")})
+            seqs.append(
+                {
+                    "input_ids": prompt + ans,
+                    "prompt_len": len(prompt),
+                    "label": None,
+                    "rep": r["rep"],
+                    "sample_id": r["sample_id"],
+                    "item_slots": r.get("item_slots"),
+                }
+            )
         b = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
-        b["cond"] = cond[i:i + 1].expand(len(seqs), -1).to(device)
+        b["cond"] = cond[i : i + 1].expand(len(seqs), -1).to(device)
         logp, mask, _ = _tail_logprobs(model, b)
         scores.append((logp * mask).sum(1) / mask.sum(1).clamp(min=1))
     return torch.stack(scores)

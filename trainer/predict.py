@@ -7,7 +7,7 @@ Every request (user_id, item_id, optional timestamp; next_item: optional candida
 path the run was trained and evaluated on: sample record by the samples' own retrieval options
 (retrieval.requests: history strictly before the request time, SUBR with the run's item embeddings),
 the frozen teacher's representation and score, the prompt (retrieval.prompts) and its tokens
-(trainer.data.encode_rows), then the base LLM with the run's personalized adapter: CTR p(yes) as in
+(recdata.streams.encode_rows), then the base LLM with the run's personalized adapter: CTR p(yes) as in
 evaluation, next item the candidates' log-likelihood scores and their ranking. A request that cannot be
 answered keeps its row, with a null prediction and a `reason` (docs/predict.md lists them).
 
@@ -24,6 +24,7 @@ size), so a killed job resumes; other inputs into the same --out are refused (us
 starting with "_" are ignored by Parquet readers, so `pandas.read_parquet(out)` reads just the rows
 (`read_predictions(out)` returns them in request order).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,63 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from retrieval import storage  # noqa: E402
+from configs.errors import RecloraError
+from configs.loader import (
+    ConfigError,  # noqa: E402
+    validate,  # noqa: E402
+)
+from recdata import storage  # noqa: E402
+from recdata.layout import (
+    latest_embeddings,  # noqa: E402
+    paths,  # noqa: E402
+)
+from recdata.model_source import (  # noqa: E402
+    ASSETS,
+    ModelSourceError,  # noqa: E402
+    resolve_model,
+)
+from recdata.runner import Runner, run_in_process  # noqa: E402
+from recdata.samples import (
+    BuildOptions,  # noqa: E402
+    SamplesError,  # noqa: E402
+    SampleSet,  # noqa: E402
+)
+from recdata.schema import (
+    Dataset,  # noqa: E402
+    DatasetError,  # noqa: E402
+    user_bucket,  # noqa: E402
+)
+from recdata.streams import collate  # noqa: E402
+from retrieval.build import load_item_vectors  # noqa: E402
+from retrieval.encoding import PromptEncoder, answer_token_ids, encode_rows  # noqa: E402
+from retrieval.prompts import PromptRenderer, style_for  # noqa: E402
+from retrieval.requests import RequestRetriever  # noqa: E402
+from teacher.features import Encoder  # noqa: E402
+from teacher.model_io import (  # noqa: E402
+    META_FILE,  # noqa: E402
+    TeacherLoadError,  # noqa: E402
+    load_teacher,
+    pick_device,
+    to_tensors,  # noqa: E402
+)
+from teacher.score import (
+    RepsError,  # noqa: E402
+    check_rep_dim,  # noqa: E402
+)
+from trainer.hybrid import (  # noqa: E402
+    CANDIDATE_TOKEN,
+    HISTORY_TOKEN,
+    TEXT_FALLBACK,
+    HybridLM,  # noqa: E402
+)
+from trainer.lora import (  # noqa: E402
+    GATES_FILE,
+    MIXTURE_CONFIG_FILE,  # noqa: E402
+    PEFT_WEIGHTS_FILE,
+    load_personalized,  # noqa: E402
+)
+from trainer.objective import answer_loss, candidate_scores, p_yes_from_logits  # noqa: E402
+from trainer.prepare import worker_model_dir  # noqa: E402
 
 FORMAT = "reclora-predictions/1"
 MANIFEST = "_manifest.json"
@@ -64,7 +121,7 @@ ROW_REASONS = {
 }
 
 
-class PredictInputError(ValueError):
+class PredictInputError(RecloraError, ValueError):
     """A requests file, run folder or output folder that cannot be used; the message names it."""
 
 
@@ -76,7 +133,10 @@ def output_schema(task: str) -> pa.Schema:
         ("item_id", pa.int64()),
         ("timestamp", pa.int64()),
         ("reason", pa.string()),  # null: predicted; else why the prediction is null
-        ("sample_id", pa.int64()),  # the dataset sample when the request is one of its interactions, else a negative key
+        (
+            "sample_id",
+            pa.int64(),
+        ),  # the dataset sample when the request is one of its interactions, else a negative key
         ("label", pa.int8()),  # CTR: the dataset's label for that interaction, when it is one
         ("hist_len", pa.int32()),  # interactions before the request time
         ("cold_user", pa.bool_()),  # outside the teacher's training vocabulary (it then uses its unknown row)
@@ -102,11 +162,11 @@ def load_run_config(run_url: str):
     """The resolved config trainer/main.py saved with the run (read as bytes: the run may be on s3)."""
     import yaml
 
-    from configs.loader import validate
-
     url = storage.join(run_url, "config.yaml")
     if not storage.exists(url):
-        raise PredictInputError(f"{url} not found: {run_url} is not a run folder (trainer/main.py writes config.yaml there)")
+        raise PredictInputError(
+            f"{url} not found: {run_url} is not a run folder (trainer/main.py writes config.yaml there)"
+        )
     fs, path = storage.get_fs(url)
     with storage.storage_errors(url):
         data = yaml.safe_load(fs.cat_file(path).decode("utf-8"))
@@ -117,35 +177,35 @@ def load_run_config(run_url: str):
 
 def run_inputs(cfg, run_url: str) -> dict[str, Any]:
     """Where the run's dataset, samples options, embeddings, teacher, base model and adapter are."""
-    from retrieval.samples import SampleSet
-    from teacher.model_io import META_FILE
-    from trainer.lora import MIXTURE_CONFIG_FILE
-    from trainer.model_source import ASSETS, resolve_model
-    from trainer.stages import paths
 
     p = paths(cfg)
     samples = SampleSet.open(p.samples)
     if samples.task != cfg.data.task:
-        raise PredictInputError(f"{run_url}: data.task is {cfg.data.task!r} but {p.samples} holds {samples.task!r} samples")
+        raise PredictInputError(
+            f"{run_url}: data.task is {cfg.data.task!r} but {p.samples} holds {samples.task!r} samples"
+        )
     options = dict(samples.options)
     embeddings = None
-    from retrieval.build import BuildOptions
 
     if BuildOptions.from_dict(options).needs_embeddings:
         # The exact folder the samples were built with; the newest under the cache root otherwise.
         embeddings = samples.manifest.get("embeddings")
         if not embeddings or not storage.exists(storage.join(embeddings, "meta.json")):
-            from retrieval.embed_items import latest_embeddings
-
             embeddings = latest_embeddings(p.embeddings)
         if embeddings is None:
-            raise PredictInputError(f"{p.samples}: built with text_mode={options['text_mode']}/id_mode={options['id_mode']}, "
-                                    f"which needs item embeddings, and none are under {p.embeddings}")
+            raise PredictInputError(
+                f"{p.samples}: built with text_mode={options['text_mode']}/id_mode={options['id_mode']}, "
+                f"which needs item embeddings, and none are under {p.embeddings}"
+            )
     if not storage.exists(storage.join(p.teacher, META_FILE)):
-        raise PredictInputError(f"{p.teacher}: no trained teacher ({META_FILE}); the run's teacher stage did not finish")
+        raise PredictInputError(
+            f"{p.teacher}: no trained teacher ({META_FILE}); the run's teacher stage did not finish"
+        )
     adapter = storage.join(run_url, "adapter")
     if not storage.exists(storage.join(adapter, MIXTURE_CONFIG_FILE)):
-        raise PredictInputError(f"{adapter}: no trained adapter ({MIXTURE_CONFIG_FILE}); has the run finished training?")
+        raise PredictInputError(
+            f"{adapter}: no trained adapter ({MIXTURE_CONFIG_FILE}); has the run finished training?"
+        )
     if cfg.model.tiny is not None:
         # The tiny preset's random base lives with the run; rebuilding it here could silently differ.
         model_url = storage.join(run_url, "base_model")
@@ -156,8 +216,16 @@ def run_inputs(cfg, run_url: str) -> dict[str, Any]:
     else:
         model_dir = resolve_model(cfg.model.name_or_path)
         tok_dir = model_dir
-    out = {"dataset": p.dataset, "samples": p.samples, "options": options, "embeddings": embeddings, "teacher": p.teacher,
-           "model_dir": model_dir, "tokenizer_dir": tok_dir, "adapter": adapter}
+    out = {
+        "dataset": p.dataset,
+        "samples": p.samples,
+        "options": options,
+        "embeddings": embeddings,
+        "teacher": p.teacher,
+        "model_dir": model_dir,
+        "tokenizer_dir": tok_dir,
+        "adapter": adapter,
+    }
     if cfg.trainer.hybrid_item_emb:
         out["item_emb"] = storage.join(run_url, "data", "item_emb.safetensors")
         if not storage.exists(out["item_emb"]):
@@ -191,9 +259,11 @@ def read_requests(url: str, task: str) -> tuple[dict[str, Any], str]:
             raise PredictInputError(f"{url}: not a readable Parquet file ({e})") from None
     for name in REQUIRED_COLUMNS:
         if name not in table.column_names:
-            raise PredictInputError(f"{url}: missing required column '{name}' (columns: {table.column_names}); "
-                                    f"requests need {list(REQUIRED_COLUMNS)} and optionally timestamp"
-                                    + (", candidates" if task == "next_item" else ""))
+            raise PredictInputError(
+                f"{url}: missing required column '{name}' (columns: {table.column_names}); "
+                f"requests need {list(REQUIRED_COLUMNS)} and optionally timestamp"
+                + (", candidates" if task == "next_item" else "")
+            )
     n = table.num_rows
     reasons: list[str | None] = [None] * n
     users, u_ok, u_present = _ints(table.column("user_id"), url, "user_id")
@@ -226,8 +296,17 @@ def read_requests(url: str, task: str) -> tuple[dict[str, Any], str]:
     for arr in (users, u_ok, u_present, items, i_ok, i_present, ts, t_ok, t_present):
         h.update(np.ascontiguousarray(arr).tobytes())
     h.update(json.dumps(cands).encode())
-    cols = {"user_id": users, "item_id": items, "timestamp": ts, "has_time": t_present & t_ok, "candidates": cands,
-            "reason": reasons, "valid_user": u_present & u_ok, "valid_item": i_present & i_ok, "rows": n}
+    cols = {
+        "user_id": users,
+        "item_id": items,
+        "timestamp": ts,
+        "has_time": t_present & t_ok,
+        "candidates": cands,
+        "reason": reasons,
+        "valid_user": u_present & u_ok,
+        "valid_item": i_present & i_ok,
+        "rows": n,
+    }
     return cols, h.hexdigest()
 
 
@@ -256,8 +335,9 @@ def _ints(col: pa.ChunkedArray, url: str, name: str, times: bool = False) -> tup
             except (TypeError, ValueError, OverflowError):
                 pass
         return vals, ok & present, present
-    raise PredictInputError(f"{url}: column '{name}' has type {t}; expected integers"
-                            + (" or a date/time" if times else ""))
+    raise PredictInputError(
+        f"{url}: column '{name}' has type {t}; expected integers" + (" or a date/time" if times else "")
+    )
 
 
 def _candidate_lists(col: pa.ChunkedArray, url: str) -> tuple[list[list[int] | None], np.ndarray]:
@@ -284,7 +364,6 @@ def _candidate_lists(col: pa.ChunkedArray, url: str) -> tuple[list[list[int] | N
 def plan_tasks(req: dict[str, Any], num_shards: int, rows_per_task: int) -> list[dict[str, Any]]:
     """Tasks of at most rows_per_task requests whose users share one dataset shard, in (shard, request)
     order. Rows already answered by a reason ride along with shard 0 (they need no interactions)."""
-    from retrieval.schema import user_bucket
 
     n = req["rows"]
     shard = np.zeros(n, np.int64)
@@ -295,14 +374,21 @@ def plan_tasks(req: dict[str, Any], num_shards: int, rows_per_task: int) -> list
     for s in range(num_shards):
         idx = np.flatnonzero(shard == s)
         for c in range(0, len(idx), rows_per_task):
-            chunk = idx[c:c + rows_per_task]
-            tasks.append({"part": len(tasks), "shard": s, "rows": {
-                "request_index": chunk.tolist(),
-                "user_id": [int(req["user_id"][j]) if req["valid_user"][j] else None for j in chunk],
-                "item_id": [int(req["item_id"][j]) if req["valid_item"][j] else None for j in chunk],
-                "timestamp": [int(req["timestamp"][j]) if req["has_time"][j] else None for j in chunk],
-                "candidates": [req["candidates"][j] for j in chunk],
-                "reason": [req["reason"][j] for j in chunk]}})
+            chunk = idx[c : c + rows_per_task]
+            tasks.append(
+                {
+                    "part": len(tasks),
+                    "shard": s,
+                    "rows": {
+                        "request_index": chunk.tolist(),
+                        "user_id": [int(req["user_id"][j]) if req["valid_user"][j] else None for j in chunk],
+                        "item_id": [int(req["item_id"][j]) if req["valid_item"][j] else None for j in chunk],
+                        "timestamp": [int(req["timestamp"][j]) if req["has_time"][j] else None for j in chunk],
+                        "candidates": [req["candidates"][j] for j in chunk],
+                        "reason": [req["reason"][j] for j in chunk],
+                    },
+                }
+            )
     return tasks
 
 
@@ -315,22 +401,19 @@ class PredictWorker:
     """Answers one task of requests per `run(task)`. Plain Python: in-process or a Ray actor (cluster.pool).
     Loads the retrieval inputs, the teacher, the tokenizer and base LLM + adapter once."""
 
-    def __init__(self, config: dict[str, Any], inputs: dict[str, Any], out_url: str, fingerprint: str,
-                 batch_size: int = 16, device: str = "auto", num_threads: int = 1, s3_endpoint: str | None = None):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        inputs: dict[str, Any],
+        out_url: str,
+        fingerprint: str,
+        batch_size: int = 16,
+        device: str = "auto",
+        num_threads: int = 1,
+        s3_endpoint: str | None = None,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from configs.loader import validate
-        from retrieval.build import BuildOptions, load_item_vectors
-        from retrieval.prompts import PromptRenderer, style_for
-        from retrieval.requests import RequestRetriever
-        from teacher.features import Encoder
-        from teacher.model_io import load_teacher, pick_device
-        from teacher.score import check_rep_dim
-        from trainer.data import PromptEncoder, answer_token_ids
-        from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_FALLBACK
-        from trainer.lora import load_personalized
-        from trainer.prepare import worker_model_dir
 
         cfg = validate(config)
         storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
@@ -341,7 +424,11 @@ class PredictWorker:
         self.task_kind = cfg.data.task
         self.device = pick_device(device)
         opts = BuildOptions.from_dict(inputs["options"])
-        vectors = load_item_vectors(inputs["embeddings"], normalize=opts.metric == "cosine") if opts.needs_embeddings else None
+        vectors = (
+            load_item_vectors(inputs["embeddings"], normalize=opts.metric == "cosine")
+            if opts.needs_embeddings
+            else None
+        )
         self.retriever = RequestRetriever(inputs["dataset"], opts, vectors)
 
         self.teacher = load_teacher(inputs["teacher"], self.device)
@@ -358,7 +445,9 @@ class PredictWorker:
             self.slot_ids = tuple(tok.convert_tokens_to_ids([HISTORY_TOKEN, CANDIDATE_TOKEN]))
             overrides = {"history_token": HISTORY_TOKEN, "candidate_token": CANDIDATE_TOKEN}
         ds = self.retriever.dataset
-        self.renderer = PromptRenderer(ds.read_items(), cfg.data.task, style_for(cfg.data.domain, **overrides), ds.read_users())
+        self.renderer = PromptRenderer(
+            ds.read_items(), cfg.data.task, style_for(cfg.data.domain, **overrides), ds.read_users()
+        )
         self.encoder = PromptEncoder(tok, cfg.model.max_length)
         self._answers: dict[int, list[int]] = {}
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -379,13 +468,16 @@ class PredictWorker:
                 from safetensors.torch import load as st_load
                 from safetensors.torch import load_file
 
-                from trainer.hybrid import HybridLM
-
                 fs, path = storage.get_fs(inputs["item_emb"])
                 with storage.storage_errors(inputs["item_emb"]):
                     table = st_load(fs.cat_file(path))
-                model = HybridLM(model, table["item_ids"].numpy(), table["emb"], list(self.slot_ids),
-                                 tok(TEXT_FALLBACK, add_special_tokens=False)["input_ids"][0])
+                model = HybridLM(
+                    model,
+                    table["item_ids"].numpy(),
+                    table["emb"],
+                    list(self.slot_ids),
+                    tok(TEXT_FALLBACK, add_special_tokens=False)["input_ids"][0],
+                )
                 model.projector.load_state_dict(load_file(str(Path(tmp) / "projector.safetensors")), strict=True)
                 model.hybrid = True  # evaluation uses the full hybrid prompt
         self.model = model.to(self.device).eval()
@@ -401,16 +493,26 @@ class PredictWorker:
             if self.fs.exists(marker):
                 done = json.loads(self.fs.cat_file(marker).decode("utf-8"))
                 if done.get("fingerprint") != self.fingerprint:
-                    raise PredictInputError(f"{storage.join(self.out_url, COMMITS, posixpath.basename(marker))}: committed by a "
-                                            f"prediction with other inputs; use a new --out or --overwrite")
+                    raise PredictInputError(
+                        f"{storage.join(self.out_url, COMMITS, posixpath.basename(marker))}: committed by a "
+                        f"prediction with other inputs; use a new --out or --overwrite"
+                    )
                 return {**done, "skipped": True}
         t0 = time.perf_counter()
         table, counts = self.predict_rows(int(task["shard"]), task["rows"])
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        info = {"part": k, "path": part_name(k), "rows": table.num_rows, "fingerprint": self.fingerprint,
-                "reasons": counts["reasons"], "predicted": counts["predicted"], "history_truncated": counts["history_truncated"],
-                "prompt_truncated": counts["prompt_truncated"], "seconds": round(time.perf_counter() - t0, 3)}
+        info = {
+            "part": k,
+            "path": part_name(k),
+            "rows": table.num_rows,
+            "fingerprint": self.fingerprint,
+            "reasons": counts["reasons"],
+            "predicted": counts["predicted"],
+            "history_truncated": counts["history_truncated"],
+            "prompt_truncated": counts["prompt_truncated"],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         with storage.storage_errors(self.out_url):
             _write_atomic(self.fs, posixpath.join(self.root, part_name(k)), buf.getvalue(), self.local)
             # The marker is the commit point: written only when the part is complete at its final name.
@@ -418,20 +520,26 @@ class PredictWorker:
         return {**info, "skipped": False}
 
     def predict_rows(self, shard: int, rows: dict[str, list]) -> tuple[pa.Table, dict[str, Any]]:
-        from trainer.data import encode_rows
 
         n = len(rows["request_index"])
         reasons = list(rows["reason"])
         out: dict[str, list] = {f.name: [None] * n for f in self.schema}
         out["request_index"] = list(rows["request_index"])
-        out["user_id"], out["item_id"], out["timestamp"] = list(rows["user_id"]), list(rows["item_id"]), list(rows["timestamp"])
+        out["user_id"], out["item_id"], out["timestamp"] = (
+            list(rows["user_id"]),
+            list(rows["item_id"]),
+            list(rows["timestamp"]),
+        )
         todo = [j for j in range(n) if reasons[j] is None]
         counts = {"history_truncated": 0, "prompt_truncated": 0}
         if todo:
             rec = self.retriever.records(
-                shard, [rows["user_id"][j] for j in todo], [rows["item_id"][j] for j in todo],
+                shard,
+                [rows["user_id"][j] for j in todo],
+                [rows["item_id"][j] for j in todo],
                 [rows["timestamp"][j] for j in todo],
-                [rows["candidates"][j] for j in todo] if self.task_kind == "next_item" else None)
+                [rows["candidates"][j] for j in todo] if self.task_kind == "next_item" else None,
+            )
             for j, r in zip(todo, rec.reasons):
                 reasons[j] = r
             pos = [todo[int(i)] for i in rec.rows]  # task row of each record
@@ -478,9 +586,6 @@ class PredictWorker:
         """Representation, score (and next item: candidate scores) of each record, in record order."""
         import torch
 
-        from teacher.model_io import to_tensors
-        from teacher.score import RepsError
-
         n = table.num_rows
         # The encoder needs equal-length candidate lists in one batch: group next-item rows by length.
         if self.task_kind == "next_item":
@@ -513,14 +618,11 @@ class PredictWorker:
         """evaluate()'s computation, batched by prompt length (less padding); results in row order."""
         import torch
 
-        from trainer.data import collate
-        from trainer.objective import answer_loss, candidate_scores, p_yes_from_logits
-
         order = sorted(range(len(srows)), key=lambda i: len(srows[i]["input_ids"]))
         res: list = [None] * len(srows)
         with torch.no_grad():
             for s in range(0, len(order), self.batch_size):
-                idx = order[s:s + self.batch_size]
+                idx = order[s : s + self.batch_size]
                 rows = [srows[i] for i in idx]
                 batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
                 if self.task_kind == "ctr":
@@ -531,8 +633,9 @@ class PredictWorker:
                 else:
                     # One forward per request over its candidates (as evaluate does); lists may differ in length.
                     for q, i in enumerate(idx):
-                        sc = candidate_scores(self.model, [rows[q]], self.pad_id, self._answer_ids, batch["cond"][q:q + 1],
-                                              self.device)
+                        sc = candidate_scores(
+                            self.model, [rows[q]], self.pad_id, self._answer_ids, batch["cond"][q : q + 1], self.device
+                        )
                         res[i] = sc[0].float().cpu().numpy().tolist()
         return res
 
@@ -573,15 +676,25 @@ def _write_atomic(fs, path: str, data: bytes, local: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the driver
-def predict(run_url: str, requests_url: str, out_url: str, num_workers: int = 1, batch_size: int = 16,
-            rows_per_task: int = 1024, device: str = "auto", cpus_per_worker: float = 1.0,
-            overwrite: bool = False) -> dict[str, Any]:
+def predict(
+    run_url: str,
+    requests_url: str,
+    out_url: str,
+    num_workers: int = 1,
+    batch_size: int = 16,
+    rows_per_task: int = 1024,
+    device: str = "auto",
+    cpus_per_worker: float = 1.0,
+    overwrite: bool = False,
+    runner: Runner | None = None,
+) -> dict[str, Any]:
     """Score every request; returns the manifest (also written to {out}/_manifest.json)."""
-    from retrieval.schema import Dataset
 
     if rows_per_task < 1 or batch_size < 1 or num_workers < 0:
-        raise PredictInputError(f"--rows-per-task and --batch-size must be >= 1 and --num-workers >= 0, got "
-                                f"{rows_per_task}, {batch_size}, {num_workers}")
+        raise PredictInputError(
+            f"--rows-per-task and --batch-size must be >= 1 and --num-workers >= 0, got "
+            f"{rows_per_task}, {batch_size}, {num_workers}"
+        )
     t0 = time.perf_counter()
     cfg = load_run_config(run_url)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
@@ -589,63 +702,92 @@ def predict(run_url: str, requests_url: str, out_url: str, num_workers: int = 1,
     req, req_digest = read_requests(requests_url, cfg.data.task)
     num_shards = len(Dataset.open(inputs["dataset"]).shards)
     tasks = plan_tasks(req, num_shards, rows_per_task)
-    from teacher.model_io import META_FILE
-    from trainer.lora import GATES_FILE, PEFT_WEIGHTS_FILE
 
     teacher_sha = storage.read_json(storage.join(inputs["teacher"], META_FILE))["sha256"]
-    adapter_sha = _sha_of([storage.join(inputs["adapter"], f) for f in (PEFT_WEIGHTS_FILE, GATES_FILE, "projector.safetensors")])
-    fingerprint = hashlib.sha256(json.dumps({
-        "format": FORMAT, "requests": req_digest, "config": cfg.model_dump(mode="json"), "adapter": adapter_sha,
-        "teacher": teacher_sha, "inputs": {k: str(v) for k, v in inputs.items()}, "rows_per_task": rows_per_task},
-        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    adapter_sha = _sha_of(
+        [storage.join(inputs["adapter"], f) for f in (PEFT_WEIGHTS_FILE, GATES_FILE, "projector.safetensors")]
+    )
+    fingerprint = storage.digest(
+        {
+            "format": FORMAT,
+            "requests": req_digest,
+            "config": cfg.model_dump(mode="json"),
+            "adapter": adapter_sha,
+            "teacher": teacher_sha,
+            "inputs": {k: str(v) for k, v in inputs.items()},
+            "rows_per_task": rows_per_task,
+        }
+    )
 
     if overwrite:
         storage.rm(out_url)
     murl = storage.join(out_url, MANIFEST)
     if storage.exists(murl) and storage.read_json(murl).get("fingerprint") != fingerprint:
-        raise PredictInputError(f"{murl}: predictions of other inputs (requests, run or options) are there; "
-                                f"use a new --out or --overwrite")
+        raise PredictInputError(
+            f"{murl}: predictions of other inputs (requests, run or options) are there; use a new --out or --overwrite"
+        )
     _clean_temp(out_url)
     committed = _committed_parts(out_url, fingerprint)
 
     use_gpu = device == "cuda" or (device == "auto" and _cuda_available())
-    kwargs = {"config": cfg.model_dump(mode="json"), "inputs": inputs, "out_url": out_url, "fingerprint": fingerprint,
-              "batch_size": batch_size, "device": device, "num_threads": max(1, int(cpus_per_worker)),
-              "s3_endpoint": storage._s3_options().get("endpoint_url")}
+    kwargs = {
+        "config": cfg.model_dump(mode="json"),
+        "inputs": inputs,
+        "out_url": out_url,
+        "fingerprint": fingerprint,
+        "batch_size": batch_size,
+        "device": device,
+        "num_threads": max(1, int(cpus_per_worker)),
+        "s3_endpoint": storage.s3_endpoint(),
+    }
     # Committed parts are answered from their markers: a finished rerun loads no model and starts no actor.
     todo = [t for t in tasks if t["part"] not in committed]
-    print(f"[predict] {req['rows']} requests in {len(tasks)} part(s), {len(tasks) - len(todo)} already committed "
-          f"-> {out_url}", flush=True)
+    print(
+        f"[predict] {req['rows']} requests in {len(tasks)} part(s), {len(tasks) - len(todo)} already committed "
+        f"-> {out_url}",
+        flush=True,
+    )
     if not todo:
         built = []
-    elif num_workers == 0:
-        from tqdm.auto import tqdm
-
-        worker = PredictWorker(**kwargs)
-        built = [worker.run(t) for t in tqdm(todo, desc="predict", unit="part", file=sys.stderr,
-                                             disable=not sys.stderr.isatty())]
     else:
-        from cluster.pool import run_sharded
-
-        built = run_sharded(PredictWorker, kwargs, todo, num_actors=num_workers, num_cpus_per_actor=cpus_per_worker,
-                            num_gpus_per_actor=1.0 if use_gpu else 0.0, desc="predict")
+        run = runner if runner is not None and num_workers > 0 else run_in_process
+        built = run(
+            PredictWorker,
+            kwargs,
+            todo,
+            num_actors=num_workers,
+            num_cpus_per_actor=cpus_per_worker,
+            num_gpus_per_actor=1.0 if use_gpu else 0.0,
+            desc="predict",
+        )
     by_part = {**{k: {**v, "skipped": True} for k, v in committed.items()}, **{r["part"]: r for r in built}}
     results = [by_part[t["part"]] for t in tasks]
     reasons: Counter = Counter()
     for r in results:
         reasons.update(r["reasons"])
     manifest = {
-        "format": FORMAT, "fingerprint": fingerprint, "run": run_url, "requests": requests_url, "task": cfg.data.task,
-        "rows": req["rows"], "predicted": sum(r["predicted"] for r in results), "reasons": dict(sorted(reasons.items())),
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "run": run_url,
+        "requests": requests_url,
+        "task": cfg.data.task,
+        "rows": req["rows"],
+        "predicted": sum(r["predicted"] for r in results),
+        "reasons": dict(sorted(reasons.items())),
         "parts": [{"path": r["path"], "rows": r["rows"]} for r in results],
-        "parts_built": sum(not r["skipped"] for r in results), "parts_skipped": sum(bool(r["skipped"]) for r in results),
+        "parts_built": sum(not r["skipped"] for r in results),
+        "parts_skipped": sum(bool(r["skipped"]) for r in results),
         "history_truncated": sum(r.get("history_truncated", 0) for r in results),
         "prompt_truncated": sum(r.get("prompt_truncated", 0) for r in results),
-        "inputs": {k: str(v) for k, v in inputs.items() if k != "options"}, "options": inputs["options"],
-        "columns": output_schema(cfg.data.task).names, "seconds": round(time.perf_counter() - t0, 3),
+        "inputs": {k: str(v) for k, v in inputs.items() if k != "options"},
+        "options": inputs["options"],
+        "columns": output_schema(cfg.data.task).names,
+        "seconds": round(time.perf_counter() - t0, 3),
     }
     if sum(p["rows"] for p in manifest["parts"]) != req["rows"]:
-        raise RuntimeError(f"{out_url}: parts hold {sum(p['rows'] for p in manifest['parts'])} rows for {req['rows']} requests")
+        raise RuntimeError(
+            f"{out_url}: parts hold {sum(p['rows'] for p in manifest['parts'])} rows for {req['rows']} requests"
+        )
     storage.write_json_atomic(murl, manifest)
     return manifest
 
@@ -674,8 +816,10 @@ def _committed_parts(out_url: str, fingerprint: str) -> dict[int, dict[str, Any]
         for f in sorted(fs.glob(posixpath.join(root, COMMITS, "part-*.json"))):
             m = json.loads(fs.cat_file(f).decode("utf-8"))
             if m.get("fingerprint") != fingerprint:
-                raise PredictInputError(f"{storage.join(out_url, COMMITS, posixpath.basename(f))}: committed by a prediction "
-                                        f"with other inputs (requests, run or options); use a new --out or --overwrite")
+                raise PredictInputError(
+                    f"{storage.join(out_url, COMMITS, posixpath.basename(f))}: committed by a prediction "
+                    f"with other inputs (requests, run or options); use a new --out or --overwrite"
+                )
             out[int(m["part"])] = m
     return out
 
@@ -700,8 +844,11 @@ def read_predictions(out_url: str) -> pa.Table:
 def summary_line(m: dict[str, Any]) -> str:
     bad = sum(m["reasons"].values())
     why = ", ".join(f"{k} {v}" for k, v in m["reasons"].items())
-    return (f"[predict] {m['rows']} requests: {m['predicted']} predicted, {bad} with a reason" + (f" ({why})" if why else "")
-            + f"; parts: {m['parts_built']} built, {m['parts_skipped']} skipped; {m['seconds']:.1f}s")
+    return (
+        f"[predict] {m['rows']} requests: {m['predicted']} predicted, {bad} with a reason"
+        + (f" ({why})" if why else "")
+        + f"; parts: {m['parts_built']} built, {m['parts_skipped']} skipped; {m['seconds']:.1f}s"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -718,19 +865,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
+    """Ray workers come from `runner` (the `reclora` command passes cluster.pool.run_sharded); without one,
+    every task runs in this process."""
     a = parse_args(argv)
-    from configs.loader import ConfigError
-    from retrieval.samples import SamplesError
-    from retrieval.schema import DatasetError
-    from teacher.model_io import TeacherLoadError
-    from trainer.model_source import ModelSourceError
 
     try:
-        m = predict(a.run, a.requests, a.out, num_workers=a.num_workers, batch_size=a.batch_size,
-                    rows_per_task=a.rows_per_task, device=a.device, cpus_per_worker=a.cpus_per_worker, overwrite=a.overwrite)
-    except (PredictInputError, ConfigError, SamplesError, DatasetError, TeacherLoadError, ModelSourceError,
-            storage.StorageError) as e:
+        m = predict(
+            a.run,
+            a.requests,
+            a.out,
+            runner=runner,
+            num_workers=a.num_workers,
+            batch_size=a.batch_size,
+            rows_per_task=a.rows_per_task,
+            device=a.device,
+            cpus_per_worker=a.cpus_per_worker,
+            overwrite=a.overwrite,
+        )
+    except (
+        PredictInputError,
+        ConfigError,
+        SamplesError,
+        DatasetError,
+        TeacherLoadError,
+        ModelSourceError,
+        storage.StorageError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_line(m))

@@ -3,6 +3,7 @@
 Runs once per run before any worker starts. Streams are cached under the run (`{run}/data/`) and
 reused when the inputs that shaped them (samples, subset size, tokenizer, max length) are unchanged.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -10,11 +11,18 @@ import os
 import tempfile
 from typing import Any
 
-from retrieval import storage
-from trainer.data import FEED_FAILED, PromptEncoder, answer_token_ids
+from recdata import storage
+from recdata.layout import paths
+from recdata.model_source import ASSETS, resolve_model, tokenizer_dir
+from recdata.samples import SampleSet
+from recdata.schema import Dataset
+from recdata.streams import FEED_FAILED
+from recdata.subsets import load_subset
+from retrieval.encoding import PromptEncoder, answer_token_ids
+from teacher.model_io import META_FILE, MODEL_FILE, load_teacher
+from teacher.score import MANIFEST, check_rep_dim
+from trainer.feed import FeedJob, plan_split, stream_key
 from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_FALLBACK
-from trainer.model_source import ASSETS, resolve_model, tokenizer_dir
-
 
 resolve = storage.resolve
 
@@ -46,7 +54,9 @@ def base_model_dir(cfg, run_url: str) -> str:
         for f in sorted(os.listdir(tmp)):
             if f != "config.json":
                 storage.write_bytes_atomic(storage.join(url, f), open(os.path.join(tmp, f), "rb").read())
-        storage.write_bytes_atomic(storage.join(url, "config.json"), open(os.path.join(tmp, "config.json"), "rb").read())
+        storage.write_bytes_atomic(
+            storage.join(url, "config.json"), open(os.path.join(tmp, "config.json"), "rb").read()
+        )
     return url if not storage.is_local(url) else storage.get_fs(url)[1]
 
 
@@ -60,17 +70,13 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
     yet: `FeedJob.run()` builds the parts, `.start()` builds them in the background while training runs."""
     from transformers import AutoTokenizer
 
-    from retrieval.samples import SampleSet
-    from retrieval.schema import Dataset
-    from retrieval.subsets import load_subset
-    from teacher.score import MANIFEST, check_rep_dim
-    from trainer.feed import FeedJob, plan_split, stream_key
-    from trainer.stages import paths
-
     p = paths(cfg)
     model_dir = base_model_dir(cfg, run_url)
-    tok_dir = worker_model_dir(model_dir) if cfg.model.tiny is None else (
-        ASSETS if not os.path.exists(os.path.join(str(model_dir), "tokenizer.json")) else model_dir)
+    tok_dir = (
+        worker_model_dir(model_dir)
+        if cfg.model.tiny is None
+        else (ASSETS if not os.path.exists(os.path.join(str(model_dir), "tokenizer.json")) else model_dir)
+    )
     tok = AutoTokenizer.from_pretrained(tok_dir)
     samples = SampleSet.open(p.samples)
     if samples.task != cfg.data.task:
@@ -86,7 +92,6 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
         slot_ids = tuple(tok.convert_tokens_to_ids(slot_tokens))
     # Representations: the score stage's output when it exists for this teacher, else the feed runs the
     # teacher itself on the samples it feeds.
-    from teacher.model_io import META_FILE, MODEL_FILE
 
     meta_url = storage.join(p.teacher, META_FILE)
     teacher_id = storage.read_json(meta_url)["sha256"][MODEL_FILE] if storage.exists(meta_url) else None
@@ -97,8 +102,10 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
             check_rep_dim(reps_meta["rep_dim"], cfg.teacher.rep_dim, p.reps)
             reps_url, teacher_id = p.reps, reps_meta["model_sha256"]
     if teacher_id is None:
-        raise FileNotFoundError(f"{p.teacher}: no trained teacher ({META_FILE}) and no representations under {p.reps}; "
-                                f"run the teacher stage first")
+        raise FileNotFoundError(
+            f"{p.teacher}: no trained teacher ({META_FILE}) and no representations under {p.reps}; "
+            f"run the teacher stage first"
+        )
     data_url = storage.join(run_url, "data")
     t = cfg.trainer
     order = [s for s in (["test"] if zero_shot_first else []) + ["train", "valid", "test"] if s in splits]
@@ -109,8 +116,19 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
         n = t.train_subset if split == "train" else cfg.retrieval.max_eval_samples
         ids = load_subset(p.samples, split)
         ids = ids if n is None else ids[:n]
-        key = stream_key([samples.manifest.get("fingerprint"), teacher_id, hashlib.sha256(ids.tobytes()).hexdigest(),
-                          cfg.model.max_length, str(model_dir), cfg.data.task, cfg.data.domain, hybrid, t.feed_part_rows])
+        key = stream_key(
+            [
+                samples.manifest.get("fingerprint"),
+                teacher_id,
+                hashlib.sha256(ids.tobytes()).hexdigest(),
+                cfg.model.max_length,
+                str(model_dir),
+                cfg.data.task,
+                cfg.data.domain,
+                hybrid,
+                t.feed_part_rows,
+            ]
+        )
         plans[split], split_tasks = plan_split(data_url, split, ids, t.feed_part_rows, key)
         tasks += split_tasks
     if "train" not in plans:
@@ -121,25 +139,52 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
         with storage.storage_errors(data_url):
             fs.rm(path)
     job = FeedJob(
-        worker_kwargs={"samples_url": p.samples, "dataset_url": dataset_url, "tokenizer_dir": str(tok_dir),
-                       "max_length": cfg.model.max_length, "task": cfg.data.task, "domain": cfg.data.domain,
-                       "rep_dim": cfg.teacher.rep_dim, "teacher_url": p.teacher, "reps_url": reps_url,
-                       "slot_tokens": slot_tokens, "s3_endpoint": storage._s3_options().get("endpoint_url"),
-                       "num_threads": max(1, int(t.feed_cpus_per_worker))},
-        tasks=tasks, data_url=data_url, num_workers=t.feed_workers, cpus_per_worker=t.feed_cpus_per_worker, splits=plans)
+        worker_kwargs={
+            "samples_url": p.samples,
+            "dataset_url": dataset_url,
+            "tokenizer_dir": str(tok_dir),
+            "max_length": cfg.model.max_length,
+            "task": cfg.data.task,
+            "domain": cfg.data.domain,
+            "rep_dim": cfg.teacher.rep_dim,
+            "teacher_url": p.teacher,
+            "reps_url": reps_url,
+            "slot_tokens": slot_tokens,
+            "s3_endpoint": storage.s3_endpoint(),
+            "num_threads": max(1, int(t.feed_cpus_per_worker)),
+        },
+        tasks=tasks,
+        data_url=data_url,
+        num_workers=t.feed_workers,
+        cpus_per_worker=t.feed_cpus_per_worker,
+        splits=plans,
+    )
     ids = answer_token_ids(tok, cfg.data.task)
-    params = {"config": cfg.model_dump(mode="json"), "run_url": run_url, "model_dir": model_dir,
-              "streams": {s: storage.join(data_url, s) for s in plans},
-              "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, "task": cfg.data.task,
-              "yes_id": ids.get("Yes"), "no_id": ids.get("No"), "eval_batch_size": t.eval_batch_size,
-              "resume": t.resume, "feed_timeout_s": t.feed_timeout_s}
+    params = {
+        "config": cfg.model_dump(mode="json"),
+        "run_url": run_url,
+        "model_dir": model_dir,
+        "streams": {s: storage.join(data_url, s) for s in plans},
+        "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        "task": cfg.data.task,
+        "yes_id": ids.get("Yes"),
+        "no_id": ids.get("No"),
+        "eval_batch_size": t.eval_batch_size,
+        "resume": t.resume,
+        "feed_timeout_s": t.feed_timeout_s,
+    }
     if hybrid:
-        params["hybrid"] = {"slot_token_ids": list(slot_ids), "text_token_id": tok(TEXT_FALLBACK, add_special_tokens=False)["input_ids"][0],
-                            "item_emb_url": _item_table(cfg, run_url, ds)}
+        params["hybrid"] = {
+            "slot_token_ids": list(slot_ids),
+            "text_token_id": tok(TEXT_FALLBACK, add_special_tokens=False)["input_ids"][0],
+            "item_emb_url": _item_table(cfg, run_url, ds),
+        }
     if cfg.data.task == "next_item":
         items = ds.read_items()
         encoder = PromptEncoder(tok, cfg.model.max_length)
-        params["answer_ids"] = {str(i): encoder.answer_ids(t) for i, t in zip(items["item_id"].to_pylist(), items["title"].to_pylist())}
+        params["answer_ids"] = {
+            str(i): encoder.answer_ids(t) for i, t in zip(items["item_id"].to_pylist(), items["title"].to_pylist())
+        }
     return params, job
 
 
@@ -156,16 +201,16 @@ def _item_table(cfg, run_url: str, ds) -> str:
     import torch
     from safetensors.torch import save as st_save
 
-    from teacher.model_io import load_teacher
-
-    from trainer.stages import paths
-
     teacher = load_teacher(paths(cfg).teacher)
     if not hasattr(teacher.model, "item_embeddings"):
-        raise ValueError(f"trainer.hybrid_item_emb needs a teacher with item embeddings (SASRec), got {cfg.teacher.model}")
+        raise ValueError(
+            f"trainer.hybrid_item_emb needs a teacher with item embeddings (SASRec), got {cfg.teacher.model}"
+        )
     ids = np.sort(ds.read_items()["item_id"].to_numpy())
     rows, _unknown = teacher.space.items.lookup(ids)  # unknown ids share the reserved unknown row
     table = teacher.model.item_embeddings().detach().float()[torch.as_tensor(rows)]
     url = storage.join(run_url, "data", "item_emb.safetensors")
-    storage.write_bytes_atomic(url, st_save({"item_ids": torch.as_tensor(ids, dtype=torch.long), "emb": table.contiguous()}))
+    storage.write_bytes_atomic(
+        url, st_save({"item_ids": torch.as_tensor(ids, dtype=torch.long), "emb": table.contiguous()})
+    )
     return url

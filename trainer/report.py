@@ -3,6 +3,7 @@
 Reads only what the run wrote (config.yaml, logs/train.jsonl, metrics.json, stage_seconds.json), so it can
 be regenerated for any finished or partial run: `python -m trainer.report RUN_URL`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ import io
 import sys
 from typing import Any
 
-from retrieval import storage
+from recdata import storage
 
 
 def _plot(fig) -> bytes:
@@ -48,7 +49,9 @@ def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None
         ax[1].set(title="throughput", xlabel="step", ylabel="tokens/s")
         images.append(("loss_throughput.png", _plot(fig), "Training loss and throughput"))
         plt.close(fig)
-        loads = sorted({k for h in history for k in h if k.startswith("expert_load_")}, key=lambda k: int(k.rsplit("_", 1)[1]))
+        loads = sorted(
+            {k for h in history for k in h if k.startswith("expert_load_")}, key=lambda k: int(k.rsplit("_", 1)[1])
+        )
         if loads:
             fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
             ent = [(h["step"], h["gate_entropy"]) for h in history if "gate_entropy" in h]
@@ -83,15 +86,24 @@ def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None
         lines.append("")
     if history:
         h = history[-1]
-        lines += ["## Training", "", f"{len(history)} steps; last step: loss {h['loss']:.4f}, "
-                  f"{h['tokens_per_s']:.0f} tokens/s, {h['samples_per_s']:.1f} samples/s, "
-                  f"data wait {100 * h['data_wait_fraction']:.2f}% of step time" +
-                  (f", MFU {100 * h['mfu']:.1f}%" if "mfu" in h else "") + ".", ""]
+        lines += [
+            "## Training",
+            "",
+            f"{len(history)} steps; last step: loss {h['loss']:.4f}, "
+            f"{h['tokens_per_s']:.0f} tokens/s, {h['samples_per_s']:.1f} samples/s, "
+            f"data wait {100 * h['data_wait_fraction']:.2f}% of step time"
+            + (f", MFU {100 * h['mfu']:.1f}%" if "mfu" in h else "")
+            + ".",
+            "",
+        ]
         timing = metrics.get("timing")
         if timing:
-            lines += [f"Worker setup (model load, ZeRO-3 init, zero-shot evaluation) {timing['setup_seconds']:.1f}s; "
-                      f"{timing['steps_run']} steps in {timing['train_seconds']:.1f}s, of which "
-                      f"{timing['data_wait_seconds']:.2f}s ({100 * timing['data_wait_fraction']:.2f}%) waiting for data.", ""]
+            lines += [
+                f"Worker setup (model load, ZeRO-3 init, zero-shot evaluation) {timing['setup_seconds']:.1f}s; "
+                f"{timing['steps_run']} steps in {timing['train_seconds']:.1f}s, of which "
+                f"{timing['data_wait_seconds']:.2f}s ({100 * timing['data_wait_fraction']:.2f}%) waiting for data.",
+                "",
+            ]
     if stages:
         lines += ["## Stage wall time", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in stages.items()] + [""]

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-# The SmolLM2 config vendored in the repository (trainer/assets), the same file as ../shared's copy.
-TINY_SOURCE_CONFIG = Path(__file__).resolve().parent / "assets" / "smollm2-135m-instruct" / "config.json"
+from recdata.model_source import ASSETS
+
+# The SmolLM2 config vendored in the repository (recdata/assets), the same file as ../shared's copy.
+TINY_SOURCE_CONFIG = ASSETS / "config.json"
 
 
 def shared_config_missing_reason() -> str | None:
     """None when the shared config exists, else a message suitable for pytest.skip."""
     if TINY_SOURCE_CONFIG.is_file():
         return None
-    return f"model config not found at {TINY_SOURCE_CONFIG} (trainer/assets is incomplete in this checkout)"
+    return f"model config not found at {TINY_SOURCE_CONFIG} (recdata/assets is incomplete in this checkout)"
 
 
 def tiny_llama_config(

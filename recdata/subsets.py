@@ -9,6 +9,7 @@ inserts them into the order without reshuffling the rest.
     {samples}/subsets/{split}.parquet    rank int64, sample_id int64 (rank 0 first; capped)
     {samples}/subsets/subsets.json       seed, caps, counts, and the nested few-shot sizes
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,9 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from retrieval import storage
-from retrieval.samples import SamplesError, mix64
-from retrieval.schema import read_parquet, write_parquet
+from recdata import storage
+from recdata.samples import SamplesError, mix64
+from recdata.schema import read_parquet, write_parquet
 
 FEW_SHOT_BASE = 64
 FEW_SHOT_FACTOR = 4
@@ -85,7 +86,9 @@ def load_subset(samples_url: str, split: str, n: int | None = None) -> np.ndarra
     """The first n sample ids of a split's persisted order (all kept ids when n is None)."""
     url = subsets_url(samples_url, split)
     if not storage.exists(url):
-        raise SamplesError(f"{url}: no persisted order for split {split!r}; build samples first (python -m retrieval.build)")
+        raise SamplesError(
+            f"{url}: no persisted order for split {split!r}; build samples first (python -m retrieval.build)"
+        )
     ids = read_parquet(url, columns=["rank", "sample_id"])
     ranks = ids["rank"].to_numpy()
     order = ids["sample_id"].to_numpy()[np.argsort(ranks, kind="stable")]

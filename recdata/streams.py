@@ -2,7 +2,7 @@
 
 Building (trainer/feed.py, in parts on Ray actors): for one split, the persisted sample order (Few2Many subset
 for train), the teacher representation joined BY SAMPLE KEY, prompts rendered (retrieval.prompts) with the
-chat template, tokenized by `encode_rows`, written as `{run}/data/{split}/part-XXXXX.parquet` and committed by
+chat template, tokenized by `retrieval.encoding.encode_rows`, written as `{run}/data/{split}/part-XXXXX.parquet` and committed by
 a marker. A stream never drops a sample (history is cut first; a prompt too long even without history keeps
 its last tokens, counted), so its row count is fixed before it is built.
 
@@ -11,19 +11,20 @@ of the stream, the same for any number of workers; rank r takes its contiguous s
 into micro-batches. So the data cursor is a pure function of the step, resume is exact, and a run
 resumed on another worker count sees the same global batches.
 """
+
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from retrieval import storage
+from configs.errors import RecloraError
+from recdata import storage
 
 STREAM_SCHEMA = pa.schema(
     [
@@ -40,120 +41,8 @@ STREAM_SCHEMA = pa.schema(
 )
 
 
-class TrainDataError(RuntimeError):
+class TrainDataError(RecloraError, RuntimeError):
     """Missing or inconsistent training data; the message names the sample key / file / field."""
-
-
-def answer_token_ids(tokenizer, task: str) -> dict[str, int]:
-    """Token ids that CTR scoring compares, looked up from the tokenizer (never hard-coded)."""
-    if task != "ctr":
-        return {}
-    ids = {}
-    for word in ("Yes", "No"):
-        toks = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if not toks:
-            raise TrainDataError(f"tokenizer produces no token for {word!r}")
-        ids[word] = toks[0]
-    if ids["Yes"] == ids["No"]:
-        raise TrainDataError(f"'Yes' and 'No' share their first token ({ids['Yes']}); CTR scoring needs distinct tokens")
-    return ids
-
-
-def end_of_turn_id(tokenizer) -> int:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise TrainDataError("tokenizer has no eos token; cannot mark the end of the answer")
-    return int(eos)
-
-
-class PromptEncoder:
-    """Chat template + tokenizer, with the history truncated to fit `max_length` (oldest dropped first)."""
-
-    def __init__(self, tokenizer, max_length: int):
-        self.tok = tokenizer
-        self.max_length = max_length
-        self.eos = end_of_turn_id(tokenizer)
-        self.has_template = bool(getattr(tokenizer, "chat_template", None))
-
-    def prompt_ids(self, text: str) -> list[int]:
-        if self.has_template:
-            out = self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-        return self.tok(text, add_special_tokens=True)["input_ids"]
-
-    def answer_ids(self, answer: str) -> list[int]:
-        return list(self.tok(answer, add_special_tokens=False)["input_ids"]) + [self.eos]
-
-    def count(self, text: str) -> int:
-        return len(self.prompt_ids(text))
-
-
-def encode_rows(records: list[dict[str, Any]], reps: np.ndarray, scores: np.ndarray, renderer, encoder: PromptEncoder,
-                slot_token_ids: tuple[int, ...] = ()) -> tuple[pa.Table, dict[str, int]]:
-    """Rows of the stream for `records` (in that order), one per record: a stream never drops a sample, so
-    its row count is known before it is built and the trainer can start on its first parts.
-
-    The history is cut (oldest first) to fit model.max_length; a prompt too long even without history keeps
-    its last tokens (the question and target) and is counted as `prompt_truncated`."""
-    from retrieval.prompts import PromptError
-
-    out: dict[str, list] = {k: [] for k in STREAM_SCHEMA.names if k != "rep"}
-    counts = {"history_truncated": 0, "prompt_truncated": 0}
-    for rec, score in zip(records, scores):
-        answer = encoder.answer_ids(_answer(renderer, rec))
-        budget = encoder.max_length - len(answer)
-        if budget < 1:
-            raise TrainDataError(f"sample {rec['sample_id']}: the answer alone needs {len(answer)} tokens, "
-                                 f"model.max_length={encoder.max_length}")
-        try:
-            rendered = renderer.render(rec, count_tokens=encoder.count, max_tokens=budget)
-            prompt = encoder.prompt_ids(rendered.text)
-            kept = rendered.kept
-            counts["history_truncated"] += int(rendered.truncated)
-        except PromptError as e:
-            if "without any history" not in str(e):
-                raise
-            bare = renderer.render({**rec, "text_hist_items": [], "text_hist_ratings": []})
-            prompt, kept = encoder.prompt_ids(bare.text)[-budget:], 0
-            counts["prompt_truncated"] += 1
-            counts["history_truncated"] += int(bool(rec.get("text_hist_items")))
-        out["sample_id"].append(rec["sample_id"])
-        out["input_ids"].append(prompt + answer)
-        out["prompt_len"].append(len(prompt))
-        out["label"].append(rec.get("label"))
-        out["item_id"].append(rec["item_id"])
-        out["candidates"].append(rec.get("candidates"))
-        out["teacher_score"].append(float(score))
-        out["item_slots"].append(_slots(rec, kept, prompt, slot_token_ids) if slot_token_ids else None)
-    arrays = [pa.array(out[f.name], type=f.type) if f.name != "rep" else _rep_array(np.asarray(reps).reshape(len(records), -1))
-              for f in STREAM_SCHEMA]
-    return pa.Table.from_arrays(arrays, schema=STREAM_SCHEMA), counts
-
-
-def _slots(rec, kept: int, prompt: list[int], slot_token_ids) -> list[int]:
-    """Item ids behind the placeholders, in prompt order: the kept history, then the candidates."""
-    hist = list(rec["text_hist_items"] or [])
-    slots = hist[len(hist) - kept:] + list(rec.get("candidates") or [])
-    n = sum(1 for t in prompt if t in slot_token_ids)
-    if n != len(slots):
-        raise TrainDataError(f"sample {rec['sample_id']}: {n} placeholder tokens in the prompt but {len(slots)} items")
-    return slots
-
-
-def _answer(renderer, rec) -> str:
-    from retrieval.prompts import ctr_answer, next_item_answer
-
-    if renderer.task == "ctr":
-        if rec.get("label") is None:
-            raise TrainDataError(f"sample {rec['sample_id']}: CTR sample without a label")
-        return ctr_answer(rec["label"])
-    return next_item_answer(renderer.title(rec["item_id"])).rstrip("\n")
-
-
-def _rep_array(reps: np.ndarray) -> pa.Array:
-    flat = pa.array(reps.astype(np.float32).ravel())
-    offsets = pa.array(np.arange(0, reps.size + 1, reps.shape[1], dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, flat)
 
 
 # ----------------------------------------------------------------------------------------- reading side
@@ -169,8 +58,10 @@ class Schedule:
 
     def __post_init__(self):
         if self.rows < self.global_batch:
-            raise TrainDataError(f"only {self.rows} training samples, fewer than trainer.batch_size={self.global_batch}; "
-                                 f"lower the batch size or raise trainer.train_subset")
+            raise TrainDataError(
+                f"only {self.rows} training samples, fewer than trainer.batch_size={self.global_batch}; "
+                f"lower the batch size or raise trainer.train_subset"
+            )
         if self.global_batch % (self.world * self.micro):
             raise TrainDataError(f"trainer.batch_size={self.global_batch} is not divisible by workers*micro_batch_size")
 
@@ -193,8 +84,8 @@ class Schedule:
         epoch, j = divmod(step, self.steps_per_epoch)
         order = self.epoch_order(epoch)
         share = self.global_batch // self.world
-        mine = order[j * self.global_batch + rank * share: j * self.global_batch + (rank + 1) * share]
-        return [mine[a * self.micro:(a + 1) * self.micro] for a in range(self.accumulation)]
+        mine = order[j * self.global_batch + rank * share : j * self.global_batch + (rank + 1) * share]
+        return [mine[a * self.micro : (a + 1) * self.micro] for a in range(self.accumulation)]
 
     def cursor(self, step: int) -> dict[str, int]:
         epoch, j = divmod(step, self.steps_per_epoch)
@@ -243,8 +134,9 @@ class StreamReader:
             if storage.exists(self._failed_url):
                 raise TrainDataError(f"{url}: the feed failed: {storage.read_json(self._failed_url).get('error')}")
             if time.perf_counter() - t0 > self.timeout_s:
-                raise TrainDataError(f"{url}: not committed after {self.timeout_s:.0f}s (trainer.feed_timeout_s); "
-                                     f"is the feed running?")
+                raise TrainDataError(
+                    f"{url}: not committed after {self.timeout_s:.0f}s (trainer.feed_timeout_s); is the feed running?"
+                )
             time.sleep(self.poll_s)
 
     def _part(self, k: int) -> dict[str, Any]:
@@ -297,8 +189,8 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     answer_len = torch.zeros(len(rows), dtype=torch.long)
     for i, r in enumerate(rows):
         seq = r["input_ids"]
-        ids[i, n - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[i, n - len(seq):] = 1
+        ids[i, n - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[i, n - len(seq) :] = 1
         answer_len[i] = len(seq) - r["prompt_len"]
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     labels = torch.tensor([-1 if r["label"] is None else int(r["label"]) for r in rows], dtype=torch.long)
@@ -306,17 +198,13 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     extra = {}
     if rows[0].get("item_slots") is not None:
         extra["item_slots"] = torch.tensor([i for r in rows for i in r["item_slots"]], dtype=torch.long)
-    return {**extra, "input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "answer_len": answer_len,
-            "label": labels, "cond": cond, "sample_id": torch.tensor([r["sample_id"] for r in rows], dtype=torch.long)}
-
-
-def iter_eval_batches(reader: StreamReader, rank: int, world: int, batch: int) -> Iterator[list[dict[str, Any]]]:
-    """Every row exactly once across ranks (rank r takes rows r, r+W, ...); ranks may get one batch fewer,
-    so callers must not put collectives inside this loop."""
-    mine = np.arange(rank, reader.rows, world)
-    for s in range(0, len(mine), batch):
-        yield reader.rows_at(mine[s:s + batch])
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
+    return {
+        **extra,
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "answer_len": answer_len,
+        "label": labels,
+        "cond": cond,
+        "sample_id": torch.tensor([r["sample_id"] for r in rows], dtype=torch.long),
+    }

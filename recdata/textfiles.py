@@ -3,6 +3,7 @@
 The fast path is pyarrow's multithreaded CSV reader. Only when it fails do we rescan the file line by
 line to find the first bad line, so the error can say exactly where and what.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,10 +14,11 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from retrieval import storage
+from configs.errors import RecloraError
+from recdata import storage
 
 
-class IngestError(ValueError):
+class IngestError(RecloraError, ValueError):
     """Bad input. The message is one line naming the file, line/column and the fix."""
 
 

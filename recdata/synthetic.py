@@ -1,5 +1,6 @@
 """A small synthetic dataset with real preference structure, for tests, benchmarks and trying the pipeline
 without downloading anything: each user loves one genre (rates it 5) and is lukewarm about the rest."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,6 +23,11 @@ def preference_dataset(root: Path, n_users: int = 120, n_items: int = 60, per_us
     d = Path(root) / "src"
     d.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating"]).to_csv(d / "inter.csv", index=False)
-    pd.DataFrame({"item_id": np.arange(n_items), "title": [f"Film {i} ({1990 + i % 20})" for i in range(n_items)],
-                  "genres": [genres[g] for g in item_genre]}).to_csv(d / "items.csv", index=False)
+    pd.DataFrame(
+        {
+            "item_id": np.arange(n_items),
+            "title": [f"Film {i} ({1990 + i % 20})" for i in range(n_items)],
+            "genres": [genres[g] for g in item_genre],
+        }
+    ).to_csv(d / "items.csv", index=False)
     return d

@@ -8,6 +8,7 @@
 A worker that owns shard s reads only that file and streams its row groups. All rows of a user live in
 one shard (bucket = splitmix64(user_id) % num_shards), so per-user history never crosses shards.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval import storage
+from configs.errors import RecloraError
+from recdata import storage
 
 SCHEMA_VERSION = 1
 TASKS = ("ctr", "next_item")
@@ -38,7 +40,7 @@ ITEMS_REQUIRED = pa.schema([("item_id", pa.int64()), ("title", pa.string())])
 USERS_REQUIRED = pa.schema([("user_id", pa.int64())])
 
 
-class DatasetError(RuntimeError):
+class DatasetError(RecloraError, RuntimeError):
     """A dataset on storage is missing, incomplete or of another schema version."""
 
 
@@ -75,7 +77,7 @@ class Dataset:
         if not storage.exists(murl):
             raise DatasetError(
                 f"{url}: no manifest.json, so this is not a complete dataset (a crashed or running ingest?). "
-                f"Run `python -m retrieval.ingest ... --out {url}`."
+                f"Run `python -m recdata.ingest ... --out {url}`."
             )
         manifest = storage.read_json(murl)
         version = manifest.get("schema_version")
@@ -133,7 +135,12 @@ def write_parquet(table: pa.Table, url: str, row_group_size: int = 65536, delta_
         parent = path.rsplit("/", 1)[0]
         fs.makedirs(parent, exist_ok=True)
         pq.write_table(
-            table, path, filesystem=storage.arrow_fs(fs), row_group_size=row_group_size, compression="zstd",
-            use_dictionary=dict_cols, column_encoding={c: "DELTA_BINARY_PACKED" for c in delta_columns} or None,
+            table,
+            path,
+            filesystem=storage.arrow_fs(fs),
+            row_group_size=row_group_size,
+            compression="zstd",
+            use_dictionary=dict_cols,
+            column_encoding={c: "DELTA_BINARY_PACKED" for c in delta_columns} or None,
         )
         return fs.size(path)

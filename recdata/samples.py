@@ -9,8 +9,10 @@ Layout under a samples URL (written by retrieval.build):
     {samples}/subsets/{split}.parquet       seeded order of sample ids (Few2Many prefixes, eval caps)
     {samples}/manifest.json                 written last: options, counts, file list
 """
+
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -20,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retrieval import storage
+from configs.errors import RecloraError
+from recdata import storage
 
 SAMPLES_VERSION = 1
 TARGET_SPLITS = ("train", "valid", "test")
@@ -48,7 +51,83 @@ SAMPLE_SCHEMA = pa.schema(
 )
 
 
-class SamplesError(RuntimeError):
+@dataclass(frozen=True)
+class BuildOptions:
+    k_text: int = 10
+    k_id: int = 60
+    text_mode: str = "subr"  # subr: ReLLa semantic top-K re-sorted to time order; recent: last K
+    id_mode: str = "recent"  # recent: last K_id; sim: top K_id by embedding similarity (SIM), time order
+    subr_pool: int = 200  # SUBR scores only the most recent subr_pool history items (bounds cost)
+    sim_pool: int = 1000  # same bound for id_mode=sim
+    metric: str = "cosine"  # cosine (ReLLa ML-1M) or dot (ReLLa ML-25M, on PCA vectors)
+    num_candidates: int = 20  # next_item only: target + num_candidates-1 negatives
+    min_history: int = 0  # ReLLa drops samples with < 5 history items; iLoRA < 3
+    empty_history: str = "keep"  # keep | drop samples whose user has no interaction before t
+    missing_text: str = "error"  # error | placeholder for items without a title
+    seed: int = 0
+    max_eval_samples: int | None = None  # cap of the persisted valid/test order (RecLoRA: 30000)
+    max_train_samples: int | None = None  # cap of the persisted train order (the Few2Many pool)
+    few_shot_sizes: tuple[int, ...] = (70000,)  # extra nested sizes besides 64, 256, 1024, ...
+    chunk_rows: int = 65536  # targets per output row group (memory bound; not part of the content)
+
+    def validate(self) -> "BuildOptions":
+        def bad(key: str, msg: str) -> None:
+            raise ValueError(f"build option {key}: {msg}, got {getattr(self, key)!r}")
+
+        if self.text_mode not in ("subr", "recent"):
+            bad("text_mode", "expected 'subr' or 'recent'")
+        if self.id_mode not in ("recent", "sim"):
+            bad("id_mode", "expected 'recent' or 'sim'")
+        if self.metric not in ("cosine", "dot"):
+            bad("metric", "expected 'cosine' or 'dot'")
+        if self.empty_history not in ("keep", "drop"):
+            bad("empty_history", "expected 'keep' or 'drop'")
+        if self.missing_text not in ("error", "placeholder"):
+            bad("missing_text", "expected 'error' or 'placeholder'")
+        for key in ("k_text", "k_id", "min_history"):
+            if getattr(self, key) < 0:
+                bad(key, "must be >= 0")
+        if self.subr_pool < self.k_text:
+            bad("subr_pool", f"must be >= k_text={self.k_text}")
+        if self.sim_pool < self.k_id:
+            bad("sim_pool", f"must be >= k_id={self.k_id}")
+        if self.num_candidates < 2:
+            bad("num_candidates", "must be >= 2")
+        if self.chunk_rows < 1:
+            bad("chunk_rows", "must be >= 1")
+        return self
+
+    @property
+    def needs_embeddings(self) -> bool:
+        return (self.text_mode == "subr" and self.k_text > 0) or (self.id_mode == "sim" and self.k_id > 0)
+
+    def content_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("chunk_rows")
+        d["few_shot_sizes"] = list(self.few_shot_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BuildOptions":
+        d = dict(d)
+        if "few_shot_sizes" in d:
+            d["few_shot_sizes"] = tuple(d["few_shot_sizes"])
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown build option(s) {sorted(unknown)}")
+        return cls(**d).validate()
+
+
+def options_from_config(cfg: Any) -> BuildOptions:
+    """BuildOptions from the typed config (configs.schema.Config): its `retrieval` section and run seed.
+    Keys the config does not have keep the BuildOptions defaults."""
+    r = cfg.retrieval
+    known = {f.name for f in dataclasses.fields(BuildOptions)}
+    values = {k: v for k, v in r.model_dump().items() if k in known}
+    return BuildOptions(**values, seed=cfg.run.seed).validate()
+
+
+class SamplesError(RecloraError, RuntimeError):
     """A samples folder that is missing, incomplete, or was built with other options."""
 
 
@@ -74,7 +153,9 @@ def mix64(x: np.ndarray) -> np.ndarray:
 def keyed_uniform_ints(seed: int, sample_ids: np.ndarray, draws: np.ndarray, high: int, stream: int = 0) -> np.ndarray:
     """(n, len(draws)) integers in [0, high), a pure function of (seed, stream, sample_id, draw)."""
     with np.errstate(over="ignore"):
-        base = mix64(mix64(np.uint64(seed) * np.uint64(0x100000001B3) + np.uint64(stream)) ^ sample_ids.astype(np.uint64))
+        base = mix64(
+            mix64(np.uint64(seed) * np.uint64(0x100000001B3) + np.uint64(stream)) ^ sample_ids.astype(np.uint64)
+        )
         h = mix64(base[:, None] + np.asarray(draws, dtype=np.uint64)[None, :] * np.uint64(0xD6E8FEB86659FD93))
     return (h % np.uint64(high)).astype(np.int64)
 
@@ -175,10 +256,14 @@ class SampleSet:
     def open(cls, url: str) -> "SampleSet":
         murl = storage.join(url, "manifest.json")
         if not storage.exists(murl):
-            raise SamplesError(f"{url}: no manifest.json, so the samples are incomplete; run python -m retrieval.build --out {url}")
+            raise SamplesError(
+                f"{url}: no manifest.json, so the samples are incomplete; run python -m retrieval.build --out {url}"
+            )
         manifest = storage.read_json(murl)
         if manifest.get("samples_version") != SAMPLES_VERSION:
-            raise SamplesError(f"{murl}: samples_version {manifest.get('samples_version')}, this code reads {SAMPLES_VERSION}; rebuild")
+            raise SamplesError(
+                f"{murl}: samples_version {manifest.get('samples_version')}, this code reads {SAMPLES_VERSION}; rebuild"
+            )
         return cls(url, manifest)
 
     @property
@@ -196,7 +281,7 @@ class SampleSet:
         return fs, root, storage.arrow_fs(fs)
 
     def _path(self, url: str) -> str:
-        return self._fs[1] + url[len(self.url.rstrip("/")):]
+        return self._fs[1] + url[len(self.url.rstrip("/")) :]
 
     def files(self, split: str) -> list[str]:
         if split not in self.manifest["splits"]:
@@ -230,11 +315,15 @@ class SampleSet:
         found = have[order[pos]] == ids if len(have) else np.zeros(len(ids), dtype=bool)
         if not np.all(found):
             missing = ids[~found]
-            raise SamplesError(f"{self.url}/{split}: {len(missing)} requested sample ids not found, e.g. {missing[:10].tolist()}")
+            raise SamplesError(
+                f"{self.url}/{split}: {len(missing)} requested sample ids not found, e.g. {missing[:10].tolist()}"
+            )
         table = table.take(pa.array(order[pos]))
         return table if columns is None else table.select(columns)
 
-    def iter_batches(self, split: str, batch_rows: int = 65536, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    def iter_batches(
+        self, split: str, batch_rows: int = 65536, columns: list[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
         """Stream a split file by file (memory bounded by one batch)."""
         fs = self._fs[0]
         for url in self.files(split):

@@ -1,6 +1,6 @@
 """Ingest a source into the canonical, user-sharded Parquet dataset.
 
-    python -m retrieval.ingest FORMAT --src PATH --out URL [--task ctr|next_item] [options]
+    python -m recdata.ingest FORMAT --src PATH --out URL [--task ctr|next_item] [options]
 
 Two passes keep memory bounded by shard size, not dataset size:
   1. stream the source, validate, hash users into buckets, spill each bucket to a local Arrow file;
@@ -9,6 +9,7 @@ Two passes keep memory bounded by shard size, not dataset size:
 Then commit: move the staging prefix to --out and write manifest.json last. Anything that fails
 leaves no dataset behind (and an interrupted commit leaves no manifest, which readers refuse).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,19 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 from tqdm.auto import tqdm
 
-from retrieval import readers, storage
-from retrieval.fetch import resolve_source
-from retrieval.schema import INTERACTIONS, SCHEMA_VERSION, SPLITS, split_array, user_bucket, write_parquet
-from retrieval.textfiles import IngestError
+from configs.errors import RecloraError
+from configs.schema import ColumnsConfig
+from recdata import readers, storage
+from recdata.fetch import resolve_source
+from recdata.schema import (
+    INTERACTIONS,
+    SCHEMA_VERSION,
+    SPLITS,
+    split_array,
+    user_bucket,
+    write_parquet,
+)
+from recdata.textfiles import IngestError
 
 _OUR_ENTRIES = {"interactions", "items.parquet", "users.parquet", "manifest.json", "ingest.json"}
 
@@ -68,8 +78,16 @@ class _Counts:
     kcore_removed: int = 0
 
 
-def ingest(fmt: str, src: str, out: str, opts: IngestOptions, items: str | None = None, users: str | None = None,
-           columns: Any = None, encoding: str = "utf-8") -> dict:
+def ingest(
+    fmt: str,
+    src: str,
+    out: str,
+    opts: IngestOptions,
+    items: str | None = None,
+    users: str | None = None,
+    columns: Any = None,
+    encoding: str = "utf-8",
+) -> dict:
     """Ingest `src` (format `fmt`) into the dataset at `out`. Returns the manifest."""
     if fmt not in readers.READERS:
         raise IngestError(f"unknown format {fmt!r}; choose one of {sorted(readers.READERS)}")
@@ -79,8 +97,6 @@ def ingest(fmt: str, src: str, out: str, opts: IngestOptions, items: str | None 
     _check_destination(out, opts.overwrite)
     src = resolve_source(src)
     if fmt == "generic":
-        from configs.schema import ColumnsConfig
-
         source = readers.generic(src, items, users, columns or ColumnsConfig(), encoding)
     elif fmt == "llara":
         source = readers.llara(src, items)
@@ -88,7 +104,9 @@ def ingest(fmt: str, src: str, out: str, opts: IngestOptions, items: str | None 
         source = readers.READERS[fmt](src)
     split_method = opts.resolved_split(source.given_split)
     if split_method == "given" and not source.given_split:
-        raise IngestError(f"split 'given': {source.description} has no splits of its own; use global_time or leave_last_out")
+        raise IngestError(
+            f"split 'given': {source.description} has no splits of its own; use global_time or leave_last_out"
+        )
     if opts.task == "ctr" and not source.has_ratings:
         raise IngestError(f"task ctr needs ratings to derive labels, but {source.description} has none")
 
@@ -111,8 +129,17 @@ def ingest(fmt: str, src: str, out: str, opts: IngestOptions, items: str | None 
             counts.kcore_removed += c["kcore_removed"]
             cut, presorted = _time_cut(spill_dir, opts, stamps), True
             del stamps
-        shard_stats = _pass2_write(spill_dir, staging, opts, split_method, cut,
-                                   None if presorted else keep_users, None if presorted else keep_items, counts, presorted)
+        shard_stats = _pass2_write(
+            spill_dir,
+            staging,
+            opts,
+            split_method,
+            cut,
+            None if presorted else keep_users,
+            None if presorted else keep_items,
+            counts,
+            presorted,
+        )
         rows = sum(s["rows"] for s in shard_stats)
         if rows == 0:
             raise IngestError(f"{source.description}: every interaction was filtered out (kcore={opts.kcore})")
@@ -149,7 +176,9 @@ def _check_destination(out: str, overwrite: bool) -> None:
         entries = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
         foreign = entries - _OUR_ENTRIES
         if foreign:
-            raise IngestError(f"{out}: exists and holds files that are not a reclora dataset ({sorted(foreign)[:5]}); choose another --out")
+            raise IngestError(
+                f"{out}: exists and holds files that are not a reclora dataset ({sorted(foreign)[:5]}); choose another --out"
+            )
 
 
 def _check_items(source: readers.Source, opts: IngestOptions) -> pa.Table:
@@ -173,7 +202,9 @@ def _check_items(source: readers.Source, opts: IngestOptions) -> pa.Table:
     return items
 
 
-def _pass1_spill(source: readers.Source, opts: IngestOptions, known_items: np.ndarray, spill_dir: str, counts: _Counts) -> int:
+def _pass1_spill(
+    source: readers.Source, opts: IngestOptions, known_items: np.ndarray, spill_dir: str, counts: _Counts
+) -> int:
     writers: dict[int, ipc.RecordBatchFileWriter] = {}
     schema = None
     total = 0
@@ -209,8 +240,9 @@ def _pass1_spill(source: readers.Source, opts: IngestOptions, known_items: np.nd
     return total
 
 
-def _validate_batch(batch: readers.Batch, opts: IngestOptions, known_items: np.ndarray, counts: _Counts,
-                    source: readers.Source) -> pa.Table:
+def _validate_batch(
+    batch: readers.Batch, opts: IngestOptions, known_items: np.ndarray, counts: _Counts, source: readers.Source
+) -> pa.Table:
     t = batch.table
     for name in ("user_id", "item_id", "timestamp"):
         nulls = t[name].null_count
@@ -423,8 +455,9 @@ def _assign_splits(t: pa.Table, method: str, cut: dict | None) -> np.ndarray:
     return codes
 
 
-def _write_shard(b: int, path: str, staging: str, opts: IngestOptions, method: str, cut, keep_users, keep_items,
-                 presorted: bool) -> dict:
+def _write_shard(
+    b: int, path: str, staging: str, opts: IngestOptions, method: str, cut, keep_users, keep_items, presorted: bool
+) -> dict:
     counts = _Counts()
     t = _read_spill(path) if presorted else _sorted_bucket(path, keep_users, keep_items, counts)
     codes = _assign_splits(t, method, cut)
@@ -437,8 +470,9 @@ def _write_shard(b: int, path: str, staging: str, opts: IngestOptions, method: s
         [t["user_id"], t["item_id"], t["timestamp"], rating, split_array(codes), label], schema=INTERACTIONS
     )
     rel = f"interactions/shard-{b:05d}.parquet"
-    nbytes = write_parquet(table, storage.join(staging, rel), row_group_size=opts.row_group_size,
-                           delta_columns=("user_id", "timestamp"))
+    nbytes = write_parquet(
+        table, storage.join(staging, rel), row_group_size=opts.row_group_size, delta_columns=("user_id", "timestamp")
+    )
     label_np = label.to_numpy(zero_copy_only=False) if opts.task == "ctr" else None
     per_split = {}
     for i, s in enumerate(SPLITS):
@@ -449,36 +483,67 @@ def _write_shard(b: int, path: str, staging: str, opts: IngestOptions, method: s
                 per_split[s]["positives"] = int(np.nansum(label_np[m]))
     users = np.unique(t["user_id"].to_numpy())
     return {
-        "path": rel, "shard": b, "rows": table.num_rows, "users": int(len(users)), "bytes": int(nbytes),
-        "row_groups": -(-table.num_rows // opts.row_group_size), "splits": per_split,
-        "duplicates": counts.duplicates, "kcore_removed": counts.kcore_removed,
+        "path": rel,
+        "shard": b,
+        "rows": table.num_rows,
+        "users": int(len(users)),
+        "bytes": int(nbytes),
+        "row_groups": -(-table.num_rows // opts.row_group_size),
+        "splits": per_split,
+        "duplicates": counts.duplicates,
+        "kcore_removed": counts.kcore_removed,
         "user_id": [int(users.min()), int(users.max())] if len(users) else None,
-        "_items": np.unique(t["item_id"].to_numpy()), "_users": users,
+        "_items": np.unique(t["item_id"].to_numpy()),
+        "_users": users,
         "_ts": [int(pc.min(t["timestamp"]).as_py()), int(pc.max(t["timestamp"]).as_py())] if t.num_rows else None,
     }
 
 
-def _pass2_write(spill_dir, staging, opts, method, cut, keep_users, keep_items, counts: _Counts, presorted: bool) -> list[dict]:
+def _pass2_write(
+    spill_dir, staging, opts, method, cut, keep_users, keep_items, counts: _Counts, presorted: bool
+) -> list[dict]:
     files = _spill_files(spill_dir)
     present = {b for b, _ in files}
     stats = []
     bar = tqdm(total=len(files), desc="ingest: write shards", unit="shard", disable=not opts.progress)
     with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
-        futs = [pool.submit(_write_shard, b, f, staging, opts, method, cut, keep_users, keep_items, presorted) for b, f in files]
+        futs = [
+            pool.submit(_write_shard, b, f, staging, opts, method, cut, keep_users, keep_items, presorted)
+            for b, f in files
+        ]
         for fut in futs:
             stats.append(fut.result())
             bar.update(1)
     bar.close()
     # Buckets no user hashed into still get an (empty) shard so shard i always means bucket i.
-    empty = pa.Table.from_arrays([pa.array([], f.type) if not pa.types.is_dictionary(f.type) else split_array(np.array([], np.int8))
-                                  for f in INTERACTIONS], schema=INTERACTIONS)
+    empty = pa.Table.from_arrays(
+        [
+            pa.array([], f.type) if not pa.types.is_dictionary(f.type) else split_array(np.array([], np.int8))
+            for f in INTERACTIONS
+        ],
+        schema=INTERACTIONS,
+    )
     for b in range(opts.num_shards):
         if b not in present:
             rel = f"interactions/shard-{b:05d}.parquet"
             nbytes = write_parquet(empty, storage.join(staging, rel))
-            stats.append({"path": rel, "shard": b, "rows": 0, "users": 0, "bytes": int(nbytes), "row_groups": 0, "splits": {},
-                          "duplicates": 0, "kcore_removed": 0, "user_id": None, "_items": np.array([], np.int64),
-                          "_users": np.array([], np.int64), "_ts": None})
+            stats.append(
+                {
+                    "path": rel,
+                    "shard": b,
+                    "rows": 0,
+                    "users": 0,
+                    "bytes": int(nbytes),
+                    "row_groups": 0,
+                    "splits": {},
+                    "duplicates": 0,
+                    "kcore_removed": 0,
+                    "user_id": None,
+                    "_items": np.array([], np.int64),
+                    "_users": np.array([], np.int64),
+                    "_ts": None,
+                }
+            )
     stats.sort(key=lambda s: s["shard"])
     for s in stats:
         counts.duplicates += s.pop("duplicates")
@@ -521,7 +586,9 @@ def _manifest(fmt, source, opts, method, shards, items, users_entry, counts: _Co
         },
         "splits": splits,
         "skipped": {
-            "duplicates": counts.duplicates, "nan_ratings": counts.nan_ratings, "unknown_items": counts.unknown_items,
+            "duplicates": counts.duplicates,
+            "nan_ratings": counts.nan_ratings,
+            "unknown_items": counts.unknown_items,
             "kcore_removed": counts.kcore_removed,
         },
         "rows_read": counts.rows_in,
@@ -562,20 +629,37 @@ def summary(manifest: dict) -> str:
 
 def options_from_config(cfg) -> IngestOptions:
     d = cfg.data
-    return IngestOptions(task=d.task, split=d.split, split_ratios=tuple(d.split_ratios), label_threshold=d.label_threshold,
-                         kcore=d.kcore, num_shards=d.num_shards, row_group_size=d.row_group_size, on_bad_rows=d.on_bad_rows,
-                         missing_title=d.missing_title)
+    return IngestOptions(
+        task=d.task,
+        split=d.split,
+        split_ratios=tuple(d.split_ratios),
+        label_threshold=d.label_threshold,
+        kcore=d.kcore,
+        num_shards=d.num_shards,
+        row_group_size=d.row_group_size,
+        on_bad_rows=d.on_bad_rows,
+        missing_title=d.missing_title,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m retrieval.ingest", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m recdata.ingest",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("format", choices=sorted(readers.READERS))
-    p.add_argument("--src", required=True, help="source folder/file (local path, file:// or s3://), or pypi:recbole==1.2.1/ml-100k")
+    p.add_argument(
+        "--src", required=True, help="source folder/file (local path, file:// or s3://), or pypi:recbole==1.2.1/ml-100k"
+    )
     p.add_argument("--out", required=True, help="destination dataset URL (local path, file:// or s3://)")
     p.add_argument("--task", choices=["ctr", "next_item"], default="ctr")
-    p.add_argument("--split", choices=["auto", "global_time", "leave_last_out", "given"], default="auto",
-                   help="auto: global_time for ctr, leave_last_out for next_item, given when the source has splits")
+    p.add_argument(
+        "--split",
+        choices=["auto", "global_time", "leave_last_out", "given"],
+        default="auto",
+        help="auto: global_time for ctr, leave_last_out for next_item, given when the source has splits",
+    )
     p.add_argument("--split-ratios", default="0.8,0.1,0.1")
     p.add_argument("--label-threshold", type=float, default=4.0, help="ctr label = rating >= threshold")
     p.add_argument("--kcore", type=int, default=0)
@@ -593,7 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title-col", default="title")
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL or the default); keys come from the environment")
+    p.add_argument(
+        "--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL or the default); keys come from the environment"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     try:
@@ -606,17 +692,32 @@ def main(argv: list[str] | None = None) -> int:
     if a.num_shards < 1 or a.kcore < 0:
         print("error: --num-shards must be >= 1 and --kcore >= 0", file=sys.stderr)
         return 2
-    from configs.schema import ColumnsConfig
 
     storage.configure(endpoint_url=a.endpoint_url)
-    opts = IngestOptions(task=a.task, split=a.split, split_ratios=ratios, label_threshold=a.label_threshold, kcore=a.kcore,
-                         num_shards=a.num_shards, row_group_size=a.row_group_size, on_bad_rows=a.on_bad_rows,
-                         missing_title=a.missing_title, overwrite=a.overwrite, progress=not a.quiet and sys.stderr.isatty())
-    cols = ColumnsConfig(user=a.user_col, item=a.item_col, timestamp=a.time_col, rating=a.rating_col or None,
-                         item_id=a.item_id_col, title=a.title_col)
+    opts = IngestOptions(
+        task=a.task,
+        split=a.split,
+        split_ratios=ratios,
+        label_threshold=a.label_threshold,
+        kcore=a.kcore,
+        num_shards=a.num_shards,
+        row_group_size=a.row_group_size,
+        on_bad_rows=a.on_bad_rows,
+        missing_title=a.missing_title,
+        overwrite=a.overwrite,
+        progress=not a.quiet and sys.stderr.isatty(),
+    )
+    cols = ColumnsConfig(
+        user=a.user_col,
+        item=a.item_col,
+        timestamp=a.time_col,
+        rating=a.rating_col or None,
+        item_id=a.item_id_col,
+        title=a.title_col,
+    )
     try:
         manifest = ingest(a.format, a.src, a.out, opts, items=a.items, users=a.users, columns=cols, encoding=a.encoding)
-    except (IngestError, storage.StorageError) as e:
+    except RecloraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary(manifest))

@@ -1,0 +1,73 @@
+"""`reclora`: one command for every stage, with Ray workers where a stage shards.
+
+    reclora train   --config demo [key=value ...]     the whole pipeline (same as python trainer/main.py)
+    reclora ingest  FORMAT --src PATH --out URL       raw data -> canonical Parquet dataset
+    reclora embed   --config demo                     LLM item embeddings (+ PCA) for semantic retrieval
+    reclora samples --config demo                     long-short retrieval -> sample records
+    reclora teacher --config demo                     the CRM (DIN/SIM/SASRec) on the full training split
+    reclora score   --config demo                     teacher representations for every sample
+    reclora predict --run URL --requests URL --out URL
+    reclora export  --run URL --out DIR
+    reclora config  --config demo [key=value ...]     print the resolved config with every default
+
+Each subcommand takes the options of its stage (`reclora samples --help`). The stage modules run without
+Ray too (`python -m retrieval.build ...` builds in this process); this command hands them the Ray runner.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from cluster.launch import run_training
+from cluster.pool import run_sharded
+from configs.errors import RecloraError
+from configs.loader import load_config, to_yaml
+from recdata import ingest
+from retrieval import build, embed_items
+from teacher import score
+from teacher import train as teacher_train
+from trainer import export, predict
+from trainer import main as train_main
+
+COMMANDS = {
+    "train": lambda argv: train_main.main(argv),
+    "ingest": lambda argv: ingest.main(argv),
+    "embed": lambda argv: embed_items.main(argv, runner=run_sharded),
+    "samples": lambda argv: build.main(argv, runner=run_sharded),
+    "teacher": lambda argv: teacher_train.main(argv, launch=run_training),
+    "score": lambda argv: score.main(argv, runner=run_sharded),
+    "predict": lambda argv: predict.main(argv, runner=run_sharded),
+    "export": lambda argv: export.main(argv),
+    "config": lambda argv: print_config(argv),
+}
+
+
+def print_config(argv: list[str]) -> int:
+    """`reclora config --config NAME [key=value ...]`: the resolved config, defaults included, as YAML."""
+    args = [a for a in argv if a not in ("--print",)]
+    name = "demo"
+    if "--config" in args:
+        i = args.index("--config")
+        name, args = args[i + 1], args[:i] + args[i + 2 :]
+    try:
+        print(to_yaml(load_config(name, args)), end="")
+    except RecloraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return COMMANDS[command](rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

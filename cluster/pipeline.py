@@ -1,0 +1,292 @@
+"""The pipeline driver: the stages in order over storage URLs, with Ray supplying the workers.
+
+Stages: ingest -> embed (LLM item embeddings, for semantic retrieval) -> samples (long-short retrieval
+workers) -> teacher (CRM on the full training split) -> score (teacher representations for every
+sample) -> train (the personalized LLM on the Few2Many subset, then validation/test evaluation).
+
+Each stage writes under its content-addressed URL (recdata.layout) and is skipped when its output is
+already complete, so a killed pipeline rerun continues where it stopped; the sharded stages themselves
+resume shard by shard. Locally Ray starts on 127.0.0.1; with RAY_ADDRESS set (`ray job submit`) it joins
+that cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from cluster.launch import run_training
+from cluster.pool import run_sharded
+from cluster.runtime import init_ray
+from configs.errors import RecloraError
+from configs.loader import to_yaml
+from recdata import layout, storage
+from recdata.ingest import ingest, summary
+from recdata.ingest import options_from_config as ingest_options
+from recdata.metrics import ctr_metrics
+from recdata.samples import options_from_config as build_options
+from recdata.schema import Dataset
+from recdata.streams import StreamReader
+from retrieval.build import build_samples
+from retrieval.embed_items import EmbedOptions, embed_items
+from teacher.config import TeacherConfig
+from teacher.score import score_samples
+from teacher.train import train_teacher
+from trainer.checkpoint import check_compatible, latest_complete
+from trainer.loop import fingerprint_parts, train_worker
+from trainer.prepare import base_model_dir, plan_training, worker_model_dir
+from trainer.report import write_report
+
+
+class SetupError(RecloraError, RuntimeError):
+    """A stage cannot start: its inputs are missing or inconsistent (the message says which)."""
+
+
+class Pipeline:
+    """One run: `setup` resolves the config and where every stage's output lives; `run` builds what is
+    missing, stage by stage; `report` prints the final table and writes results.json and report.md."""
+
+    def __init__(self, cfg, stages: list[str]):
+        self.cfg = cfg
+        self.stages = stages
+        self.paths = layout.paths(cfg)
+        self.timings: dict[str, float] = {}
+        self.embeddings: str | None = None
+
+    @classmethod
+    def setup(cls, cfg, stages: list[str]) -> "Pipeline":
+        unknown = [s for s in stages if s not in layout.STAGES]
+        if unknown:
+            raise SetupError(f"--stages: unknown stage(s) {unknown}; choose from {list(layout.STAGES)}")
+        storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
+        if storage.is_local(cfg.run.output_dir):
+            # Workers (Ray actors, Ray Train) run in other directories: hand them absolute paths.
+            cfg.run.output_dir = str(Path(cfg.run.output_dir.removeprefix("file://")).resolve())
+        return cls(cfg, stages)
+
+    def plan(self) -> str:
+        """For --dry-run: per stage, reuse / resume (what a rerun picks up) / build."""
+        rows = [f"{'stage':<8} {'plan':<6} {'output':<60} note"]
+        where = self.paths.where()
+        for s in self.stages:
+            done = layout.done(s, self.cfg, self.paths)
+            note = "" if done else self.progress(s)
+            rows.append(
+                f"{s:<8} {'reuse' if done else ('resume' if note else 'build'):<6} {where[s]:<60} {note}".rstrip()
+            )
+        return "\n".join(rows)
+
+    def progress(self, stage: str) -> str:
+        p = self.paths
+        if stage == "samples":
+            have, n = layout.committed_sample_shards(self.cfg, p)
+            return f"{have}/{n} shards committed" if have else ""
+        if stage == "train":
+            if layout.trained_with_other_inputs(p):
+                return "holds a run of another config: pick a new run.name"
+            ckpt = latest_complete(p.run) if storage.exists(p.run) else None
+            return f"resumes from {ckpt}" if ckpt else ""
+        return ""
+
+    def run(self) -> None:
+        cfg, p = self.cfg, self.paths
+        if "train" in self.stages and layout.trained_with_other_inputs(p):
+            raise SetupError(
+                f"{p.run} holds a run trained with another config ({storage.join(p.run, 'inputs.json')}); "
+                f"pick a new run.name or delete that folder"
+            )
+        storage.write_bytes_atomic(storage.join(p.run, "config.yaml"), to_yaml(cfg).encode())
+        for stage in self.stages:
+            t0 = time.perf_counter()
+            if layout.done(stage, cfg, p) and stage != "embed":
+                print(f"[{stage}] reusing {p.where()[stage]}")
+                if stage == "ingest":
+                    print(summary(Dataset.open(p.dataset).manifest))
+                continue
+            print(f"[{stage}] -> {p.where()[stage]}", flush=True)
+            if stage == "train":
+                layout.record_inputs(cfg, p, stage)  # first: a rerun with another config must not resume this run
+            getattr(self, f"run_{stage}")()
+            if stage != "train":
+                layout.record_inputs(cfg, p, stage)
+            self.timings[stage] = round(time.perf_counter() - t0, 2)
+        storage.write_json_atomic(storage.join(p.run, "stage_seconds.json"), self.timings)
+
+    # ------------------------------------------------------------------------------------------ stages
+    def run_ingest(self) -> None:
+        c = self.cfg.data
+        m = ingest(
+            c.format,
+            c.src,
+            self.paths.dataset,
+            ingest_options(self.cfg),
+            items=c.items,
+            users=c.users,
+            columns=c.columns,
+        )
+        print(summary(m))
+
+    def run_embed(self) -> None:
+        """LLM item embeddings + PCA for semantic (SUBR/SIM) retrieval; cached by model and text template."""
+        cfg = self.cfg
+        if not layout.needs_embeddings(cfg):
+            return
+        model_dir = worker_model_dir(base_model_dir(cfg, self.paths.run))
+        opts = EmbedOptions(domain=cfg.data.domain, pca_dims=cfg.retrieval.pca_dim, seed=cfg.run.seed)
+        self.embeddings = embed_items(
+            self.paths.dataset,
+            model_dir,
+            self.paths.embeddings,
+            opts,
+            num_workers=cfg.retrieval.num_workers,
+            runner=run_sharded,
+        )
+
+    def run_samples(self) -> None:
+        if self.embeddings is None and layout.needs_embeddings(self.cfg):
+            self.run_embed()
+        build_samples(
+            self.paths.dataset,
+            self.paths.samples,
+            build_options(self.cfg),
+            num_workers=self.cfg.retrieval.num_workers,
+            embeddings_url=self.embeddings,
+            runner=run_sharded,
+        )
+
+    def run_teacher(self) -> None:
+        # The same settings `reclora teacher --config` uses (teacher.train_workers > 1: data-parallel).
+        res = train_teacher(
+            self.paths.samples,
+            self.paths.teacher,
+            TeacherConfig.from_run_config(self.cfg),
+            dataset_url=self.paths.dataset,
+            launch=run_training,
+        )
+        print(f"[teacher] valid: {res.get('valid')}  test: {res.get('test')}")
+
+    def run_score(self) -> None:
+        score_samples(
+            self.paths.teacher,
+            self.paths.samples,
+            self.paths.reps,
+            num_actors=self.cfg.teacher.num_workers,
+            expected_rep_dim=self.cfg.teacher.rep_dim,
+            runner=run_sharded,
+        )
+
+    def run_train(self) -> None:
+        metrics = train(self.cfg, self.paths.run)
+        print("[train] final: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    # ------------------------------------------------------------------------------------------ report
+    def report(self) -> None:
+        p = self.paths
+        if "train" not in self.stages or not storage.exists(storage.join(p.run, "metrics.json")):
+            return
+        teacher = teacher_metrics(self.cfg, p)
+        final = storage.read_json(storage.join(p.run, "metrics.json"))["final"]
+        print(final_table(final, teacher))
+        storage.write_json_atomic(
+            storage.join(p.run, "results.json"), {"llm": final, "teacher": teacher, "stage_seconds": self.timings}
+        )
+        named = {f"teacher ({self.cfg.teacher.model})": teacher} if teacher else None
+        print(f"report: {write_report(p.run, named)}")
+
+
+def teacher_metrics(cfg, p: layout.Paths) -> dict:
+    """The teacher's own scores on exactly the LLM's test samples (the feed stores them in the stream)."""
+    stream = storage.join(p.run, "data", "test")
+    if cfg.data.task != "ctr" or not storage.exists(storage.join(stream, "plan.json")):
+        return {}
+    t = StreamReader(stream, timeout_s=1.0).read_columns(["label", "teacher_score"])
+    return {f"test_{k}": v for k, v in ctr_metrics(t["label"].to_numpy(), t["teacher_score"].to_numpy()).items()}
+
+
+def final_table(final: dict, teacher: dict) -> str:
+    rows = [("zero-shot LLM", "zeroshot_test_"), ("trained LLM", "test_")]
+    out = [f"{'model':<16} {'test AUC':>9} {'test LogLoss':>13}"]
+    for name, prefix in rows:
+        if f"{prefix}auc" in final:
+            out.append(f"{name:<16} {final[prefix + 'auc']:>9.4f} {final[prefix + 'logloss']:>13.4f}")
+    if teacher:
+        out.append(f"{'teacher':<16} {teacher['test_auc']:>9.4f} {teacher['test_logloss']:>13.4f}")
+    return "\n".join(out)
+
+
+def train(cfg, run_url: str) -> dict:
+    """Plan the streams, start the feed (Ray actors), then the Ray Train workers; returns the final metrics."""
+    try:
+        params, feed = plan_training(cfg, run_url, zero_shot_first=cfg.data.task == "ctr")
+    except FileNotFoundError as e:
+        raise SetupError(str(e)) from None
+    params["interactive"] = sys.stderr.isatty()
+    params["eval_zero_shot"] = cfg.data.task == "ctr"
+    feed.runner = run_sharded
+    t = cfg.trainer
+    resume = t.resume or latest_complete(run_url)
+    if resume:
+        check_compatible(resume, fingerprint_parts(cfg))  # refuse before any worker starts
+    # The feed builds the streams part by part; with overlap the trainer starts at once and waits only for
+    # parts a step needs, otherwise every part is built first.
+    parts = len(feed.tasks)
+    if feed.num_workers:
+        init_ray()  # here, before the feed thread and Ray Train could both try to start it
+    if t.overlap:
+        print(
+            f"[feed] building {parts} parts on {feed.num_workers or 'the driver'} worker(s) while training starts",
+            flush=True,
+        )
+        feed.start()
+    else:
+        print(f"[feed] building {parts} parts before training", flush=True)
+        _print_summaries(feed.run())
+    try:
+        run_training(
+            train_worker,
+            params,
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            cpus_per_worker=t.cpus_per_worker,
+            name=cfg.run.name,
+            max_failures=t.max_failures,
+            placement=t.placement,
+            worker_resources=t.worker_resources,
+            timeout_s=t.collective_timeout_s,
+            # which node each rank ran on, one JSON per rank (multi-node debugging and tests)
+            node_report_dir=os.environ.get("RECLORA_NODE_REPORT_DIR"),
+        )
+    except Exception:
+        if feed.error is not None:  # the trainer stopped because the feed did: report the cause
+            raise SetupError(f"feed failed: {type(feed.error).__name__}: {feed.error}") from feed.error
+        raise
+    if t.overlap:
+        try:
+            _print_summaries(feed.join())
+        except RecloraError as e:
+            raise SetupError(f"feed failed: {e}") from None
+    out = storage.read_json(storage.join(run_url, "metrics.json"))
+    timing = out.get("timing", {})
+    if timing:
+        print(
+            f"[train] {timing['steps_run']} steps in {timing['train_seconds']:.1f}s after {timing['setup_seconds']:.1f}s of "
+            f"setup; data wait {100 * timing['data_wait_fraction']:.2f}% of the step loop "
+            f"(feed: {feed.seconds:.1f}s, {'overlapped' if t.overlap else 'before training'})",
+            flush=True,
+        )
+        storage.write_json_atomic(
+            storage.join(run_url, "feed.json"),
+            {"overlap": t.overlap, "feed_seconds": feed.seconds, "parts": parts, **timing},
+        )
+    return out["final"]
+
+
+def _print_summaries(summaries: dict) -> None:
+    for split, s in summaries.items():
+        print(
+            f"[data] {split}: {s['rows']} samples, {s['tokens']} tokens, mean length {s['mean_len']:.0f}, "
+            f"{s['history_truncated']} with history truncated, {s['prompt_truncated']} prompts cut to fit",
+            flush=True,
+        )
