@@ -7,13 +7,16 @@ PY := $(VENV)/bin/python
 ENV := source scripts/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench-quick clean
+.PHONY: setup demo lint test test-fast bench-quick clean
 
 setup:
 	bash scripts/setup_env.sh
 
 demo: setup
 	$(ENV) $(PY) trainer/main.py --config configs/demo.yaml $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 test: setup
 	$(ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
