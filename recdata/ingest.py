@@ -73,6 +73,7 @@ class IngestOptions:
 class _Counts:
     rows_in: int = 0
     nan_ratings: int = 0
+    missing_ratings: int = 0  # next_item rows kept without a rating (null)
     unknown_items: int = 0
     duplicates: int = 0
     kcore_removed: int = 0
@@ -252,9 +253,17 @@ def _validate_batch(
     keep = np.ones(t.num_rows, dtype=bool)
     if source.has_ratings:
         r = t["rating"].to_numpy(zero_copy_only=False).astype(np.float64)
+        # A missing rating is one state everywhere downstream: null (never NaN).
+        missing = np.isnan(r)
+        if missing.any():
+            t = t.set_column(t.column_names.index("rating"), "rating", pa.array(r, pa.float32(), mask=missing))
         bad = ~np.isfinite(r)
         if "split" in t.column_names:  # context rows of sequence sources may lack ratings
             bad &= np.asarray(pc.not_equal(t["split"], "context"))
+        if opts.task == "next_item":
+            # Next-item labels do not come from ratings: a row without one is kept (null) and counted.
+            counts.missing_ratings += int((bad & missing).sum())
+            bad &= ~missing
         if bad.any():
             if opts.on_bad_rows == "skip":
                 counts.nan_ratings += int(bad.sum())
@@ -592,6 +601,8 @@ def _manifest(fmt, source, opts, method, shards, items, users_entry, counts: _Co
             "kcore_removed": counts.kcore_removed,
         },
         "rows_read": counts.rows_in,
+        # Rows kept with a null rating (next_item data whose source has ratings on some rows only).
+        "missing_ratings": counts.missing_ratings,
         "shards": shards,
         "items": {"path": "items.parquet", "rows": items.num_rows, "columns": items.column_names},
         "users": users_entry,
@@ -624,6 +635,8 @@ def summary(manifest: dict) -> str:
         lines.append(f"{name:<8} {st['rows']:>10,} {pos if pos is not None else '-':>10} {rate:>9}")
     sk = {k: v for k, v in manifest["skipped"].items() if v}
     lines.append("skipped: " + (", ".join(f"{k}={v:,}" for k, v in sk.items()) if sk else "none"))
+    if manifest.get("missing_ratings"):
+        lines.append(f"kept without a rating: {manifest['missing_ratings']:,} rows")
     return "\n".join(lines)
 
 

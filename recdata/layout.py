@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from recdata import storage
-from recdata.samples import commit_marker
+from recdata.samples import SAMPLES_VERSION, commit_marker
 from recdata.samples import options_from_config as build_options
 from recdata.schema import Dataset
 
@@ -83,7 +83,12 @@ def stage_inputs(cfg: Any) -> dict[str, dict]:
             "pca_dim": cfg.retrieval.pca_dim,
             "domain": cfg.data.domain,
         }
-    samples = {"ingest": _key(ingest), "embed": embed and _key(embed), "options": opts.content_dict()}
+    samples = {
+        "ingest": _key(ingest),
+        "embed": embed and _key(embed),
+        "options": opts.content_dict(),
+        "version": SAMPLES_VERSION,
+    }
     t = cfg.teacher.model_dump(mode="json")
     teacher = {
         "samples": _key(samples),

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from configs.errors import RecloraError
 from recdata import storage
 
-SAMPLES_VERSION = 1
+SAMPLES_VERSION = 2  # 2: a missing rating is null (1 wrote NaN)
 TARGET_SPLITS = ("train", "valid", "test")
 # sample_id = shard_index * 2**40 + row index in the interaction shard: stable across reruns and worker
 # counts, unique while shards hold < 2**40 rows and there are < 2**23 shards.
@@ -242,7 +242,14 @@ def sample_candidates(
 
 
 def list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), value_array(values, value_type))
+
+
+def value_array(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """Arrow values; a float NaN (a missing rating read through numpy) becomes null, the one missing state."""
+    if pa.types.is_floating(value_type):
+        return pa.array(values, type=value_type, mask=np.isnan(values))
+    return pa.array(values, type=value_type)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from recdata.samples import (
     options_from_config,
     sample_candidates,
     sample_file,
+    value_array,
 )
 from recdata.schema import SPLITS, Dataset, DatasetError, read_parquet
 from recdata.subsets import write_subsets
@@ -353,7 +354,7 @@ class SampleShardWorker:
                 "timestamp": pa.array(b.ts[targets]),
                 "split": pa.array([split] * len(targets), pa.string()),
                 "label": label_col,
-                "rating": pa.array(b.rating[targets]),
+                "rating": value_array(b.rating[targets], pa.float32()),
                 "hist_len": pa.array((end[targets] - start[targets]).astype(np.int32)),
                 "text_hist_items": list_array(text.offsets, b.item[text.index], pa.int64()),
                 "text_hist_ratings": list_array(text.offsets, b.rating[text.index], pa.float32()),

@@ -202,7 +202,7 @@ class RequestRetriever:
             if len(hit) and r_split[hit[0]] in TARGET_SPLITS:
                 keys[j] = np.int64(shard) * SHARD_STRIDE + pos[hit[0]]
                 label[j] = r_label[hit[0]] if self.task == "ctr" else None
-                rating[j] = float(r_rating[hit[0]])
+                rating[j] = None if np.isnan(r_rating[hit[0]]) else float(r_rating[hit[0]])
 
         for j in range(n):
             if not known_user[j]:
