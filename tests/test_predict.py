@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cluster.pool import run_sharded
 from recdata import storage
 from recdata.layout import paths
 from recdata.samples import BuildOptions, SampleSet
@@ -37,7 +38,6 @@ from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_FALLBACK, Hybrid
 from trainer.lora import load_personalized
 from trainer.objective import answer_loss, candidate_scores, p_yes_from_logits
 from trainer.predict import (
-from cluster.pool import run_sharded
     MANIFEST,
     PredictInputError,
     load_run_config,
