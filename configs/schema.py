@@ -12,6 +12,15 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+def gradient_accumulation_iters(global_batch: int, micro_batch: int, world: int) -> int:
+    """Micro-batches per rank per optimizer step: global batch = micro batch x workers x accumulation."""
+    if global_batch % (micro_batch * world):
+        raise ValueError(
+            f"batch_size: {global_batch} is not divisible by micro_batch_size*workers = {micro_batch}*{world}"
+        )
+    return global_batch // (micro_batch * world)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -165,6 +174,11 @@ class TrainerConfig(Strict):
                 f"= {self.micro_batch_size}*{self.num_workers}"
             )
         return self
+
+    def gradient_accumulation_iters(self, world: int | None = None) -> int:
+        """Derived (litgpt's TrainArgs.gradient_accumulation_iters): micro-batches per rank per optimizer step
+        with `world` workers (default trainer.num_workers). DeepSpeed's config and the data schedule use it."""
+        return gradient_accumulation_iters(self.batch_size, self.micro_batch_size, world or self.num_workers)
 
 
 class RetrievalConfig(Strict):

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from configs.errors import RecloraError
+from configs.schema import gradient_accumulation_iters
 from recdata import storage
 
 STREAM_SCHEMA = pa.schema(
@@ -71,7 +72,7 @@ class Schedule:
 
     @property
     def accumulation(self) -> int:
-        return self.global_batch // (self.world * self.micro)
+        return gradient_accumulation_iters(self.global_batch, self.micro, self.world)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         # Epoch 0 keeps the persisted (already seeded-random) Few2Many order; later epochs reshuffle.

@@ -1,0 +1,93 @@
+"""Evaluation of one worker's engine on a whole split, and the collectives that combine ranks.
+
+Every rank scores its strided share of the split, padded so that every rank runs the same number of forwards
+(ZeRO-3 forwards are collective); the rows are gathered and scored once. Collective tensors live on the
+device they are given: the engine's device (a GPU under nccl, which has no CPU tensors; the CPU under gloo).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from recdata.metrics import ctr_metrics, ranking_metrics
+from recdata.streams import StreamReader, collate
+from trainer.objective import answer_loss, candidate_scores, p_yes_from_logits
+
+
+def all_reduce_sum(x: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Sum of `x` over ranks, computed on `device` (default: x's own); returned on that device."""
+    x = x.to(device) if device is not None else x
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_rows(x: torch.Tensor, world: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Rows of every rank's `x` (same shape on every rank), concatenated in rank order, on `device`."""
+    x = x.to(device) if device is not None else x
+    if not dist.is_initialized() or world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+class Evaluator:
+    """evaluator(split) -> metrics of `split`; `waited` sums the seconds evaluations spent waiting for feed
+    parts (a zero-shot evaluation may run while the feed is still building the test split)."""
+
+    def __init__(self, engine, pm, params: dict, rank: int, world: int, device: torch.device):
+        self.engine, self.pm, self.params = engine, pm, params
+        self.rank, self.world, self.device = rank, world, device
+        self.waited = 0.0
+
+    def __call__(self, split: str) -> dict[str, float]:
+        reader = StreamReader(self.params["streams"][split], timeout_s=self.params.get("feed_timeout_s", 3600.0))
+        try:
+            return self.score(reader)
+        finally:
+            self.waited += reader.waited
+            reader.close()
+
+    def score(self, reader: StreamReader) -> dict[str, float]:
+        params, engine, device = self.params, self.engine, self.device
+        n = reader.rows
+        per_rank = -(-n // self.world)
+        idx = np.arange(self.rank, per_rank * self.world, self.world)  # padded: indices >= n repeat row 0, dropped
+        valid = idx < n
+        idx = np.where(valid, idx, 0)
+        bs = params["eval_batch_size"]
+        if hasattr(self.pm, "hybrid"):
+            self.pm.hybrid = True  # evaluate with the full hybrid prompt
+        engine.eval()
+        rows_out = []
+        with torch.no_grad():
+            for s in range(0, len(idx), bs):
+                rows = reader.rows_at(idx[s : s + bs])
+                batch = {k: v.to(device) for k, v in collate(rows, params["pad_id"]).items()}
+                if params["task"] == "ctr":
+                    _, nll, logits = answer_loss(engine, batch)
+                    p = p_yes_from_logits(logits, batch["answer_len"], params["yes_id"], params["no_id"])
+                    rows_out.append(
+                        torch.stack([batch["label"].double().cpu(), p.double().cpu(), nll.double().cpu()], 1)
+                    )
+                else:
+                    sc = candidate_scores(
+                        engine, rows, params["pad_id"], lambda c: params["answer_ids"][str(c)], batch["cond"], device
+                    )
+                    target = torch.tensor([r["candidates"].index(r["item_id"]) for r in rows], dtype=torch.float64)
+                    rows_out.append(torch.cat([target.unsqueeze(1), sc.double().cpu()], 1))
+        engine.train()
+        mine = torch.cat(rows_out) if rows_out else torch.zeros(0, 3, dtype=torch.float64)
+        mine = torch.cat([torch.from_numpy(valid.astype(np.float64)).unsqueeze(1), mine], 1)
+        allrows = all_gather_rows(mine, self.world, device).cpu()
+        allrows = allrows[allrows[:, 0] > 0][:, 1:].numpy()
+        if params["task"] == "ctr":
+            out = ctr_metrics(allrows[:, 0].astype(int), allrows[:, 1])
+            out["answer_nll"] = float(allrows[:, 2].mean())
+        else:
+            out = ranking_metrics(allrows[:, 1:], allrows[:, 0].astype(int))
+        out["n"] = float(len(allrows))
+        return out
