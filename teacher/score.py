@@ -20,8 +20,8 @@ import json
 import os
 import posixpath
 import sys
+import tempfile
 import time
-import uuid
 from collections import Counter
 from typing import Any, Sequence
 
@@ -71,16 +71,6 @@ def check_rep_dim(actual: int, expected: int | None, where: str) -> None:
         )
 
 
-def _write_json(fs, path: str, obj: Any, local: bool) -> None:
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = f"{posixpath.dirname(path)}/_tmp-{uuid.uuid4().hex[:8]}.json" if local else path
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    if local:
-        fs.mv(tmp, path)
-
-
 class ScoreWorker:
     """Scores whole sample shards. Plain Python: runs in-process or as a Ray actor via cluster.pool."""
 
@@ -105,7 +95,6 @@ class ScoreWorker:
         self.schema = reps_schema(self.teacher.rep_dim, self.teacher.cfg.task)
         # One filesystem handle per worker: creating an S3 client per call costs more than the call.
         self.fs, self.root = storage.get_fs(reps_url)
-        self.local = storage.is_local(reps_url)
 
     def committed(self, split: str, shard: str) -> dict[str, Any] | None:
         path = self._path(split, MARKER_DIR, shard.replace(".parquet", ".json"))
@@ -131,24 +120,21 @@ class ScoreWorker:
         fs = self.fs
         with storage.storage_errors(self.reps_url):
             fs.makedirs(out_dir, exist_ok=True)
-            for stale in fs.glob(posixpath.join(out_dir, f"_tmp-{stem}-*")):  # left by a killed run
-                fs.rm(stale)
-        # Local: write a temp name, then rename. Object stores: an upload becomes visible only when it
-        # completes, so writing the final key directly is already atomic (and avoids a copy).
-        final = posixpath.join(out_dir, shard)
-        target = posixpath.join(out_dir, f"_tmp-{stem}-{uuid.uuid4().hex[:8]}.parquet") if self.local else final
+            # Left by a killed run: storage's atomic writes ("<name>.tmp-*"; "_tmp-<stem>-*" from earlier versions).
+            for pattern in (f"{shard}.tmp-*", f"_tmp-{stem}-*"):
+                for stale in fs.glob(posixpath.join(out_dir, pattern)):
+                    fs.rm(stale)
         stats: Counter = Counter()
-        try:
-            with storage.storage_errors(self.reps_url), fs.open(target, "wb") as f:
-                # Dense float vectors: dictionary encoding never pays off and zstd costs more than it saves.
-                with pq.ParquetWriter(f, self.schema, compression="snappy", use_dictionary=False) as writer:
-                    for rg in iter_row_groups(in_url):
-                        for s in range(0, rg.num_rows, self.batch_size):
-                            writer.write_table(self.score_table(rg.slice(s, self.batch_size), stats, in_url))
-        except BaseException:
-            if self.local and fs.exists(target):
-                fs.rm(target)
-            raise
+        # Streamed to a local scratch file, then copied to its final name atomically (storage's one atomic
+        # write: a temporary name beside the target, then a rename), locally and on object stores.
+        with tempfile.TemporaryDirectory(prefix="reclora-reps-") as scratch:
+            local = os.path.join(scratch, shard)
+            # Dense float vectors: dictionary encoding never pays off and zstd costs more than it saves.
+            with pq.ParquetWriter(local, self.schema, compression="snappy", use_dictionary=False) as writer:
+                for rg in iter_row_groups(in_url):
+                    for s in range(0, rg.num_rows, self.batch_size):
+                        writer.write_table(self.score_table(rg.slice(s, self.batch_size), stats, in_url))
+            storage.upload_file_atomic(local, storage.join(self.reps_url, split, shard))
         marker = {
             "split": split,
             "shard": shard,
@@ -157,11 +143,8 @@ class ScoreWorker:
             "rep_dim": self.teacher.rep_dim,
             "stats": {k: int(v) for k, v in sorted(stats.items())},
         }
-        with storage.storage_errors(self.reps_url):
-            if self.local:
-                fs.mv(target, final)
-            # The marker is the commit point: written only after the data file is complete at its name.
-            _write_json(fs, self._path(split, MARKER_DIR, f"{stem}.json"), marker, self.local)
+        # The marker is the commit point: written only after the data file is complete at its name.
+        storage.write_json_atomic(storage.join(self.reps_url, split, MARKER_DIR, f"{stem}.json"), marker)
         return {**marker, "skipped": False, "seconds": time.time() - t0}
 
     @torch.inference_mode()

@@ -136,6 +136,7 @@ def test_resume_after_sigkill_gives_identical_output(trained, tmp_path):
     assert res["shards_skipped"] == committed_before
     assert _reps_by_id(clean) == _reps_by_id(killed)
     assert not [f for f in _data_files(killed) if "_tmp-" in f]  # partial files of the killed run are gone
+    assert not [f for f in _data_files(killed) if ".tmp-" in f]  # (storage's atomic writes name them so)
 
 
 def test_deleted_markers_are_redone_and_foreign_model_is_not_trusted(trained, tmp_path):
