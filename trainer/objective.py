@@ -29,6 +29,9 @@ def _tail_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     )
     logits = out.logits[:, -k:].float()
     target = ids[:, n - k + 1 :]
+    # A short answer's tail reaches back into its prompt, which may hold hybrid slot tokens (ids past the
+    # LM head's vocabulary). Those positions are masked out below; gather them at a valid id.
+    target = torch.where(target < logits.shape[-1], target, torch.zeros_like(target))
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     pos = torch.arange(n - k + 1, n, device=ids.device).unsqueeze(0)
     mask = pos >= (n - batch["answer_len"]).unsqueeze(1)
