@@ -200,14 +200,22 @@ class RetrievalConfig(Strict):
     sim_pool: int = Field(1000, ge=1)  # the same bound for id_mode=sim
     metric: Literal["cosine", "dot"] = "cosine"  # ReLLa: cosine on ML-1M, dot on ML-25M
     missing_text: Literal["error", "placeholder"] = "error"  # items without a title
-    # Where the built samples live; relative names resolve under run.output_dir.
-    samples_url: str = Field("samples/ml-100k-ctr", min_length=1)
+    # Where the built samples live; relative names resolve under run.output_dir. Default (null):
+    # samples/{dataset name}, named after the run's own data.
+    samples_url: str | None = Field(None, min_length=1)
 
 
-class TeacherConfig(Strict):
+class TeacherModelConfig(Strict):
+    """The teacher (CRM) and its training: the one definition of these fields and their defaults. The run
+    config's `teacher` section is this plus where its outputs live; teacher.config.TeacherConfig is this
+    plus the settings the run config does not carry."""
+
     model: Literal["din", "sasrec"] = "din"
+    # DIN: id embedding size (user/item ids); SASRec: hidden size = representation size.
     embed_dim: int = Field(32, ge=4)
+    # DIN: the MLP over [profile fields | target item | attended history]; its last layer is the gate rep.
     mlp_hidden: list[int] = Field(default_factory=lambda: [256, 256, 256], min_length=1)
+    # DIN: layers of the target-attention MLP; SASRec: number of self-attention blocks.
     attn_layers: int = Field(2, ge=1)
     num_heads: int = Field(1, ge=1)
     dropout: float = Field(0.3, ge=0, lt=1)
@@ -219,9 +227,29 @@ class TeacherConfig(Strict):
     patience: int = Field(2, ge=0)
     num_workers: int = Field(2, ge=1)  # scoring actors
     train_workers: int = Field(1, ge=1)  # data-parallel training workers (Ray Train); 1 = in-process, no Ray
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.model == "sasrec" and self.rep_dim != self.embed_dim:
+            raise ValueError(
+                f"rep_dim: SASRec's representation is its hidden state, so rep_dim must equal embed_dim "
+                f"({self.embed_dim}), got {self.rep_dim}"
+            )
+        if self.model == "din" and self.rep_dim != self.mlp_hidden[-1]:
+            raise ValueError(
+                f"rep_dim: DIN's representation is its last MLP layer, so rep_dim must equal mlp_hidden[-1] "
+                f"({self.mlp_hidden[-1]}), got {self.rep_dim}"
+            )
+        if self.model == "sasrec" and self.embed_dim % self.num_heads:
+            raise ValueError(f"num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
+        return self
+
+
+class TeacherConfig(TeacherModelConfig):
     # The trained teacher and its scored representations; relative names resolve under run.output_dir.
-    model_url: str = Field("teachers/ml-100k-din", min_length=1)
-    reps_url: str = Field("reps/ml-100k-din", min_length=1)
+    # Default (null): teachers/{dataset name}-{model} and reps/{dataset name}-{model}.
+    model_url: str | None = Field(None, min_length=1)
+    reps_url: str | None = Field(None, min_length=1)
 
 
 class Config(Strict):
@@ -239,14 +267,4 @@ class Config(Strict):
             raise ValueError(f"teacher.model: the ctr task uses a DIN/SIM teacher, got {self.teacher.model!r}")
         if self.data.task == "next_item" and self.teacher.model != "sasrec":
             raise ValueError(f"teacher.model: the next_item task uses a SASRec teacher, got {self.teacher.model!r}")
-        if self.teacher.model == "sasrec" and self.teacher.rep_dim != self.teacher.embed_dim:
-            raise ValueError(
-                f"teacher.rep_dim: SASRec's representation is its hidden state, so rep_dim must equal "
-                f"teacher.embed_dim ({self.teacher.embed_dim}), got {self.teacher.rep_dim}"
-            )
-        if self.teacher.model == "din" and self.teacher.rep_dim != self.teacher.mlp_hidden[-1]:
-            raise ValueError(
-                f"teacher.rep_dim: DIN's representation is its last MLP layer, so rep_dim must equal "
-                f"teacher.mlp_hidden[-1] ({self.teacher.mlp_hidden[-1]}), got {self.teacher.rep_dim}"
-            )
         return self

@@ -1,14 +1,16 @@
-"""Teacher (CRM) configuration. Field names follow `configs.schema.TeacherConfig`; the typed run config
-maps onto it with `TeacherConfig.from_run_config(cfg)`. The extra fields are the ones the run config
-does not carry yet."""
+"""Teacher (CRM) configuration: `configs.schema.TeacherModelConfig` (the run config's `teacher` section,
+same fields, defaults and checks) plus the settings the run config does not carry. The typed run config
+maps onto it with `TeacherConfig.from_run_config(cfg)`; `TeacherConfig.defaults(model)` gives the
+papers' settings for a model."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
 
 from configs.errors import RecloraError
+from configs.schema import TeacherModelConfig
 
 MODELS = ("din", "sasrec")
 
@@ -17,46 +19,29 @@ class TeacherConfigError(RecloraError, ValueError):
     pass
 
 
-@dataclass
-class TeacherConfig:
-    model: str = "din"
-    # DIN: id embedding size (user/item ids); SASRec: hidden size = representation size.
-    embed_dim: int = 32
-    # DIN: the MLP over [profile fields | target item | attended history]; its last layer is the gate rep.
-    mlp_hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
-    # DIN: layers of the target-attention MLP; SASRec: number of self-attention blocks.
-    attn_layers: int = 2
-    num_heads: int = 1
-    dropout: float = 0.1
-    rep_dim: int = 256
-    epochs: int = 5
-    lr: float = 1e-3
-    batch_size: int = 1024
-    patience: int = 2
-    num_workers: int = 2  # scoring actors
-    # Data-parallel training workers (Ray Train + DistributedDataParallel); 1 trains in-process without Ray.
-    train_workers: int = 1
+class TeacherConfig(TeacherModelConfig):
     # ---- not (yet) in the run config ----
-    max_hist: int = 60  # K_id: most recent (or retrieved) history items fed to the model
-    field_dim: int = 8  # profile fields, year, rating bucket
-    genre_dim: int = 16
-    attn_hidden: int = (
-        32  # width of DIN's first attention layer (halved per further layer); 32 keeps scoring >20k samples/s/core
-    )
-    weight_decay: float = 0.0
+    max_hist: int = Field(60, ge=1)  # K_id: most recent (or retrieved) history items fed to the model
+    field_dim: int = Field(8, ge=1)  # profile fields, year, rating bucket
+    genre_dim: int = Field(16, ge=1)
+    # Width of DIN's first attention layer (halved per further layer); 32 keeps scoring >20k samples/s/core.
+    attn_hidden: int = Field(32, ge=1)
     # Share of training ids replaced by the reserved UNK id, so UNK is trained and the model does not lean
     # on ids it will not see at inference. Users get a high rate: with a global time split most valid/test
     # users are new (ML-100K: 86% of test samples), and their profile and history must carry the signal.
-    id_dropout: float = 0.01
-    user_dropout: float = 0.5
+    id_dropout: float = Field(0.01, ge=0, lt=1)
+    user_dropout: float = Field(0.5, ge=0, lt=1)
     seed: int = 0
-    num_threads: int = 2
-    max_valid_samples: int = 200_000
-    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = Field(2, ge=1)
+    max_valid_samples: int = Field(200_000, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    def __post_init__(self) -> None:
-        self.mlp_hidden = [int(x) for x in self.mlp_hidden]
-        self.validate()
+    def __init__(self, **data: Any) -> None:
+        # One error type for callers (the CLIs exit 2 on it); the message names the field.
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise TeacherConfigError(describe_errors(e)) from None
 
     @classmethod
     def defaults(cls, model: str, **overrides: Any) -> "TeacherConfig":
@@ -74,6 +59,7 @@ class TeacherConfig:
                 dropout=0.1,
                 batch_size=512,
                 lr=3e-3,
+                weight_decay=0.0,
                 max_hist=10,
                 epochs=10,
                 patience=3,
@@ -92,79 +78,39 @@ class TeacherConfig:
         defaults (`defaults(model)`), except that a data-parallel worker uses one thread: Ray reserves
         `num_threads` CPUs per training worker, so N workers fit on N cores."""
         t = run_cfg.teacher
-        base: dict[str, Any] = dict(
-            embed_dim=t.embed_dim,
-            mlp_hidden=list(t.mlp_hidden),
-            attn_layers=t.attn_layers,
-            num_heads=t.num_heads,
-            dropout=t.dropout,
-            weight_decay=t.weight_decay,
-            rep_dim=t.rep_dim,
-            epochs=t.epochs,
-            lr=t.lr,
-            batch_size=t.batch_size,
-            patience=t.patience,
-            num_workers=t.num_workers,
-            train_workers=t.train_workers,
-            seed=run_cfg.run.seed,
-            max_hist=run_cfg.retrieval.k_id,
-        )
+        base: dict[str, Any] = t.model_dump(include=set(TeacherModelConfig.model_fields))
+        base.update(seed=run_cfg.run.seed, max_hist=run_cfg.retrieval.k_id)
         if t.train_workers > 1:
             base["num_threads"] = 1
+        base.pop("model")
         return cls.defaults(t.model, **{**base, **overrides})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides: Any) -> "TeacherConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
         merged = {**d, **overrides}
-        unknown = sorted(set(merged) - known)
+        unknown = sorted(set(merged) - set(cls.model_fields))
         if unknown:
-            raise TeacherConfigError(f"unknown teacher config keys: {unknown}; known: {sorted(known)}")
+            raise TeacherConfigError(f"unknown teacher config keys: {unknown}; known: {sorted(cls.model_fields)}")
         return cls(**merged)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def validate(self) -> None:
-        if self.model not in MODELS:
-            raise TeacherConfigError(f"model: expected one of {MODELS}, got {self.model!r}")
-        if self.model == "din" and self.rep_dim != self.mlp_hidden[-1]:
-            raise TeacherConfigError(
-                f"rep_dim: DIN's representation is its last MLP layer, so rep_dim must equal mlp_hidden[-1] "
-                f"({self.mlp_hidden[-1]}), got {self.rep_dim}"
-            )
-        if self.model == "sasrec" and self.rep_dim != self.embed_dim:
-            raise TeacherConfigError(
-                f"rep_dim: SASRec's representation is its hidden state, so rep_dim must equal embed_dim "
-                f"({self.embed_dim}), got {self.rep_dim}"
-            )
-        if self.model == "sasrec" and self.embed_dim % self.num_heads:
-            raise TeacherConfigError(f"num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
-        for name in (
-            "embed_dim",
-            "attn_layers",
-            "num_heads",
-            "rep_dim",
-            "epochs",
-            "batch_size",
-            "max_hist",
-            "field_dim",
-            "genre_dim",
-            "attn_hidden",
-            "num_threads",
-            "max_valid_samples",
-            "train_workers",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise TeacherConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("dropout", "id_dropout", "user_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise TeacherConfigError(f"{name}: must lie in [0, 1), got {getattr(self, name)}")
-        if self.patience < 0:
-            raise TeacherConfigError(f"patience: must be >= 0, got {self.patience}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise TeacherConfigError(f"device: expected auto|cpu|cuda, got {self.device!r}")
+        return self.model_dump(mode="json")
 
     @property
     def task(self) -> str:
         return "ctr" if self.model == "din" else "next_item"
+
+
+def describe_errors(e: ValidationError) -> str:
+    """`field: problem` per error, as the run config's loader words them (without the section)."""
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error":
+            lines.append(msg)  # the model's own checks start with the field they check
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"unknown teacher config keys: [{key!r}]")
+        else:
+            lines.append(f"{key}: {msg}, got {err.get('input')!r}")
+    return "; ".join(lines)

@@ -154,7 +154,6 @@ def train_teacher(
     `num_workers` (default `cfg.train_workers`) > 1 trains data-parallel on that many Ray Train workers
     (cluster.launch, DistributedDataParallel): the same global batches as one process, each worker
     computing its slice; 1 trains in this process without Ray."""
-    cfg.validate()
     workers = cfg.train_workers if num_workers is None else int(num_workers)
     if workers < 1:
         raise TeacherConfigError(f"num_workers: must be >= 1, got {workers}")
