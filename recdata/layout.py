@@ -123,8 +123,7 @@ def addressed(url: str, root: str, key: str) -> str:
 
 def embeddings_root(cfg: Any) -> str:
     """Where a config's item embeddings are cached: {output_dir}/embeddings/{dataset name}."""
-    name = cfg.data.dataset_url.rstrip("/").rsplit("/", 1)[-1]
-    return storage.resolve(f"embeddings/{name}", cfg.run.output_dir)
+    return storage.resolve(f"embeddings/{dataset_name(cfg)}", cfg.run.output_dir)
 
 
 def latest_embeddings(root: str) -> str | None:
@@ -147,15 +146,30 @@ def _mtime(fs: Any, path: str) -> float:
     return t.timestamp() if hasattr(t, "timestamp") else float(t or 0)
 
 
+def dataset_name(cfg: Any) -> str:
+    return cfg.data.dataset_url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def default_names(cfg: Any) -> dict[str, str]:
+    """Stage folders named after the run's own dataset, task and teacher (when the config names none)."""
+    name, teacher = dataset_name(cfg), cfg.teacher.model
+    return {
+        "samples": cfg.retrieval.samples_url or f"samples/{name}",
+        "teacher": cfg.teacher.model_url or f"teachers/{name}-{teacher}",
+        "reps": cfg.teacher.reps_url or f"reps/{name}-{teacher}",
+    }
+
+
 def paths(cfg: Any) -> Paths:
     root = cfg.run.output_dir
     keys = {s: _key(v) for s, v in stage_inputs(cfg).items()}
+    names = default_names(cfg)
     return Paths(
         dataset=addressed(cfg.data.dataset_url, root, keys["ingest"]),
         embeddings=embeddings_root(cfg),
-        samples=addressed(cfg.retrieval.samples_url, root, keys["samples"]),
-        teacher=addressed(cfg.teacher.model_url, root, keys["teacher"]),
-        reps=addressed(cfg.teacher.reps_url, root, keys["score"]),
+        samples=addressed(names["samples"], root, keys["samples"]),
+        teacher=addressed(names["teacher"], root, keys["teacher"]),
+        reps=addressed(names["reps"], root, keys["score"]),
         run=storage.join(root, cfg.run.name),
         keys=keys,
     )

@@ -145,7 +145,7 @@ def test_ray_job_submit_runs_the_whole_pipeline_on_s3(source, s3_bucket, s3_serv
     for pattern in (
         "runs/datasets/ml-100k-ctr/*/manifest.json",
         "runs/samples/ml-100k-ctr/*/manifest.json",
-        "runs/teachers/ml-100k-din/*/teacher.json",
+        "runs/teachers/ml-100k-ctr-din/*/teacher.json",
         "runs/embeddings/ml-100k-ctr/*/meta.json",
         "runs/tiny/data/train/part-00000.json",
         "runs/tiny/adapter/adapter_model.safetensors",
