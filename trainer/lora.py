@@ -92,6 +92,12 @@ class MixtureLoraConfig:
         if self.reclora_path not in RECLORA_PATHS:
             raise ValueError(f"reclora_path must be one of {RECLORA_PATHS}, got {self.reclora_path!r}")
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> "MixtureLoraConfig":
+        """The adapter settings of the typed run config (configs.schema.Config): every `trainer.lora` key
+        by name, and the teacher's representation size as the gates' input."""
+        return cls(**cfg.trainer.lora.model_dump(), cond_dim=cfg.teacher.rep_dim)
+
     @property
     def rank_per_expert(self) -> int:
         return self.r // self.num_experts if self.mode == "ilora" else self.r
@@ -433,13 +439,31 @@ class PersonalizedLM(nn.Module):
     def _checkpoint_with_gates(self, function: Any, *args: Any, use_reentrant: bool, **kwargs: Any) -> Any:
         # Runs in the original forward, where the gates are set. The recompute happens in backward, after forward
         # returned and cleared them, so the replayed function re-enters this forward's gate tensors itself.
-        snapshot = {name: layer.gate for name, layer in self._layers.items()}
+        # The gates are explicit checkpoint inputs, not closure captures: reentrant checkpointing detaches its
+        # inputs and hands their gradients back to autograd, so a gate shared by many layers (iLoRA) collects
+        # every layer's gradient and its own graph is walked once. A captured gate would be backpropagated into
+        # once per checkpointed layer ("Trying to backward through the graph a second time").
+        names = list(self._layers)
+        unique: list[torch.Tensor] = []
+        slot: dict[str, int] = {}
+        for name in names:
+            gate = self._layers[name].gate
+            if gate is None:
+                continue
+            index = next((i for i, g in enumerate(unique) if g is gate), None)
+            if index is None:
+                index = len(unique)
+                unique.append(gate)
+            slot[name] = index
+        n_args = len(args)
 
-        def replayable(*inner_args: Any, **inner_kwargs: Any) -> Any:
+        def replayable(*inner: Any, **inner_kwargs: Any) -> Any:
+            gates = inner[n_args:]
+            snapshot = {name: gates[slot[name]] if name in slot else None for name in names}
             with self.gates_set(snapshot):
-                return function(*inner_args, **inner_kwargs)
+                return function(*inner[:n_args], **inner_kwargs)
 
-        return torch.utils.checkpoint.checkpoint(replayable, *args, use_reentrant=use_reentrant, **kwargs)
+        return torch.utils.checkpoint.checkpoint(replayable, *args, *unique, use_reentrant=use_reentrant, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.activation_checkpointing_enable(use_reentrant=(gradient_checkpointing_kwargs or {}).get("use_reentrant"))
