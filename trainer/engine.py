@@ -86,20 +86,7 @@ def lr_lambda(t, total_steps: int) -> Callable[[int], float]:
 
 def mixture_config(cfg) -> MixtureLoraConfig:
     """The adapter settings of the typed config."""
-    lo = cfg.trainer.lora
-    return MixtureLoraConfig(
-        mode=lo.mode,
-        target_modules=list(lo.target_modules),
-        r=lo.r,
-        alpha=lo.alpha,
-        dropout=lo.dropout,
-        num_experts=lo.num_experts,
-        temperature=lo.temperature,
-        gate_hidden=lo.gate_hidden,
-        gate_dropout=lo.gate_dropout,
-        cond_dim=cfg.teacher.rep_dim,
-        gate_lr_mult=lo.gate_lr_mult,
-    )
+    return MixtureLoraConfig.from_config(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ model
