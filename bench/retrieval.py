@@ -66,8 +66,8 @@ from recdata.schema import read_parquet as read_pq  # noqa: E402
 from retrieval.build import (  # noqa: E402
     INTERACTION_COLUMNS,
     SampleShardWorker,
-    _user_blocks,
     build_samples,  # noqa: E402
+    user_blocks,
 )
 
 K_TEXT, K_ID, POOL, DIM = 10, 60, 200, 512
@@ -234,7 +234,7 @@ def vectorized_no_write(ds_url: str, emb_url: str, scratch: Path) -> dict:
         t0 = time.process_time()
         with threadpool_limits(limits=1):
             groups = (pa.Table.from_batches([b]) for b in table.to_batches(max_chunksize=65536))  # like row groups
-            for base, block in _user_blocks(groups, "shard 0"):
+            for base, block in user_blocks(groups, "shard 0"):
                 for _, records in w._samples(0, base, block, counts, "shard 0"):
                     n += records.num_rows
         out[mode] = (time.process_time() - t0) / n

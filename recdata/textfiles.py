@@ -7,7 +7,6 @@ line to find the first bad line, so the error can say exactly where and what.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -144,9 +143,3 @@ def _parses(field: str, kind: str) -> bool:
 
 def _delim_name(d: str) -> str:
     return {"\t": "tab", ",": "comma", "|": "pipe", "::": "'::'"}.get(d, repr(d))
-
-
-def nan_rows(values: pa.ChunkedArray | pa.Array) -> list[int]:
-    """Row indices whose float value is NaN or null."""
-    arr = values.to_numpy(zero_copy_only=False)
-    return [i for i, v in enumerate(arr) if v is None or (isinstance(v, float) and math.isnan(v))][:5]

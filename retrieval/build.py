@@ -131,7 +131,7 @@ class _Block:
         self.label = label
 
 
-def _user_blocks(row_groups: Iterator[pa.Table], where: str) -> Iterator[tuple[int, pa.Table]]:
+def user_blocks(row_groups: Iterator[pa.Table], where: str) -> Iterator[tuple[int, pa.Table]]:
     """Yield (first row index, table) of consecutive complete-user slices: each row group minus its
     last user, who is carried into the next group (a user's rows may straddle row groups)."""
     carry: pa.Table | None = None
@@ -252,7 +252,7 @@ class SampleShardWorker:
                 if missing:
                     raise SamplesError(f"{url}: missing interaction column(s) {sorted(missing)}")
                 groups = (pf.read_row_group(g, columns=INTERACTION_COLUMNS) for g in range(pf.num_row_groups))
-                for base, table in _user_blocks(groups, url):
+                for base, table in user_blocks(groups, url):
                     for split, out in self._samples(shard, base, table, counts, url):
                         writers[split][0].write_table(out, row_group_size=self.opts.chunk_rows)
                         rows[split] += out.num_rows

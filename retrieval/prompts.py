@@ -159,11 +159,6 @@ def next_item_answer(title: str) -> str:
     return f"{title}\n"
 
 
-def vicuna_wrap(text: str) -> str:
-    """RecLoRA's chat wrapper (the response follows directly)."""
-    return f"{VICUNA_SYSTEM} USER: {text} ASSISTANT: "
-
-
 def fit_history(
     render: Callable[[int], str], n_hist: int, count_tokens: Callable[[str], int], max_tokens: int
 ) -> tuple[str, int]:

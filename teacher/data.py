@@ -135,19 +135,6 @@ def _encode_parts(
         s += hi - lo
 
 
-def iter_train_batches(
-    shard_urls: list[str],
-    encoder: Encoder,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    stats: Counter | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """The global training batches of one epoch (single process)."""
-    for batch, _, _ in iter_train_parts(shard_urls, encoder, batch_size, seed, epoch, stats):
-        yield batch
-
-
 def load_encoded(
     shard_urls: list[str], encoder: Encoder, limit: int | None = None, stats: Counter | None = None
 ) -> dict[str, np.ndarray]:
