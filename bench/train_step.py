@@ -87,9 +87,9 @@ from teacher.config import TeacherConfig  # noqa: E402
 from teacher.score import score_samples  # noqa: E402
 from teacher.train import train_teacher  # noqa: E402
 from trainer.checkpoint import step_dir  # noqa: E402
-from trainer.engine import build_engine, build_model, ds_config, mixture_config, setup_distributed  # noqa: E402
+from trainer.engine import build_engine, build_model, ds_config, setup_distributed  # noqa: E402
 from trainer.loop import train_step, train_worker  # noqa: E402
-from trainer.lora import build_personalized_model, count_parameters  # noqa: E402
+from trainer.lora import MixtureLoraConfig, build_personalized_model, count_parameters  # noqa: E402
 from trainer.prepare import (  # noqa: E402
     prepare,
     worker_model_dir,
@@ -250,7 +250,7 @@ def trainable_count(cfg, model_dir: str) -> dict[str, int]:
         warnings.simplefilter("ignore")
         with torch.device("meta"):
             base = AutoModelForCausalLM.from_config(c)
-        pm = build_personalized_model(base, mixture_config(cfg))
+        pm = build_personalized_model(base, MixtureLoraConfig.from_config(cfg))
     n = count_parameters(pm)
     return {
         "trainable": n["bank"] + n["gates"],

@@ -233,8 +233,12 @@ def test_trainable_list_is_the_single_source():
     assert sum(len(g["params"]) for g in groups) == len(names)
 
 
-@pytest.mark.parametrize("mode,use_reentrant", [("reclora", False), ("ilora", False), ("reclora", True)])
+@pytest.mark.parametrize(
+    "mode,use_reentrant", [("reclora", False), ("ilora", False), ("reclora", True), ("ilora", True)]
+)
 def test_activation_checkpointing_gives_same_gradients(mode, use_reentrant):
+    # ("ilora", True): one gate tensor shared by every layer; as a closure capture of each reentrant checkpoint it
+    # was backpropagated into once per layer ("Trying to backward through the graph a second time").
     cfg = config(mode, dropout=0.1, gate_dropout=0.1)
     grads = {}
     for checkpointing in (False, True):

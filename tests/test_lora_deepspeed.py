@@ -39,6 +39,11 @@ RUNS = {
     "ilora": dict(
         checkpointing=False, config=dict(mode="ilora", target_modules=ILORA_TARGETS, r=8, alpha=32, num_experts=4)
     ),
+    # iLoRA's one gate is shared by every layer: under reentrant checkpointing it must be a checkpoint input
+    # (a closure capture crashed the first backward with "backward through the graph a second time").
+    "ilora_checkpointing": dict(
+        checkpointing=True, config=dict(mode="ilora", target_modules=ILORA_TARGETS, r=8, alpha=32, num_experts=4)
+    ),
 }
 
 
@@ -224,6 +229,7 @@ def test_zero3_partitions_base_and_adapter(zero3_run):
         assert result[mode]["base_zero3"], f"{mode}: base model was not built under zero.Init"
         assert result[mode]["partitioned"], f"{mode}: adapter bank was not ZeRO-3 partitioned"
     assert result["reclora"]["use_reentrant"] is True  # auto choice for a ZeRO-3 base
+    assert result["ilora_checkpointing"]["use_reentrant"] is True
 
 
 @pytest.mark.timeout(180)

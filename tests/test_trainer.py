@@ -3,6 +3,7 @@ checkpoints (local and the moto S3 server), SIGKILL of a worker, resume, and bad
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -10,21 +11,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
+from conftest_lora_helpers import tiny_llama
 from safetensors.torch import load_file
 
 from cluster.launch import run_training
 from configs.loader import ConfigError, load_config
+from configs.schema import TrainerConfig
 from recdata import storage
 from recdata.ingest import IngestOptions, ingest
 from recdata.samples import BuildOptions
+from recdata.streams import Schedule
 from recdata.synthetic import preference_dataset
 from retrieval.build import build_samples
 from teacher.config import TeacherConfig
 from teacher.score import RepsError, score_samples
 from teacher.train import train_teacher
+from trainer import engine as eng
 from trainer.checkpoint import CheckpointError, check_compatible, latest_complete
-from trainer.hybrid import use_hybrid
+from trainer.evaluate import all_gather_rows, all_reduce_sum
+from trainer.hybrid import HybridLM, use_hybrid
 from trainer.loop import fingerprint_parts, train_worker
+from trainer.lora import MixtureLoraConfig, build_personalized_model
 from trainer.prepare import plan_training, prepare
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -390,3 +398,56 @@ def test_feed_scores_inline_like_the_score_stage(inputs, tmp_path):
         assert a["sample_id"].equals(b["sample_id"]) and a["input_ids"].equals(b["input_ids"])
         np.testing.assert_allclose(np.stack(a["rep"].to_pylist()), np.stack(b["rep"].to_pylist()), atol=1e-6)
         np.testing.assert_allclose(a["teacher_score"].to_numpy(), b["teacher_score"].to_numpy(), atol=1e-6)
+
+
+# ---- engine pieces in this process (one rank, gloo) ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """torch.distributed through trainer.engine.setup_distributed, as a worker of one."""
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    )
+    device = eng.setup_distributed(use_gpu=False)
+    yield device
+    torch.distributed.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_gradient_accumulation_is_one_derived_quantity():
+    t = TrainerConfig(batch_size=16, micro_batch_size=2, num_workers=2)
+    assert t.gradient_accumulation_iters() == 4 and t.gradient_accumulation_iters(1) == 8
+    assert eng.ds_config(t, False, "float32", 2)["gradient_accumulation_steps"] == 4
+    sched = Schedule(rows=32, global_batch=16, world=2, micro=2, seed=0)
+    assert sched.accumulation == 4 and len(sched.rank_rows(0, 1)) == 4
+
+
+def test_collectives_put_their_tensors_on_the_given_device(one_rank_group):
+    # Under nccl the given device is the engine's GPU (nccl has no CPU tensors); here the gloo group's CPU,
+    # and the meta device shows that the helpers move what they are given.
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    out = all_reduce_sum(x.clone(), one_rank_group)
+    assert out.device == one_rank_group and out.tolist() == [1.0, 2.0]
+    rows = all_gather_rows(x.unsqueeze(0), 1, one_rank_group)
+    assert rows.device == one_rank_group and rows.shape == (1, 2)
+    assert all_reduce_sum(x, "meta").device.type == "meta"  # one rank: no collective on meta tensors
+    assert all_gather_rows(x.unsqueeze(0), 1, "meta").device.type == "meta"
+
+
+def test_hybrid_lookup_tables_are_on_the_engine_device(one_rank_group):
+    lm = tiny_llama(seed=0)
+    pm = build_personalized_model(
+        lm, MixtureLoraConfig(mode="reclora", target_modules=["q_proj"], r=2, alpha=4, num_experts=2, cond_dim=4)
+    )
+    item_ids = np.array([3, 5, 9])
+    model = HybridLM(pm, item_ids, torch.randn(3, 6), slot_token_ids=[7], text_token_id=8)
+    t = TrainerConfig(batch_size=2, micro_batch_size=2, num_workers=1)
+    engine, _, _ = eng.build_engine(model, eng.ds_config(t, False, "float32", 1), t, schedule_steps=4)
+    assert {name: b.device for name, b in model.named_buffers()}["item_emb"] == engine.device
+    assert all(b.device == engine.device for b in model.buffers())
+    eng.move_buffers(model, "meta")  # the helper build_engine uses moves every buffer, to any device
+    assert {b.device.type for b in model.buffers()} == {"meta"}

@@ -84,11 +84,6 @@ def lr_lambda(t, total_steps: int) -> Callable[[int], float]:
     return f
 
 
-def mixture_config(cfg) -> MixtureLoraConfig:
-    """The adapter settings of the typed config."""
-    return MixtureLoraConfig.from_config(cfg)
-
-
 # ------------------------------------------------------------------------------------------------ model
 def build_model(cfg, model_dir: str | None, ds_cfg: dict, use_gpu: bool, hybrid: dict | None = None, base_config=None):
     """Base model under zero.Init (via HfDeepSpeedConfig, kept alive by the caller), then the adapter.
@@ -112,7 +107,7 @@ def build_model(cfg, model_dir: str | None, ds_cfg: dict, use_gpu: bool, hybrid:
     base.config.use_cache = False
     # Same seed on every rank: adapter initialisation must not depend on the number of workers.
     torch.manual_seed(cfg.run.seed)
-    pm = build_personalized_model(base, mixture_config(cfg), seed=cfg.run.seed)
+    pm = build_personalized_model(base, MixtureLoraConfig.from_config(cfg), seed=cfg.run.seed)
     if cfg.trainer.activation_checkpointing:
         pm.activation_checkpointing_enable()
     if hybrid:
