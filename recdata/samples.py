@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from configs.errors import RecloraError
 from recdata import storage
 
-SAMPLES_VERSION = 2  # 2: a missing rating is null (1 wrote NaN)
+SAMPLES_VERSION = 3  # 2: a missing rating is null (1 wrote NaN); 3: exact grid similarity scores (retrieval.history)
 TARGET_SPLITS = ("train", "valid", "test")
 # sample_id = shard_index * 2**40 + row index in the interaction shard: stable across reruns and worker
 # counts, unique while shards hold < 2**40 rows and there are < 2**23 shards.

@@ -11,6 +11,14 @@ the other would leak). Because the block is sorted, the history of row r is alwa
 
 Results are ragged: `Ragged(offsets, index)` where index holds block row positions, time ordered within
 each target. No Python loop runs per row; SUBR loops per block of ~128 targets around one GEMM.
+
+Determinism across machines: a float32 GEMM rounds differently under different BLAS kernels (OpenBLAS
+picks one per CPU: SkylakeX, Haswell, ...), so near-ties, and exact ties such as a repeated item, used to
+be broken differently on different CPUs. Item vectors are therefore snapped to a power-of-two grid
+(`exact_grid`), chosen so that every dot product, and every partial sum a kernel may form on the way,
+is exactly representable in float64; scores are computed in float64 and are then exact, the same
+under any kernel, SIMD width, FMA use or summation order. Ties are then real ties and go to the more
+recent row.
 """
 
 from __future__ import annotations
@@ -20,6 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from configs.errors import RecloraError
+
+# Unit vectors live on the grid 2**-23: |v| <= 1 + 2**-23 needs at most 24 significant bits (exact in
+# float32); a product is a multiple of 2**-46 and, by Cauchy-Schwarz, every partial sum of products has
+# magnitude < 2, so every partial sum is a multiple of 2**-46 below 2**47 * 2**-46: exact in float64.
+UNIT_GRID_EXP = -23
+# Rows normalized in chunks of this many (float64 temporaries stay small).
+_NORM_CHUNK = 8192
 
 
 class HistoryError(RecloraError, ValueError):
@@ -105,9 +120,11 @@ def top_similar(
     """For each target, the k rows of its most recent `pool` history rows whose vectors score highest
     against the target row's vector (dot product; pass unit vectors for cosine), returned in time order.
 
-    Block row r's vector is `matrix[item_rows[r]]` (float32; rows from ItemVectors.rows). Vectors are
-    gathered per block, so memory stays O(block * (pool + block)) however long a user is. Ties in score
-    go to the more recent row, so the result is deterministic and matches `top_similar_reference`.
+    Block row r's vector is `matrix[item_rows[r]]` (float32; rows from ItemVectors.rows, whose matrix is
+    on an `exact_grid`). Scores are float64 products of grid values, hence exact: the same on every CPU
+    and BLAS kernel. Vectors are gathered per block, so memory stays O(block * (pool + block)) however
+    long a user is. Ties in score go to the more recent row, so the result is deterministic and matches
+    `top_similar_reference`.
     A target with at most k pool rows gets all of them. `pool` bounds the cost per target to
     O((pool + block) * dim): older history is not considered (ReLLa's ML-25M keeps 80 candidates).
     """
@@ -138,15 +155,19 @@ def top_similar(
         j = max(i + 1, min(j, i + block))
         rows = heavy[i:j]
         c0, c1 = int(t_lo[rows[0]]), int(t_hi[rows[-1]])
-        scores = matrix[item_rows[targets[rows]]] @ matrix[item_rows[c0:c1]].T  # (b, w), one GEMM
+        # One float64 GEMM (b, w): exact for grid vectors, so no kernel-dependent rounding.
+        lhs = matrix[item_rows[targets[rows]]].astype(np.float64)
+        scores = lhs @ matrix[item_rows[c0:c1]].astype(np.float64).T
         col = np.arange(c1 - c0, dtype=np.int64)
         invalid = (col[None, :] < (t_lo[rows] - c0)[:, None]) | (col[None, :] >= (t_hi[rows] - c0)[:, None])
         np.putmask(scores, invalid, -np.inf)
         w = c1 - c0
+        # The k-th largest score is one value whatever the partition algorithm; selection is by value.
         kth = np.partition(scores, w - k, axis=1)[:, w - k : w - k + 1]
         sel = scores >= kth
-        # Usually exactly k rows reach the k-th score. Where ties push it over k, keep the rows above
-        # it plus the most recent tied ones (count ties from the right); rare, so done on those only.
+        # Usually exactly k rows reach the k-th score. Where ties push it over k (a repeated item always
+        # ties with itself), keep the rows above it plus the most recent tied ones (count ties from the
+        # right); rare, so done on those only.
         over = np.flatnonzero(sel.sum(axis=1) > k)
         if len(over):
             s_o, kth_o = scores[over], kth[over]
@@ -203,11 +224,35 @@ def top_similar_reference(
     return out
 
 
+def grid_exponent(matrix: np.ndarray) -> int:
+    """Exponent e of the grid 2**e for vectors of any scale (metric=dot): with M = 2**ceil(log2(max|v|))
+    and e = log2(M) - p, p = min(23, (52 - ceil(log2(dim))) // 2), a grid value needs <= 24 bits (float32)
+    and a partial sum of products, at most dim * M**2, is a multiple of 2**(2e) below 2**52 of them:
+    exact in float64. Depends only on the exact maximum and the dimension, so on every machine alike."""
+    if matrix.size == 0:
+        return UNIT_GRID_EXP
+    peak = float(np.max(np.abs(matrix)))
+    if peak == 0.0:
+        return UNIT_GRID_EXP
+    _, top = np.frexp(peak)  # peak = f * 2**top, 0.5 <= f < 1: peak <= 2**top
+    dim_bits = int(np.ceil(np.log2(max(matrix.shape[-1], 1))))
+    return int(top) - min(23, (52 - dim_bits) // 2)
+
+
+def exact_grid(values: np.ndarray, exponent: int) -> np.ndarray:
+    """values rounded to the nearest multiple of 2**exponent (half to even), as float32; scaling by a
+    power of two and rint are exact, so this is the same on every machine."""
+    scale = np.ldexp(1.0, -exponent)
+    return (np.rint(np.asarray(values, dtype=np.float64) * scale) / scale).astype(np.float32)
+
+
 class ItemVectors:
     """Item embeddings addressed by item id, never by row position.
 
     Ids are looked up with searchsorted on the sorted id array, so 0- and 1-based or sparse id spaces
-    all work (ReLLa issue #14 indexed a 0-based matrix with 1-based ids)."""
+    all work (ReLLa issue #14 indexed a 0-based matrix with 1-based ids). The matrix is snapped to an
+    `exact_grid` (unit vectors: 2**-23, below float32's own resolution near 1), so `top_similar`'s
+    scores are exact and machine independent."""
 
     def __init__(
         self,
@@ -236,13 +281,17 @@ class ItemVectors:
             dup = self.item_ids[1:][np.diff(self.item_ids) == 0]
             raise HistoryError(f"{source}: duplicate item ids {np.unique(dup)[:20].tolist()}")
         if normalize:
-            norms = np.linalg.norm(m, axis=1, keepdims=True)
-            zero = norms[:, 0] == 0
+            zero = ~np.any(m != 0, axis=1)
             if zero.any():
                 raise HistoryError(
                     f"{source}: zero vectors (no cosine defined) for item ids {self.item_ids[zero][:20].tolist()}"
                 )
-            m /= norms
+            for r0 in range(0, len(m), _NORM_CHUNK):
+                chunk = m[r0 : r0 + _NORM_CHUNK].astype(np.float64)
+                chunk /= np.sqrt(np.add.reduce(chunk * chunk, axis=1))[:, None]
+                m[r0 : r0 + _NORM_CHUNK] = exact_grid(chunk, UNIT_GRID_EXP)
+        else:
+            m[:] = exact_grid(m, grid_exponent(m))
         self.matrix = np.ascontiguousarray(m, dtype=np.float32)
         self.source = source
 
