@@ -58,7 +58,9 @@ class StepResult:
     gate_stats: dict[str, float] = field(default_factory=dict)
 
 
-def train_step(engine, pm, micro_batches: Iterable[dict[str, torch.Tensor]], with_gate_stats: bool = False):
+def train_step(
+    engine, pm, micro_batches: Iterable[dict[str, torch.Tensor]], with_gate_stats: bool = False
+) -> StepResult:
     """One optimizer step: forward and backward on every micro-batch (device tensors, recdata.streams.collate
     layout); DeepSpeed applies the optimizer at the accumulation boundary, the last micro-batch.
     Time spent in `micro_batches` (reading, collating, copying) is the step's data wait."""
