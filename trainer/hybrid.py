@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.lora import _gathered, is_main_process
+from trainer.lora import gathered, is_main_process
 
 HISTORY_TOKEN = "[HistoryEmb]"
 CANDIDATE_TOKEN = "[CansEmb]"
@@ -87,7 +87,7 @@ class HybridLM(nn.Module):
 
         self.pm.save_adapter(out_dir)
         params = list(self.projector.parameters())
-        with _gathered(params):
+        with gathered(params):
             state = {n: p.detach().cpu().contiguous() for n, p in self.projector.named_parameters()}
         if is_main_process():
             save_file(state, str(Path(out_dir) / "projector.safetensors"))

@@ -299,15 +299,22 @@ def _is_zero3_param(param: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def _gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
-    """Full parameters inside the block under ZeRO-3 (collective: every rank must enter); no-op otherwise."""
-    zero_params = [p for p in params if _is_zero3_param(p)]
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Full parameters inside the block under ZeRO-3 (collective: every rank must enter); no-op otherwise.
+
+    One synchronous all-gather per parameter, in ds_id order (the same on every rank). A single
+    GatheredParameters over the whole list takes DeepSpeed's coalesced path, which launches one async
+    all-gather per parameter and waits only on the last handle: on CPU/gloo earlier transfers could still
+    be writing after the block was entered (lost or corrupted adapter tensors in save/load)."""
+    zero_params = {id(p): p for p in params if _is_zero3_param(p)}
     if not zero_params:
         yield
         return
     import deepspeed  # only reached when the parameters are already ZeRO-3 partitioned
 
-    with deepspeed.zero.GatheredParameters(zero_params, modifier_rank=modifier_rank):
+    with contextlib.ExitStack() as stack:
+        for p in sorted(zero_params.values(), key=lambda q: q.ds_id):
+            stack.enter_context(deepspeed.zero.GatheredParameters([p], modifier_rank=modifier_rank))
         yield
 
 
@@ -498,7 +505,7 @@ class PersonalizedLM(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """CPU copies of the trainable tensors (gathered under ZeRO-3: call on every rank)."""
         params = self.trainable_parameters()
-        with _gathered(list(params.values())):
+        with gathered(list(params.values())):
             return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
 
     def save_adapter(self, out_dir: str | Path) -> None:
@@ -539,7 +546,7 @@ class PersonalizedLM(nn.Module):
             raise ValueError(f"{adapter_dir}: saved config {saved} differs from this model's {self.config}")
         bank = load_file(str(adapter_dir / PEFT_WEIGHTS_FILE))
         params = self.trainable_parameters()
-        with torch.no_grad(), _gathered(list(params.values()), modifier_rank=0):
+        with torch.no_grad(), gathered(list(params.values()), modifier_rank=0):
             result = set_peft_model_state_dict(self.lm, bank, adapter_name=self.adapter_name)
             bank_names = {n.removeprefix("lm.") for n in params if n.startswith("lm.")}
             missing = bank_names & set(result.missing_keys)
