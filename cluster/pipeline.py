@@ -188,7 +188,7 @@ class Pipeline:
             return
         teacher = teacher_metrics(self.cfg, p)
         final = storage.read_json(storage.join(p.run, "metrics.json"))["final"]
-        print(final_table(final, teacher))
+        print(final_table(final, teacher, self.cfg.data.task))
         storage.write_json_atomic(
             storage.join(p.run, "results.json"), {"llm": final, "teacher": teacher, "stage_seconds": self.timings}
         )
@@ -197,22 +197,41 @@ class Pipeline:
 
 
 def teacher_metrics(cfg, p: layout.Paths) -> dict:
-    """The teacher's own scores on exactly the LLM's test samples (the feed stores them in the stream)."""
+    """The teacher's own test scores on exactly the LLM's test samples. CTR: from the teacher scores the feed
+    stored in the test stream. Next item: the teacher's test ranking metrics from its commit (teacher.json),
+    used only when they were measured on as many test samples as the LLM's test stream holds."""
     stream = storage.join(p.run, "data", "test")
-    if cfg.data.task != "ctr" or not storage.exists(storage.join(stream, "plan.json")):
+    if not storage.exists(storage.join(stream, "plan.json")):
         return {}
-    t = StreamReader(stream, timeout_s=1.0).read_columns(["label", "teacher_score"])
-    return {f"test_{k}": v for k, v in ctr_metrics(t["label"].to_numpy(), t["teacher_score"].to_numpy()).items()}
+    if cfg.data.task == "ctr":
+        t = StreamReader(stream, timeout_s=1.0).read_columns(["label", "teacher_score"])
+        return {f"test_{k}": v for k, v in ctr_metrics(t["label"].to_numpy(), t["teacher_score"].to_numpy()).items()}
+    meta_url = storage.join(p.teacher, "teacher.json")
+    test = storage.read_json(meta_url)["metrics"].get("test") if storage.exists(meta_url) else None
+    rows = storage.read_json(storage.join(stream, "plan.json")).get("rows")
+    if not test or test.get("n") != rows:
+        return {}
+    return {f"test_{k}": v for k, v in test.items()}
 
 
-def final_table(final: dict, teacher: dict) -> str:
-    rows = [("zero-shot LLM", "zeroshot_test_"), ("trained LLM", "test_")]
-    out = [f"{'model':<16} {'test AUC':>9} {'test LogLoss':>13}"]
-    for name, prefix in rows:
-        if f"{prefix}auc" in final:
-            out.append(f"{name:<16} {final[prefix + 'auc']:>9.4f} {final[prefix + 'logloss']:>13.4f}")
-    if teacher:
-        out.append(f"{'teacher':<16} {teacher['test_auc']:>9.4f} {teacher['test_logloss']:>13.4f}")
+# The final table's columns per task: (metric key, header).
+TABLE_COLUMNS = {
+    "ctr": [("auc", "test AUC"), ("logloss", "test LogLoss")],
+    "next_item": [("hr@1", "test HR@1"), ("hr@5", "test HR@5"), ("ndcg@5", "test NDCG@5"), ("n", "n")],
+}
+
+
+def final_table(final: dict, teacher: dict, task: str = "ctr") -> str:
+    """Zero-shot LLM, trained LLM and teacher on the same test samples, one row each."""
+    cols = TABLE_COLUMNS[task]
+    out = [f"{'model':<16}" + "".join(f" {h:>13}" for _, h in cols)]
+    rows = [("zero-shot LLM", final, "zeroshot_test_"), ("trained LLM", final, "test_"), ("teacher", teacher, "test_")]
+    for name, values, prefix in rows:
+        if all(f"{prefix}{k}" in values for k, _ in cols):
+            cells = "".join(
+                f" {int(values[prefix + k]):>13d}" if k == "n" else f" {values[prefix + k]:>13.4f}" for k, _ in cols
+            )
+            out.append(f"{name:<16}{cells}")
     return "\n".join(out)
 
 
