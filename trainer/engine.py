@@ -8,6 +8,7 @@ optimizer-state surgery those need and the distributed setup. Knows nothing of R
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Callable
@@ -101,8 +102,9 @@ def build_model(cfg, model_dir: str | None, ds_cfg: dict, use_gpu: bool, hybrid:
         base = AutoModelForCausalLM.from_pretrained(worker_model_dir(model_dir), dtype=dtype)
     else:
         torch.manual_seed(cfg.run.seed)
-        device = torch.device("cuda", torch.cuda.current_device()) if use_gpu and not zero3 else torch.device("cpu")
-        with device:
+        # zero.Init places (and partitions) ZeRO-3 parameters itself; otherwise build on the GPU directly.
+        gpu = use_gpu and not zero3
+        with torch.device("cuda", torch.cuda.current_device()) if gpu else contextlib.nullcontext():
             base = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
     base.config.use_cache = False
     # Same seed on every rank: adapter initialisation must not depend on the number of workers.
