@@ -18,9 +18,14 @@ import fsspec
 import pyarrow.fs as pafs
 
 from configs.errors import RecloraError
+from configs.schema import has_credentials
 
 # Process-wide defaults set once from config (endpoint, region); never credentials.
 _S3_OPTIONS: dict[str, Any] = {}
+
+
+# Where an S3 endpoint may come from besides the config, in order of precedence.
+ENDPOINT_VARS = ("RECLORA_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 class StorageError(RecloraError, RuntimeError):
@@ -29,6 +34,13 @@ class StorageError(RecloraError, RuntimeError):
 
 def configure(endpoint_url: str | None = None, region: str | None = None, anon: bool | None = None) -> None:
     """Set non-secret S3 options for this process (from the typed config's `storage` section)."""
+    for var in ENDPOINT_VARS:
+        if has_credentials(os.environ.get(var) or ""):
+            # Endpoints are forwarded to Ray workers (runtime_env, which Ray logs): never with a key inside.
+            raise StorageError(
+                f"{var} holds credentials (user:password@); give only scheme://host:port and set "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead"
+            )
     _S3_OPTIONS.clear()
     if endpoint_url:
         _S3_OPTIONS["endpoint_url"] = endpoint_url
@@ -40,11 +52,7 @@ def configure(endpoint_url: str | None = None, region: str | None = None, anon: 
 
 def _s3_options() -> dict[str, Any]:
     opts: dict[str, Any] = dict(_S3_OPTIONS)
-    env_endpoint = (
-        os.environ.get("RECLORA_S3_ENDPOINT")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    env_endpoint = next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
     if env_endpoint and "endpoint_url" not in opts:
         opts["endpoint_url"] = env_endpoint
     # Fail fast on a dead endpoint instead of botocore's long default retry loop.
@@ -64,6 +72,17 @@ def digest(obj: Any, length: int = 16) -> str:
     """The one content digest of the project: sha256 over canonical JSON (sorted keys), hex, cut to `length`.
     Stage addresses, stream keys, checkpoint and shard fingerprints are all this function."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def sha256_file(url: str, chunk_bytes: int = 4 << 20) -> str:
+    """The one file checksum of the project: sha256 (hex) of a stored file's bytes, streamed in chunks (never
+    the whole file in memory). Checkpoints record it per file and verify it on load."""
+    fs, path = get_fs(url)
+    h = hashlib.sha256()
+    with storage_errors(url), fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +110,93 @@ def test_ranks_stage_on_local_disk_then_upload_to_s3(s3_bucket, tmp_path, monkey
     assert (staging / "reclora-staging").is_dir() and not any(p.is_file() for p in staging.rglob("*"))
     loaded = ckpt.load(url, rank=0, world=1, parts=parts)
     assert torch.equal(loaded.tensors["p1::param"], torch.full((2, 3), 5.0))
+
+
+def _damage(url: str, name: str, how: str) -> str:
+    path = storage.join(url, name)
+    data = bytearray(open(path, "rb").read())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:  # flip one bit in the middle: same size, different content
+        data[len(data) // 2] ^= 0x01
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, how",
+    [
+        ("rank-00001-of-00002.safetensors", "truncate"),
+        ("rank-00001-of-00002.safetensors", "flip"),
+        ("rank-00000.json", "flip"),
+        ("meta.json", "flip"),
+    ],
+)
+def test_damaged_file_falls_back_to_previous_checkpoint_naming_it(tmp_path, name, how):
+    run = str(tmp_path / "run")
+    parts = {"model": "m", "lora": {"r": 4}}
+    _save(run, 4, parts=parts)
+    newest = _save(run, 8, parts=parts)
+    bad = _damage(newest, name, how)
+    with pytest.warns(UserWarning) as warned:
+        url, state = ckpt.load_latest(run, rank=0, world=2, parts=parts)
+    assert url.endswith("step-00000004") and state.step == 4
+    assert torch.equal(state.tensors["p1::param"], torch.full((2, 3), 5.0))
+    text = " ".join(str(w.message) for w in warned)
+    assert bad in text and "step-00000008" in text and "falling back" in text
+    with pytest.raises(ckpt.CorruptCheckpointError, match=name) as err:
+        ckpt.load(newest, rank=0, world=2, parts=parts)  # an explicit resume URL: an error, naming the file
+    assert err.value.path == bad
+    with pytest.warns(UserWarning, match=name):
+        assert ckpt.latest_complete(run, deep=True).endswith("step-00000004")
+    if how == "truncate":  # the cheap check (sizes) already skips a truncated file
+        with pytest.warns(UserWarning, match=name):
+            assert ckpt.latest_complete(run).endswith("step-00000004")
+
+
+def test_saving_into_a_complete_folder_removes_the_marker_first(tmp_path, monkeypatch):
+    """Two ranks as threads with a real barrier re-save a step whose folder is complete (a resumed run's final
+    save): no file may be replaced while COMPLETE is there, and the result loads with the new values."""
+    run = str(tmp_path / "run")
+    parts = {"model": "m", "lora": {"r": 4}}
+    url = _save(run, 4, parts=parts)
+    marker = storage.join(url, ckpt.MARKER)
+    replaced_under_marker = []
+    upload = storage.upload_file_atomic
+
+    def watched_upload(local, dst):
+        replaced_under_marker.append(storage.exists(dst) and storage.exists(marker))
+        upload(local, dst)
+
+    monkeypatch.setattr(storage, "upload_file_atomic", watched_upload)
+    barrier = threading.Barrier(2, timeout=30)
+    meta = {"fingerprint": ckpt.config_fingerprint(parts), "fingerprint_parts": parts, "optimizer_step": 99}
+    errors = []
+
+    def rank(r):
+        try:
+            ckpt.save(
+                run,
+                4,
+                r,
+                2,
+                {f"p{r}::param": torch.full((2, 3), 100.0 + r)},
+                {"rng": ckpt.rng_state(), "cursor": {"row": 4}},
+                meta if r == 0 else None,
+                barrier.wait,
+            )
+        except Exception as e:  # reported below, in the test's thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert replaced_under_marker == [False, False]
+    state = ckpt.load(url, rank=0, world=2, parts=parts)
+    assert state.meta["optimizer_step"] == 99
+    assert torch.equal(state.tensors["p1::param"], torch.full((2, 3), 101.0))
