@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ENV := source scripts/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test test-fast bench-quick clean
+.PHONY: setup demo lint test test-fast test-cpu-baseline bench-quick clean
 
 setup:
 	bash scripts/setup_env.sh
@@ -23,6 +23,14 @@ test: setup
 
 test-fast: setup
 	$(ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Retrieval and request records as on a CPU without AVX-512: numpy's dispatch limited to its baseline (the
+# dispatched features this CPU has are disabled) and OpenBLAS's Haswell kernel (issue #15).
+NPY_EXTRA_FEATURES = $(PY) -c "from numpy._core import _multiarray_umath as m; print(' '.join(f for f in m.__cpu_dispatch__ if m.__cpu_features__.get(f)))"
+test-cpu-baseline: setup
+	$(ENV) NPY_DISABLE_CPU_FEATURES="$$($(NPY_EXTRA_FEATURES))" OPENBLAS_CORETYPE=Haswell $(PY) -m pytest -q \
+		tests/test_retrieval_history.py tests/test_retrieval_build.py tests/test_retrieval_determinism.py \
+		tests/test_predict.py -k "not end_to_end and not cli" $(PYTEST_ARGS)
 
 bench-quick: setup
 	$(ENV) for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
