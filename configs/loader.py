@@ -7,6 +7,7 @@ Errors name the key path and what was expected, e.g.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -131,9 +132,14 @@ def format_errors(e: ValidationError, data: dict) -> list[str]:
         elif kind == "value_error":
             msg = err["msg"].removeprefix("Value error, ")
             section = ".".join(loc)
-            lines.append(f"{section + '.' if section else ''}{msg}")
+            if re.match(r"^[\w.\[\]]+: ", msg):  # a section's check names its key first ("batch_size: ...")
+                lines.append(f"{section + '.' if section else ''}{msg}")
+            else:  # a field's own check: the location is the key
+                lines.append(f"{section}: {msg}")
         elif kind == "literal_error":
             lines.append(f"{key}: expected one of {err['ctx']['expected']}, got {got!r}")
+        elif kind == "finite_number":
+            lines.append(f"{key}: expected a finite number, got {got!r}")
         elif kind == "missing":
             lines.append(f"{key}: required key is missing")
         else:

@@ -8,8 +8,9 @@ here are the sane fallbacks; the presets carry the papers' settings.
 from __future__ import annotations
 
 from typing import Literal, Optional
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def gradient_accumulation_iters(global_batch: int, micro_batch: int, world: int) -> int:
@@ -21,8 +22,14 @@ def gradient_accumulation_iters(global_batch: int, micro_batch: int, world: int)
     return global_batch // (micro_batch * world)
 
 
+def has_credentials(url: str) -> bool:
+    """A URL with user info (`scheme://user:secret@host`)."""
+    return "@" in urlsplit(url).netloc
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are refused everywhere (`trainer.lr=inf` would otherwise pass a `gt=0` check).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(Strict):
@@ -37,6 +44,18 @@ class StorageConfig(Strict):
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
     anon: bool = False
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, v: Optional[str]) -> Optional[str]:
+        # The resolved config is saved with every run and printed in reports: a key inside the URL would
+        # end up there. The message must not repeat the URL.
+        if v is not None and has_credentials(v):
+            raise ValueError(
+                "holds credentials (user:password@); give only scheme://host:port and set "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment"
+            )
+        return v
 
 
 class ColumnsConfig(Strict):
