@@ -501,7 +501,8 @@ def print_cpu_table(results: list[dict[str, Any]]) -> None:
     print()
     print(
         f"{'model':<22} {'adapter':<10} {'targets':<8} {'N':>3} {'trainable':>10} {'tok/step':>8} {'step s':>8} "
-        f"{'tokens/s':>9} {'wait %':>7} {'vs plain':>8} {'ckpt bytes':>11} {'B/param':>8} {'loss 1st->last':>15}  step s per round"
+        f"{'tokens/s':>9} {'MFU %':>6} {'wait %':>7} {'vs plain':>8} {'ckpt bytes':>11} {'B/param':>8} "
+        f"{'loss 1st->last':>15}  step s per round"
     )
     for r in results:
         a = ADAPTERS[r["adapter"]]
@@ -510,13 +511,14 @@ def print_cpu_table(results: list[dict[str, Any]]) -> None:
         print(
             f"{MODELS[r['model']]['label']:<22} {r['adapter']:<10} {('q,v' if a['target_modules'] == QV else 'all 7'):<8} "
             f"{a['num_experts']:>3} {r['trainable']:>10,} {r['tokens_per_step']:>8.0f} {r['step_seconds']:>8.3f} "
-            f"{r['tokens_per_s']:>9.1f} {100 * r['data_wait_fraction']:>7.3f} {rel:>8} "
+            f"{r['tokens_per_s']:>9.1f} {100 * r['mfu']:>6.2f} {100 * r['data_wait_fraction']:>7.3f} {rel:>8} "
             f"{r['checkpoint']['folder_bytes']:>11,} {r['checkpoint_bytes_per_trainable_param']:>8.3f} "
             f"{r['loss_first']:>7.3f}->{r['loss_last']:<7.3f}  {' '.join(f'{x:.3f}' for x in r['round_step_seconds'])}"
         )
     print(
         "step s / tokens/s / wait: median over the steps after the first 2 (warm-up) of every round (runs), "
-        "from {run}/logs/train.jsonl.json; wait = data_wait_fraction (stream read + collate time / step time)."
+        "from {run}/logs/train.jsonl.json; wait = data_wait_fraction (stream read + collate time / step time);\n"
+        "MFU = the trainer's logged mfu (trainer.telemetry.mfu) against the fp32 matmul peak measured before the runs."
     )
     print(
         "N = experts; reclora: rank 8 each; ilora: total rank 8 (4 x 2); trainable = adapter bank + gates. "
