@@ -172,8 +172,10 @@ def test_two_workers_zero3_ctr_trains_and_evaluates(baseline):
 
 def test_sigkill_worker_resumes_to_identical_adapter(inputs, baseline, tmp_path):
     cfg = tiny_cfg(inputs, str(tmp_path), "killed")
-    out = run_train(cfg, fail_at={"step": 6, "rank": 1, "marker": str(tmp_path / "killed.marker")})
+    out = run_train(cfg, fail_at={"step": 6, "rank": 1, "marker": str(tmp_path / "killed.marker")}, eval_zero_shot=True)
     assert (tmp_path / "killed.marker").exists(), "the worker was not killed"
+    # The zero-shot score, measured before step 1, survives the resume (carried by the checkpoints).
+    assert np.isfinite(out["metrics"]["final"]["zeroshot_test_auc"])
     base = {h["step"]: h["loss"] for h in baseline["history"]}
     mine = {h["step"]: h["loss"] for h in out["history"]}
     assert sorted(mine) == list(range(1, 9))

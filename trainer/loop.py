@@ -110,8 +110,8 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     total_steps = t.max_steps or sched.steps_per_epoch * t.epochs
     schedule_steps = t.max_steps or sched.steps_per_epoch * (t.schedule_epochs or t.epochs)
 
-    resume_url = params.get("resume") or ckpt.latest_complete(run_url)
-    state = ckpt.load(resume_url, rank, world, parts) if resume_url else None
+    # The newest checkpoint whose checksums verify (a damaged one is skipped with a warning naming the file).
+    resume_url, state = ckpt.load_latest(run_url, rank, world, parts, resume=params.get("resume"))
     if state is not None:
         eng.load_params_before_engine(pm, state.tensors)
     engine, scheduler, lam = eng.build_engine(pm, ds_cfg, t, schedule_steps)
@@ -143,6 +143,8 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     if start == 0 and params.get("eval_zero_shot") and "test" in params["streams"]:
         # B = 0 at step 0, so the personalized model is exactly the base LLM: its zero-shot score.
         zero_shot = {f"zeroshot_test_{k}": v for k, v in evaluate("test").items()}
+    elif state is not None:  # measured before step 1 of this run: every checkpoint carries it (metrics)
+        zero_shot = {k: v for k, v in state.meta.get("metrics", {}).items() if k.startswith("zeroshot_")}
 
     # ---- train
     t_train, wait_total = time.perf_counter(), 0.0
@@ -187,7 +189,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps:
-            saver.save(step + 1, history)
+            saver.save(step + 1, history, metrics=zero_shot)
         maybe_fail(params.get("fail_at"), step + 1, rank)
         if params.get("pause_after_checkpoint") and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
             time.sleep(params["pause_after_checkpoint"])  # tests: a window in which to preempt a node
