@@ -235,7 +235,7 @@ def vectorized_no_write(ds_url: str, emb_url: str, scratch: Path) -> dict:
         with threadpool_limits(limits=1):
             groups = (pa.Table.from_batches([b]) for b in table.to_batches(max_chunksize=65536))  # like row groups
             for base, block in user_blocks(groups, "shard 0"):
-                for _, records in w._samples(0, base, block, counts, "shard 0"):
+                for _, records in w.samples(0, base, block, counts, "shard 0"):
                     n += records.num_rows
         out[mode] = (time.process_time() - t0) / n
     return out

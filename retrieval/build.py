@@ -253,7 +253,7 @@ class SampleShardWorker:
                     raise SamplesError(f"{url}: missing interaction column(s) {sorted(missing)}")
                 groups = (pf.read_row_group(g, columns=INTERACTION_COLUMNS) for g in range(pf.num_row_groups))
                 for base, table in user_blocks(groups, url):
-                    for split, out in self._samples(shard, base, table, counts, url):
+                    for split, out in self.samples(shard, base, table, counts, url):
                         writers[split][0].write_table(out, row_group_size=self.opts.chunk_rows)
                         rows[split] += out.num_rows
             for split, (w, fh, tmp, opath) in writers.items():
@@ -272,7 +272,7 @@ class SampleShardWorker:
         counts["samples"] = sum(rows.values())
         return {"counts": counts, "rows": rows, "files": {s: f"{s}/shard-{shard:05d}.parquet" for s in TARGET_SPLITS}}
 
-    def _samples(
+    def samples(
         self, shard: int, base: int, table: pa.Table, counts: dict[str, int], url: str
     ) -> Iterator[tuple[str, pa.Table]]:
         b = _Block(table)

@@ -97,3 +97,36 @@ def test_the_check_catches_an_upward_import(tmp_path):
     f.write_text("def f():\n    from cluster.pool import run_sharded\n    import ray\n")
     names = [n for n, _ in _imports(f)]
     assert "cluster.pool" in names and "ray" in names
+
+
+def _private_uses(path: Path) -> list[tuple[str, int]]:
+    """`from project.module import _name` and `module._name` where `module` is an imported project module."""
+    tree = ast.parse(path.read_text(), str(path))
+    module_names, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in RANK:
+                    module_names.add(a.asname or a.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in RANK:
+            for a in node.names:
+                if f"{node.module}.{a.name}" in MODULES:  # a module imported by name
+                    module_names.add(a.asname or a.name)
+                elif a.name.startswith("_"):
+                    found.append((f"{node.module}.{a.name}", node.lineno))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name) and node.value.id in module_names):  # fmt: skip
+            found.append((f"{node.value.id}.{node.attr}", node.lineno))
+    return found
+
+
+@pytest.mark.parametrize("mod", sorted(MODULES))
+def test_no_private_names_across_modules(mod):
+    uses = _private_uses(MODULES[mod])
+    assert not uses, f"{MODULES[mod].relative_to(ROOT)} uses private names of other modules: {uses}"
+
+
+def test_bench_uses_no_private_names():
+    uses = {p.name: _private_uses(p) for p in sorted((ROOT / "bench").glob("*.py"))}
+    assert not {k: v for k, v in uses.items() if v}
