@@ -51,13 +51,14 @@ from recdata.samples import (
     sample_file,
     value_array,
 )
-from recdata.schema import SPLITS, Dataset, DatasetError, read_parquet
+from recdata.schema import SPLITS, Dataset, DatasetError
 from recdata.subsets import write_subsets
 from retrieval.history import (
     ItemVectors,
     Ragged,
     check_sorted,
     history_bounds,
+    load_item_vectors,
     recent,
     top_similar,
 )
@@ -75,27 +76,6 @@ def fingerprint(dataset_url: str, opts: BuildOptions, embeddings_url: str | None
         "samples_version": SAMPLES_VERSION,
     }
     return storage.digest(key)
-
-
-def embeddings_file(url: str) -> str:
-    return url if url.endswith(".parquet") else storage.join(url, "embeddings.parquet")
-
-
-def load_item_vectors(url: str, normalize: bool) -> ItemVectors:
-    """Parquet (item_id int64, embedding list<float32>) -> ItemVectors."""
-    path = embeddings_file(url)
-    table = read_parquet(path, columns=["item_id", "embedding"])
-    emb = table.column("embedding").combine_chunks()
-    lengths = np.diff(emb.offsets.to_numpy())
-    if len(lengths) and (lengths.min() != lengths.max() or lengths.min() == 0):
-        raise SamplesError(
-            f"{path}: column 'embedding' must hold vectors of one non-zero length, got lengths {sorted(set(lengths.tolist()))[:5]}"
-        )
-    dim = int(lengths[0]) if len(lengths) else 0
-    item_ids = table.column("item_id").to_numpy()
-    values = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)  # a private copy, normalized in place
-    del table, emb
-    return ItemVectors(item_ids, values.reshape(-1, dim), normalize=normalize, source=path, copy=False)
 
 
 def _split_codes(col: pa.ChunkedArray) -> np.ndarray:

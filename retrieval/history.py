@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from configs.errors import RecloraError
+from recdata import storage
+from recdata.samples import SamplesError
+from recdata.schema import read_parquet
 
 # Unit vectors live on the grid 2**-23: |v| <= 1 + 2**-23 needs at most 24 significant bits (exact in
 # float32); a product is a multiple of 2**-46 and, by Cauchy-Schwarz, every partial sum of products has
@@ -314,3 +317,24 @@ class ItemVectors:
 
     def lookup(self, item_ids: np.ndarray) -> np.ndarray:
         return self.matrix[self.rows(item_ids)]
+
+
+def embeddings_file(url: str) -> str:
+    return url if url.endswith(".parquet") else storage.join(url, "embeddings.parquet")
+
+
+def load_item_vectors(url: str, normalize: bool) -> ItemVectors:
+    """Parquet (item_id int64, embedding list<float32>) -> ItemVectors."""
+    path = embeddings_file(url)
+    table = read_parquet(path, columns=["item_id", "embedding"])
+    emb = table.column("embedding").combine_chunks()
+    lengths = np.diff(emb.offsets.to_numpy())
+    if len(lengths) and (lengths.min() != lengths.max() or lengths.min() == 0):
+        raise SamplesError(
+            f"{path}: column 'embedding' must hold vectors of one non-zero length, got lengths {sorted(set(lengths.tolist()))[:5]}"
+        )
+    dim = int(lengths[0]) if len(lengths) else 0
+    item_ids = table.column("item_id").to_numpy()
+    values = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)  # a private copy, normalized in place
+    del table, emb
+    return ItemVectors(item_ids, values.reshape(-1, dim), normalize=normalize, source=path, copy=False)

@@ -27,8 +27,9 @@ from recdata.samples import BuildOptions, SampleSet
 from recdata.schema import Dataset, write_parquet
 from recdata.streams import StreamReader, collate
 from recdata.synthetic import preference_dataset
-from retrieval.build import build_samples, load_item_vectors
+from retrieval.build import build_samples
 from retrieval.encoding import PromptEncoder, answer_token_ids
+from retrieval.history import load_item_vectors
 from retrieval.requests import RequestRetriever
 from teacher.features import Encoder
 from teacher.model_io import load_teacher, to_tensors

@@ -14,9 +14,9 @@ from recdata.ingest import IngestOptions, ingest
 from recdata.samples import BuildOptions, SampleSet
 from recdata.schema import Dataset
 from recdata.subsets import load_subset
-from retrieval.build import build_samples, load_item_vectors
+from retrieval.build import build_samples
 from retrieval.embed_items import EmbedOptions, EmbedWorker, embed_items, item_texts
-from retrieval.history import history_bounds, top_similar_reference
+from retrieval.history import history_bounds, load_item_vectors, top_similar_reference
 from retrieval.prompts import PromptRenderer
 from tests.conftest import shared_path
 

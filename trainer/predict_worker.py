@@ -25,8 +25,8 @@ from configs.loader import validate
 from recdata import storage
 from recdata.samples import BuildOptions
 from recdata.streams import collate
-from retrieval.build import load_item_vectors
 from retrieval.encoding import PromptEncoder, answer_token_ids, encode_rows
+from retrieval.history import load_item_vectors
 from retrieval.prompts import PromptRenderer, style_for
 from retrieval.requests import RequestRetriever
 from teacher.features import Encoder
