@@ -73,7 +73,7 @@ class IngestOptions:
 class _Counts:
     rows_in: int = 0
     nan_ratings: int = 0
-    missing_ratings: int = 0  # next_item rows kept without a rating (null)
+    missing_ratings: int = 0  # rows kept without a rating (null): next_item rows, context rows
     unknown_items: int = 0
     duplicates: int = 0
     kcore_removed: int = 0
@@ -251,6 +251,7 @@ def _validate_batch(
             row = int(np.flatnonzero(np.asarray(pc.is_null(t[name])))[0])
             raise IngestError(f"{batch.where(row)}: column {name} is empty")
     keep = np.ones(t.num_rows, dtype=bool)
+    missing = np.zeros(t.num_rows, dtype=bool)
     if source.has_ratings:
         r = t["rating"].to_numpy(zero_copy_only=False).astype(np.float64)
         # A missing rating is one state everywhere downstream: null (never NaN).
@@ -261,8 +262,7 @@ def _validate_batch(
         if "split" in t.column_names:  # context rows of sequence sources may lack ratings
             bad &= np.asarray(pc.not_equal(t["split"], "context"))
         if opts.task == "next_item":
-            # Next-item labels do not come from ratings: a row without one is kept (null) and counted.
-            counts.missing_ratings += int((bad & missing).sum())
+            # Next-item labels do not come from ratings: a row without one is kept (null) and counted below.
             bad &= ~missing
         if bad.any():
             if opts.on_bad_rows == "skip":
@@ -286,6 +286,8 @@ def _validate_batch(
                 f"{batch.where(row)}: item id {int(items[row])} is not in the items file {source.items_file} "
                 f"({int(unknown.sum())} such rows); fix the files or pass --on-bad-rows skip"
             )
+    # Rows kept with a null rating: next-item rows, and the history-only context rows of sequence sources.
+    counts.missing_ratings += int((missing & keep).sum())
     if not keep.all():
         t = t.filter(pa.array(keep))
     return t
@@ -601,7 +603,7 @@ def _manifest(fmt, source, opts, method, shards, items, users_entry, counts: _Co
             "kcore_removed": counts.kcore_removed,
         },
         "rows_read": counts.rows_in,
-        # Rows kept with a null rating (next_item data whose source has ratings on some rows only).
+        # Rows kept with a null rating (a source with ratings on some rows only: next_item rows, context rows).
         "missing_ratings": counts.missing_ratings,
         "shards": shards,
         "items": {"path": "items.parquet", "rows": items.num_rows, "columns": items.column_names},

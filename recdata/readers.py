@@ -80,6 +80,26 @@ def _interactions(t: pa.Table, has_rating: bool) -> pa.Table:
     )
 
 
+def order_positions(users: np.ndarray, seen: dict[int, int]) -> np.ndarray:
+    """Timestamps for sources that give only the order: each row's position among its user's rows in file
+    order (0, 1, 2, ...), continued across batches through `seen` (user -> rows so far)."""
+    n = len(users)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    order = np.argsort(users, kind="stable")
+    su = users[order]
+    first = np.r_[True, su[1:] != su[:-1]]
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.r_[starts, n])
+    uniq = su[starts]
+    base = np.fromiter((seen.get(int(u), 0) for u in uniq), np.int64, len(uniq))
+    pos = np.arange(n, dtype=np.int64) - np.repeat(starts, sizes) + np.repeat(base, sizes)
+    seen.update(zip(uniq.tolist(), (base + sizes).tolist()))
+    out = np.empty(n, np.int64)
+    out[order] = pos
+    return out
+
+
 # --------------------------------------------------------------------------------------------- MovieLens
 _ML1M_OCCUPATIONS = [
     "other",
@@ -290,16 +310,23 @@ def recbole(src: str) -> Source:
     names = [n for n, _ in head]
     ui = _pick(inter, names, ("user_id",), "user id")
     ii = _pick(inter, names, ("item_id",), "item id")
-    ti = _pick(inter, names, ("timestamp",), "timestamp")
+    # Without a timestamp field the file order is the interaction order (order_positions).
+    ti = _pick(inter, names, ("timestamp",), "timestamp", required=False)
     ri = _pick(inter, names, ("rating",), "rating", required=False)
     cols: list[Column | None] = [None] * len(names)
     cols[ui], cols[ii] = Column("user_id", "int"), Column("item_id", "int")
-    cols[ti] = Column("timestamp", "float")
+    if ti is not None:
+        cols[ti] = Column("timestamp", "float")
     if ri is not None:
         cols[ri] = Column("rating", "float")
 
     def batches():
         t = read_delimited(inter, cols, "\t", header=True, data=raw, what="\t".join(f"{n}:{ty}" for n, ty in head))
+        if ti is None:
+            uid = t["user_id"]
+            # An empty user id is reported by ingest with its line; positions are never used then.
+            users = uid.to_numpy() if not uid.null_count else np.zeros(len(uid), np.int64)
+            t = t.append_column("timestamp", pa.array(order_positions(users, {})))
         yield Batch(_interactions(t, ri is not None), inter, 2)
 
     iraw = open_bytes(item_f)
@@ -334,7 +361,7 @@ def recbole(src: str) -> Source:
             g = udict["gender"].to_pylist()
             udict["gender"] = ["male" if x == "M" else "female" if x == "F" else x for x in g]
         users = pa.table(udict)
-    return Source(f"RecBole atomic files at {src}", batches, pa.table(items), item_f, users)
+    return Source(f"RecBole atomic files at {src}", batches, pa.table(items), item_f, users, has_ratings=ri is not None)
 
 
 def _int_or_null(col) -> pa.Array:
@@ -376,6 +403,7 @@ def llara(src: str, items_src: str | None = None) -> Source:
     )
     items = _llara_items(items_f)
     pad = int(pc.max(items["item_id"]).as_py()) + 1
+    has_ratings = any(_llara_has_ratings(f) for f in found.values())
 
     def batches():
         offset = 0
@@ -390,7 +418,7 @@ def llara(src: str, items_src: str | None = None) -> Source:
         items,
         items_f,
         None,
-        has_ratings=False,
+        has_ratings=has_ratings,
         given_split=True,
         notes={"pad_id": pad, "files": found},
     )
@@ -423,6 +451,24 @@ def _llara_items(url: str) -> pa.Table:
     return pa.table({"item_id": pa.array(ids, pa.int64()), "title": pa.array(titles)})
 
 
+def _llara_has_ratings(url: str) -> bool:
+    """Whether a LLaRA file carries ratings (`seq_ratings`, as the first rows show)."""
+    fs, path = storage.get_fs(url)
+    with storage.storage_errors(url), fs.open(path, "rb") as f:
+        return b'"seq_ratings"' in f.read(4096)
+
+
+def _llara_rating(value, url: str, lineno: int, field: str) -> float | None:
+    """A rating from a LLaRA row: a number, or None when it is missing (null / absent)."""
+    if value is None:
+        return None
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise IngestError(f"{url}:{lineno}: {field} must hold numbers or null, got {value!r}") from None
+    return None if np.isnan(r) else r
+
+
 def _llara_rows(url: str, split: str, pad: int, user_offset: int) -> pa.Table:
     raw = open_bytes(url)
     users, items, times, ratings, splits = [], [], [], [], []
@@ -434,21 +480,32 @@ def _llara_rows(url: str, split: str, pad: int, user_offset: int) -> pa.Table:
         try:
             row = json.loads(line)
             seq, n, nxt = row["seq"], int(row["len_seq"]), int(row["next"])
+            seq = [int(s) for s in seq[:n]]
         except json.JSONDecodeError as e:
             raise IngestError(f"{url}:{lineno}: not valid JSON ({e.msg}); truncated file?") from None
         except KeyError as e:
             raise IngestError(f"{url}:{lineno}: missing field {e.args[0]!r} (expected seq, len_seq, next)") from None
         except (TypeError, ValueError):
-            raise IngestError(f"{url}:{lineno}: len_seq/next must be integers") from None
-        hist = [int(s) for s in seq[:n] if int(s) != pad]
+            raise IngestError(
+                f"{url}:{lineno}: len_seq/next must be integers and seq a list of integer item ids"
+            ) from None
+        hist = [s for s in seq if s != pad]
         u = user_offset + n_rows
-        rs = row.get("seq_ratings") if has_r else None
         users.extend([u] * (len(hist) + 1))
         items.extend(hist + [nxt])
         times.extend(range(len(hist) + 1))
         if has_r:
-            hist_r = [float(r) for s, r in zip(seq[:n], rs[:n]) if int(s) != pad]
-            ratings.extend(hist_r + [float(row.get("next_rating", float("nan")))])
+            # Missing ratings (a row without seq_ratings, null entries, no next_rating) stay null.
+            rs = row.get("seq_ratings")
+            if rs is None:
+                rs = [None] * len(seq)
+            elif not isinstance(rs, list) or len(rs) < len(seq):
+                raise IngestError(
+                    f"{url}:{lineno}: seq_ratings must be a list with a rating (or null) for each of the "
+                    f"{len(seq)} history items in seq"
+                )
+            hist_r = [_llara_rating(r, url, lineno, "seq_ratings") for s, r in zip(seq, rs) if s != pad]
+            ratings.extend(hist_r + [_llara_rating(row.get("next_rating"), url, lineno, "next_rating")])
         splits.extend(["context"] * len(hist) + [split])
         n_rows += 1
     if n_rows == 0:
@@ -472,7 +529,10 @@ def generic(
     """The user's own CSV/Parquet: interactions (user, item, timestamp[, rating]) + an items file with titles."""
     if items_src is None:
         raise IngestError("generic format needs an items file with titles: pass --items PATH")
-    need = {"user_id": columns.user, "item_id": columns.item, "timestamp": columns.timestamp}
+    need = {"user_id": columns.user, "item_id": columns.item}
+    # No time column (columns.timestamp empty): the file order is the interaction order (order_positions).
+    if columns.timestamp:
+        need["timestamp"] = columns.timestamp
     if columns.rating:
         need["rating"] = columns.rating
 
@@ -481,8 +541,15 @@ def generic(
         raise IngestError(f"{src}: no .csv/.tsv/.parquet files")
 
     def batches():
+        seen: dict[int, int] = {}  # order-only sources: rows so far per user, across files and batches
         for f in files:
-            yield from _generic_batches(f, need, columns, encoding, batch_rows)
+            for b in _generic_batches(f, need, columns, encoding, batch_rows):
+                if "timestamp" not in need:
+                    uid = b.table["user_id"]
+                    # An empty user id is reported by ingest with its line; positions are never used then.
+                    users = uid.to_numpy() if not uid.null_count else np.zeros(len(uid), np.int64)
+                    b.table = b.table.set_column(2, "timestamp", pa.array(order_positions(users, seen)))
+                yield b
 
     items = _generic_table(items_src, {"item_id": columns.item_id, "title": columns.title}, encoding, keep_rest=True)
     users = _generic_table(users_src, {"user_id": columns.user}, encoding, keep_rest=True) if users_src else None
@@ -539,9 +606,11 @@ def _to_canonical(url: str, t: pa.Table, need: dict[str, str], first_row: int, i
                 )
             col = pc.cast(col, pa.float32())
         out[canon] = col
+    if "timestamp" not in out:  # order only: generic() numbers the rows per user
+        out["timestamp"] = pa.array(np.zeros(len(t), np.int64))
     if "rating" not in out:
         out["rating"] = pa.nulls(len(t), pa.float32())
-    return pa.table(out)
+    return pa.table({k: out[k] for k in ("user_id", "item_id", "timestamp", "rating")})
 
 
 def _where(url: str, row: int, is_csv: bool) -> str:

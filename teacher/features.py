@@ -351,7 +351,10 @@ class Encoder:
             nan = np.isnan(ratings) & rmask & ~rnull
             if nan.any():
                 r = int(np.flatnonzero(nan.any(axis=1))[0])
-                raise FeatureError(f"{where}: field 'id_hist_ratings' is NaN for sample_id {int(sample_id[r])}")
+                raise FeatureError(
+                    f"{where}: field 'id_hist_ratings' is NaN for sample_id {int(sample_id[r])}; a missing rating "
+                    f"must be null: rebuild the samples (delete that samples folder and rerun)"
+                )
             bucket = np.clip(np.rint(np.where(nan | rnull, 0, ratings) * 2), 0, 20).astype(np.int64) + NUM_RESERVED
             bucket = np.where(rnull | ~rmask, UNK, bucket)
             out["hist_rating"] = np.where(mask, bucket, PAD)

@@ -1,0 +1,453 @@
+"""The front door, `trainer/main.py`, over raw files written here in every source format.
+
+Each run goes ingest -> samples -> teacher -> train -> evaluation to the final table, on a tiny random
+Llama and 40 users x 15 interactions over 30 titled items (recdata.synthetic.write_source): the matrix
+{movielens, recbole, llara, generic} x {ctr, next_item} x {ratings on every row, on none, on some} x
+{timestamps, order only}, where the format allows the combination. Every run checks the final table's
+metrics (finite), the dataset manifest's counts (missing_ratings), the samples (a missing rating is null,
+never NaN) and the prompts the trainer saw (no "stars" without ratings). Every preset in configs/ runs
+end to end the same way (the cluster presets: --dry-run and a config check), and errors raised inside a
+stage reach the user as one `error:` line naming the stage, the file and the fix.
+
+Most runs call `main(argv)` in this process, on one local Ray for the session; one runs as a real
+`python trainer/main.py` subprocess, one builds its samples with SUBR retrieval (item embeddings)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from cluster.pipeline import TABLE_COLUMNS
+from configs.loader import available_presets, load_config
+from recdata.synthetic import RawSource, write_source
+from tests.conftest import REPO
+from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN
+from trainer.main import main
+
+pytestmark = pytest.mark.timeout(900)
+
+MAIN = str(REPO / "trainer" / "main.py")
+TINY_MODEL = [
+    f"model.name_or_path={REPO / 'recdata' / 'assets' / 'smollm2-135m-instruct'}",
+    "model.tiny={num_layers: 2, hidden_size: 64, intermediate_size: 128, num_heads: 4, num_kv_heads: 2}",
+    "model.max_length=256",
+]
+# Sizes only: a few seconds of work per stage. Every test split fits the eval cap (40 users -> 40 test
+# samples at most), so the teacher's next-item metrics are on the LLM's test samples and in the table.
+SIZES = [
+    "data.num_shards=2",
+    "retrieval.num_workers=1",
+    "retrieval.k_text=5",
+    "retrieval.k_id=10",
+    "retrieval.pca_dim=16",
+    "retrieval.num_candidates=10",
+    "retrieval.max_eval_samples=64",
+    "teacher.embed_dim=16",
+    "teacher.mlp_hidden=[16]",
+    "teacher.rep_dim=16",
+    "teacher.attn_layers=1",
+    "teacher.epochs=1",
+    "teacher.batch_size=256",
+    "teacher.num_workers=1",
+    "trainer.num_workers=1",
+    "trainer.cpus_per_worker=0.5",
+    "trainer.feed_workers=0",
+    "trainer.max_steps=2",
+    "trainer.batch_size=4",
+    "trainer.micro_batch_size=2",
+    "trainer.train_subset=16",
+    "trainer.feed_part_rows=16",
+    "trainer.eval_batch_size=16",
+    "trainer.checkpoint_every=0",
+    "trainer.lora.r=4",
+    "trainer.lora.num_experts=4",
+]
+# The preset each task starts from in the matrix (the presets themselves are exercised below).
+BASE_PRESET = {"ctr": "tiny", "next_item": "lastfm-ilora"}
+
+
+@dataclass(frozen=True)
+class Case:
+    fmt: str
+    task: str
+    ratings: str  # all | none | some
+    timestamps: bool = True
+    layout: str = ""  # movielens 100k|1m|csv, generic csv|parquet
+    text_mode: str = "recent"
+    extra: tuple[str, ...] = ()
+    slow: bool = False
+    subprocess: bool = False
+
+    @property
+    def id(self) -> str:
+        parts = [self.fmt, self.task, f"ratings-{self.ratings}", "ts" if self.timestamps else "order"]
+        parts += [self.layout] if self.layout else []
+        parts += [self.text_mode] if self.text_mode != "recent" else []
+        parts += ["skip-bad-rows"] if "data.on_bad_rows=skip" in self.extra else []
+        return "-".join(parts)
+
+
+# The matrix beyond what the presets cover (test_preset_end_to_end: movielens/ctr/all/ts with SUBR,
+# llara/next_item/some, recbole/ctr/all/ts). Unmarked: one per format and task with the presets.
+CASES = [
+    Case("generic", "ctr", "all", True, subprocess=True),
+    Case("generic", "next_item", "some", False),
+    Case("recbole", "next_item", "none", False),
+    # slow: the rest of the matrix
+    Case("movielens", "ctr", "all", True, "csv", slow=True),
+    Case("movielens", "next_item", "all", True, "1m", slow=True),
+    Case("movielens", "next_item", "some", True, "100k", slow=True),
+    Case("recbole", "ctr", "all", False, slow=True),
+    Case("recbole", "next_item", "some", True, slow=True),
+    Case("recbole", "next_item", "all", False, slow=True),
+    Case("llara", "next_item", "none", False, slow=True),
+    Case("llara", "next_item", "all", False, slow=True),
+    Case("llara", "ctr", "all", False, slow=True),
+    Case("generic", "ctr", "all", False, "parquet", slow=True),
+    Case("generic", "ctr", "some", True, extra=("data.on_bad_rows=skip",), slow=True),
+    Case("generic", "next_item", "none", True, "parquet", slow=True),
+    Case("generic", "next_item", "all", True, slow=True),
+    Case("generic", "next_item", "some", True, text_mode="subr", slow=True),
+]
+
+
+def _param(case: Case):
+    return pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.slow else [])
+
+
+@dataclass
+class Run:
+    out: Path
+    name: str
+    task: str
+    raw: RawSource
+    hybrid: bool = False
+    stdout: str = ""
+    stderr: str = ""
+    expect: dict = field(default_factory=dict)
+
+
+def run_args(preset: str, task: str, raw: RawSource, out: Path, name: str, extra=()) -> list[str]:
+    """The command line of one run: the preset with the model, sizes, data source and output replaced."""
+    task_keys = [f"data.task={task}"]
+    if task == "next_item":
+        task_keys += ["teacher.model=sasrec", f"data.split={'given' if raw.format == 'llara' else 'leave_last_out'}"]
+    else:
+        task_keys += ["teacher.model=din", "data.split=global_time"]
+    return [
+        "--config",
+        preset,
+        *TINY_MODEL,
+        *SIZES,
+        *raw.overrides,
+        *task_keys,
+        f"data.dataset_url=datasets/{name}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        *extra,
+    ]
+
+
+def run_main(argv: list[str], capfd) -> tuple[int, str, str]:
+    """main(argv) in this process; returns (exit code, stdout, stderr) as the user's terminal shows them."""
+    rc = main(argv)
+    captured = capfd.readouterr()
+    return rc, captured.out, captured.err
+
+
+def run_subprocess(argv: list[str], cwd: Path, timeout: int = 800) -> subprocess.CompletedProcess:
+    """`python trainer/main.py ...` in its own session: its private Ray goes with its process group."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, MAIN, *argv]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _one(pattern: str, root: Path) -> Path:
+    found = sorted(root.glob(pattern))
+    assert len(found) == 1, (pattern, found)
+    return found[0]
+
+
+def _finite(values: dict, keys: list[str], who: str) -> None:
+    for k in keys:
+        assert k in values, (who, k, sorted(values))
+        assert isinstance(values[k], (int, float)) and math.isfinite(values[k]), (who, k, values[k])
+
+
+def check_final_table(run: Run) -> None:
+    results = json.loads((run.out / run.name / "results.json").read_text())
+    cols = [k for k, _ in TABLE_COLUMNS[run.task]]
+    _finite(results["llm"], [f"test_{k}" for k in cols], "trained LLM")
+    _finite(results["llm"], [f"valid_{k}" for k in cols], "trained LLM (valid)")
+    if run.task == "ctr":
+        _finite(results["llm"], [f"zeroshot_test_{k}" for k in cols], "zero-shot LLM")
+    _finite(results["teacher"], [f"test_{k}" for k in cols], "teacher")
+    if run.stdout:  # the final table printed at the end
+        header = run.stdout[run.stdout.index("model  ") :]
+        for row in ("trained LLM", "teacher"):
+            assert row in header, run.stdout[-2000:]
+
+
+def check_dataset(run: Run) -> dict:
+    manifest = json.loads(_one(f"datasets/{run.name}/*/manifest.json", run.out).read_text())
+    assert manifest["format"] == run.raw.format and manifest["task"] == run.task
+    skipped_bad = manifest["skipped"]["nan_ratings"]
+    if run.task == "next_item":
+        # Rows without a rating are kept (null) and counted; none is dropped.
+        assert manifest["missing_ratings"] == run.raw.missing_ratings, manifest
+        assert skipped_bad == 0 and manifest["num_interactions"] == run.raw.rows
+    else:
+        # CTR labels come from ratings: rows without one are dropped (data.on_bad_rows=skip) and counted.
+        assert skipped_bad == run.raw.missing_ratings and manifest["missing_ratings"] == 0, manifest
+        assert manifest["num_interactions"] == run.raw.rows - skipped_bad
+    ts = manifest["id_ranges"]["timestamp"]
+    if run.raw.timestamps:
+        assert ts[0] >= 978_300_000, ts
+    else:  # order only: positions in each user's sequence
+        assert ts[0] == 0 and ts[1] < 20, ts
+    return manifest
+
+
+def _values(col: pa.ChunkedArray) -> pa.Array:
+    flat = pc.list_flatten(col) if pa.types.is_list(col.type) else col
+    return flat.combine_chunks() if isinstance(flat, pa.ChunkedArray) else flat
+
+
+def check_samples(run: Run) -> None:
+    """Every split's samples: a missing rating is null, never NaN; with no ratings at all, all null."""
+    root = _one(f"samples/{run.name}/*/manifest.json", run.out).parent
+    nulls = rated = 0
+    for split in ("train", "valid", "test"):
+        files = sorted((root / split).glob("*.parquet"))
+        assert files, (root, split)
+        t = pq.read_table(files)
+        assert t.num_rows > 0, split
+        for name in ("rating", "text_hist_ratings", "id_hist_ratings"):
+            v = _values(t[name])
+            arr = v.to_numpy(zero_copy_only=False).astype(np.float64)
+            valid = np.asarray(v.is_valid())
+            assert not np.isnan(arr[valid]).any(), f"{split}/{name}: NaN in the samples (a missing rating must be null)"
+            nulls += v.null_count
+            rated += int(valid.sum())
+        if run.task == "next_item":
+            assert t["candidates"].null_count == 0, split
+    if not run.raw.has_ratings:
+        assert rated == 0, "ratings appeared in samples of a source without ratings"
+    elif run.raw.missing_ratings and run.task == "next_item":
+        assert nulls > 0 and rated > 0, (nulls, rated)
+    else:
+        assert nulls == 0, nulls
+
+
+def check_prompts(run: Run) -> None:
+    """The prompts the trainer saw (its tokenized test stream, decoded): stars only next to real ratings."""
+    tok = AutoTokenizer.from_pretrained(run.out / run.name / "base_model")
+    if run.hybrid:
+        tok.add_special_tokens({"additional_special_tokens": [HISTORY_TOKEN, CANDIDATE_TOKEN]})
+    t = pq.read_table(sorted((run.out / run.name / "data" / "test").glob("part-*.parquet")))
+    assert t.num_rows > 0
+    prompts = [tok.decode(ids[:n]) for ids, n in zip(t["input_ids"].to_pylist(), t["prompt_len"].to_pylist())]
+    for p in prompts:
+        assert not re.search(r"\bnan\b", p, re.IGNORECASE), p
+    stars = sum("stars)" in p for p in prompts)
+    if run.task == "ctr" and run.raw.has_ratings:
+        assert stars == len(prompts), prompts[0]  # every CTR history here has rated items
+    else:
+        assert stars == 0, [p for p in prompts if "stars)" in p][:1]
+
+
+def check_run(run: Run) -> None:
+    check_dataset(run)
+    check_samples(run)
+    check_final_table(run)
+    check_prompts(run)
+
+
+def _case_run(case: Case, tmp: Path, preset: str | None = None) -> tuple[Run, list[str]]:
+    raw = write_source(tmp / "raw", case.fmt, ratings=case.ratings, timestamps=case.timestamps, layout=case.layout)
+    name = case.id.replace("_", "-")
+    preset = preset or BASE_PRESET[case.task]
+    extra = [f"retrieval.text_mode={case.text_mode}", *case.extra]
+    args = run_args(preset, case.task, raw, tmp / "out", name, extra)
+    hybrid = load_config(preset).trainer.hybrid_item_emb
+    return Run(tmp / "out", name, case.task, raw, hybrid=hybrid), args
+
+
+# ------------------------------------------------------------------------------------------------ matrix
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+def test_matrix(case: Case, tmp_path, capfd, request):
+    run, args = _case_run(case, tmp_path)
+    if case.subprocess:
+        res = run_subprocess(args, tmp_path)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+        run.stdout, run.stderr = res.stdout, res.stderr
+    else:
+        request.getfixturevalue("ray_local")
+        rc, run.stdout, run.stderr = run_main(args, capfd)
+        assert rc == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "Traceback" not in run.stderr, run.stderr[-5000:]
+    check_run(run)
+    if case.text_mode == "subr":
+        assert sorted((tmp_path / "out" / "embeddings").glob("*/*/meta.json")), "SUBR ran without item embeddings"
+
+
+# ----------------------------------------------------------------------------------------------- presets
+PRESETS = available_presets()
+# Presets whose end-to-end run is in the slow suite only (another preset runs the same path unmarked).
+SLOW_PRESETS = {"demo"}  # tiny extends demo: same format, task and code path
+# What each source format's preset run feeds it: LLaRA with ratings on some rows (the iLoRA path with
+# missing ratings), the others with every rating. The presets keep their own retrieval mode (SUBR for
+# ml100k-reclora); tiny and demo are switched to recent so one SUBR run is enough.
+PRESET_RATINGS = {"movielens": "all", "recbole": "all", "llara": "some", "generic": "all"}
+
+
+def _preset_param(name: str):
+    return pytest.param(name, id=name, marks=[pytest.mark.slow] if name in SLOW_PRESETS else [])
+
+
+def test_presets_are_discovered():
+    found = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    assert found == PRESETS and {"tiny", "demo", "lastfm-ilora", "ml100k-reclora"} <= set(found)
+
+
+@pytest.mark.parametrize("preset", [_preset_param(p) for p in PRESETS])
+def test_preset(preset: str, tmp_path, capfd, request):
+    """Every preset validates as it is; a GPU preset plans (--dry-run) with the GPU settings it promises;
+    every other preset runs end to end on generated data in its own source format and task."""
+    cfg = load_config(preset)
+    if cfg.trainer.use_gpu:
+        # A cluster preset: bf16 on GPUs, ZeRO-3, several workers, real model. Plan it against local storage.
+        assert cfg.model.tiny is None and cfg.model.dtype == "bfloat16" and cfg.trainer.zero_stage == 3
+        assert cfg.trainer.num_workers >= 2 and cfg.trainer.gradient_accumulation_iters() >= 1
+        out = tmp_path / "out"
+        argv = ["--config", preset, f"run.output_dir={out}", "data.dataset_url=datasets/planned", "--dry-run"]
+        rc, stdout, stderr = run_main(argv, capfd)
+        assert rc == 0, stdout + stderr
+        rows = {line.split()[0]: line.split()[1] for line in stdout.splitlines()[1:] if line.strip()}
+        assert list(rows) == ["ingest", "embed", "samples", "teacher", "train"], stdout
+        assert set(rows.values()) == {"build"}, stdout
+        assert not out.exists() or not any(out.rglob("manifest.json"))  # a plan writes nothing
+        return
+    fmt, task = cfg.data.format, cfg.data.task
+    if task == "ctr" and PRESET_RATINGS[fmt] != "all":
+        pytest.fail(f"{preset}: no generated data for {fmt}/{task}")
+    case = Case(
+        fmt,
+        task,
+        PRESET_RATINGS[fmt] if task == "next_item" else "all",
+        fmt not in ("llara",),
+        text_mode=cfg.retrieval.text_mode if preset not in ("tiny", "demo") else "recent",
+    )
+    run, args = _case_run(case, tmp_path, preset=preset)
+    # The preset decides split and teacher; run_args only repeats the task's defaults for them.
+    request.getfixturevalue("ray_local")
+    rc, run.stdout, run.stderr = run_main(args, capfd)
+    assert rc == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "Traceback" not in run.stderr, run.stderr[-5000:]
+    check_run(run)
+    used = load_config(str(tmp_path / "out" / run.name / "config.yaml"))
+    assert used.trainer.lora.mode == cfg.trainer.lora.mode
+    assert used.trainer.lora.target_modules == cfg.trainer.lora.target_modules
+    assert used.trainer.hybrid_item_emb == cfg.trainer.hybrid_item_emb
+    assert used.retrieval.text_mode == case.text_mode
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def _error_line(rc: int, stderr: str, stage: str, *must: str) -> str:
+    assert rc == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-5000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith(f"error: {stage} stage: "), lines[0]
+    for text in must:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+def test_ingest_error_is_one_line_naming_stage_file_and_fix(tmp_path):
+    """A bad row in the source: the real command line exits 2 with one line, no traceback, nothing built."""
+    raw = write_source(tmp_path / "raw", "generic", ratings="all")
+    inter = raw.root / "inter.csv"
+    lines = inter.read_text().splitlines()
+    lines[7] = "u7" + lines[7][lines[7].index(",") :]
+    inter.write_text("\n".join(lines) + "\n")
+    args = run_args("tiny", "ctr", raw, tmp_path / "out", "bad-ingest", ["retrieval.text_mode=recent"])
+    res = run_subprocess(args, tmp_path, timeout=300)
+    line = _error_line(res.returncode, res.stderr, "ingest", f"{inter}:8", "'u7'", "map string ids to integers first")
+    assert res.stderr.strip().splitlines()[-1] == line
+    assert not list((tmp_path / "out").glob("datasets/*/*/manifest.json"))
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "ray-actors"])
+def test_samples_error_is_one_line_naming_stage_file_and_fix(workers, tmp_path, capfd, ray_local):
+    """An item loses its title after ingest: the samples stage (in this process or on Ray actors) stops
+    with one line naming the stage, the shard and the fix."""
+    raw = write_source(tmp_path / "raw", "generic", ratings="all")
+    extra = ["retrieval.text_mode=recent", f"retrieval.num_workers={workers}"]
+    args = run_args("tiny", "ctr", raw, tmp_path / "out", "bad-samples", extra)
+    rc, out, err = run_main([*args, "--stages", "ingest"], capfd)
+    assert rc == 0, err[-3000:]
+    items_url = _one("datasets/bad-samples/*/items.parquet", tmp_path / "out")
+    items = pq.read_table(items_url)
+    titles = items["title"].to_pylist()
+    titles[0] = " "
+    pq.write_table(items.set_column(items.column_names.index("title"), "title", pa.array(titles)), items_url)
+    rc, out, err = run_main(args, capfd)
+    _error_line(rc, err, "samples", "interactions/shard-0000", "have no title", "missing_text=placeholder")
+    assert "[ingest] reusing" in out and "[teacher]" not in out
+    # SUBR retrieval: the embed stage meets the untitled item first; with placeholders both stages go on.
+    subr = [*args, "retrieval.text_mode=subr"]
+    rc, out, err = run_main([*subr, "--stages", "ingest,embed"], capfd)
+    _error_line(rc, err, "embed", str(items_url), "without a title", "retrieval.missing_text=placeholder")
+    rc, out, err = run_main([*subr, "retrieval.missing_text=placeholder", "--stages", "ingest,embed,samples"], capfd)
+    assert rc == 0, err[-3000:]
+
+
+def test_teacher_error_is_one_line_naming_stage_file_and_fix(tmp_path, capfd, ray_local):
+    """A NaN rating in built samples (samples written before missing ratings became null): the teacher stage
+    stops with one line naming the stage, the shard and how to rebuild."""
+    raw = write_source(tmp_path / "raw", "generic", ratings="all")
+    args = run_args("tiny", "ctr", raw, tmp_path / "out", "bad-teacher", ["retrieval.text_mode=recent"])
+    rc, out, err = run_main([*args, "--stages", "ingest,samples"], capfd)
+    assert rc == 0, err[-3000:]
+    shard = sorted(_one("samples/bad-teacher/*/manifest.json", tmp_path / "out").parent.glob("train/*.parquet"))[0]
+    t = pq.read_table(shard)
+    rows = t["id_hist_ratings"].to_pylist()
+    r = next(i for i, v in enumerate(rows) if v)
+    rows[r] = [float("nan")] + rows[r][1:]
+    col = pa.array(rows, t.schema.field("id_hist_ratings").type)
+    pq.write_table(t.set_column(t.column_names.index("id_hist_ratings"), t.schema.field("id_hist_ratings"), col), shard)
+    rc, out, err = run_main(args, capfd)
+    line = _error_line(rc, err, "teacher", "NaN", "rebuild the samples")
+    # The file named is the one holding that sample (rows carried between shards name both shards).
+    assert re.search(
+        rf"stage: ({re.escape(str(shard.parent))}/shard-\d+\.parquet or )?{re.escape(str(shard))}: ", line
+    ), line
+    assert "[samples] reusing" in out and "[train]" not in out
