@@ -44,6 +44,10 @@ class SetupError(RecloraError, RuntimeError):
     """A stage cannot start: its inputs are missing or inconsistent (the message says which)."""
 
 
+class StageError(RecloraError, RuntimeError):
+    """A stage stopped on an error the user can act on: `{stage} stage: {the cause's one-line message}`."""
+
+
 class Pipeline:
     """One run: `setup` resolves the config and where every stage's output lives; `run` builds what is
     missing, stage by stage; `report` prints the final table and writes results.json and report.md."""
@@ -108,7 +112,11 @@ class Pipeline:
             print(f"[{stage}] -> {p.where()[stage]}", flush=True)
             if stage == "train":
                 layout.record_inputs(cfg, p, stage)  # first: a rerun with another config must not resume this run
-            getattr(self, f"run_{stage}")()
+            try:
+                getattr(self, f"run_{stage}")()
+            except RecloraError as e:  # from a Ray worker: the cause, without the worker's traceback
+                cause = e.cause if isinstance(getattr(e, "cause", None), RecloraError) else e
+                raise StageError(f"{stage} stage: {cause}") from e
             if stage != "train":
                 layout.record_inputs(cfg, p, stage)
             self.timings[stage] = round(time.perf_counter() - t0, 2)
@@ -134,7 +142,12 @@ class Pipeline:
         if not layout.needs_embeddings(cfg):
             return
         model_dir = worker_model_dir(base_model_dir(cfg, self.paths.run))
-        opts = EmbedOptions(domain=cfg.data.domain, pca_dims=cfg.retrieval.pca_dim, seed=cfg.run.seed)
+        opts = EmbedOptions(
+            domain=cfg.data.domain,
+            pca_dims=cfg.retrieval.pca_dim,
+            seed=cfg.run.seed,
+            missing_text=cfg.retrieval.missing_text,
+        )
         self.embeddings = embed_items(
             self.paths.dataset,
             model_dir,

@@ -76,7 +76,7 @@ def _fields(row: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def item_texts(items: pa.Table, opts: EmbedOptions) -> tuple[np.ndarray, list[str]]:
+def item_texts(items: pa.Table, opts: EmbedOptions, where: str = "items") -> tuple[np.ndarray, list[str]]:
     """(item ids, description texts), one per item, in items-table order."""
     rows = items.to_pylist()
     texts, missing = [], []
@@ -94,7 +94,8 @@ def item_texts(items: pa.Table, opts: EmbedOptions) -> tuple[np.ndarray, list[st
         texts.append(" ".join(sentences))
     if missing and opts.missing_text == "error":
         raise EmbedError(
-            f"items without a title: {sorted(missing)[:20]} ({len(missing)} in all); fix the items or use --missing-text placeholder"
+            f"{where}: items without a title: {sorted(missing)[:20]} ({len(missing)} in all); fix the items or use "
+            f"--missing-text placeholder (retrieval.missing_text=placeholder)"
         )
     return items.column("item_id").to_numpy().astype(np.int64), texts
 
@@ -249,7 +250,7 @@ def embed_items(
     opts = opts or EmbedOptions()
     if opts.wrap not in ("none", "vicuna", "chat"):
         raise EmbedError(f"wrap must be none, vicuna or chat, got {opts.wrap!r}")
-    ids, texts = item_texts(Dataset.open(dataset_url).read_items(), opts)
+    ids, texts = item_texts(Dataset.open(dataset_url).read_items(), opts, storage.join(dataset_url, "items.parquet"))
     model_fp = model_fingerprint(model_dir)
     folder = storage.join(out_url, cache_key(model_fp, ids, texts, opts))
     meta_url = storage.join(folder, "meta.json")

@@ -96,22 +96,25 @@ def iter_train_parts(
     next to encoding and the forward/backward pass, which are split.)"""
     rng = np.random.default_rng([seed, epoch])
     carry: pa.Table | None = None
-    url = ""
+    url = where = carried_from = ""
     for si in rng.permutation(len(shard_urls)):
         url = shard_urls[si]
         t = read_shard(url)
         t = t.take(rng.permutation(t.num_rows))
+        # Errors name the file a row came from: rows carried over belong to the shards before this one.
+        where = url if carry is None else f"{url} or {carried_from}"
         if carry is not None:
             t = pa.concat_tables([carry, t])
         n = t.num_rows
         full = n - n % batch_size
         if full:
             yield from _encode_parts(
-                t.slice(0, full), [batch_size] * (full // batch_size), encoder, stats, url, rank, world
+                t.slice(0, full), [batch_size] * (full // batch_size), encoder, stats, where, rank, world
             )
         carry = t.slice(full) if full < n else None
+        carried_from = url if full else where  # after a full batch the carry holds rows of this shard only
     if carry is not None:
-        yield from _encode_parts(carry, [carry.num_rows], encoder, stats, url, rank, world)
+        yield from _encode_parts(carry, [carry.num_rows], encoder, stats, carried_from, rank, world)
 
 
 def _encode_parts(
