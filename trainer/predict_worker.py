@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from configs.loader import validate
 from recdata import storage
+from recdata.model_source import load_kwargs
 from recdata.samples import BuildOptions
 from recdata.streams import collate
 from retrieval.encoding import PromptEncoder, answer_token_ids, encode_rows
@@ -101,7 +102,9 @@ class PredictWorker:
 
         use_gpu = self.device.type == "cuda"
         dtype = getattr(torch, cfg.model.dtype) if use_gpu else torch.float32  # as in training: fp32 on CPU
-        base = AutoModelForCausalLM.from_pretrained(worker_model_dir(inputs["model_dir"]), dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(
+            worker_model_dir(inputs["model_dir"], cfg.model), dtype=dtype, **load_kwargs(cfg.model)
+        )
         base.config.use_cache = False
         with tempfile.TemporaryDirectory() as tmp:
             _download(inputs["adapter"], tmp)

@@ -13,7 +13,7 @@ from typing import Any
 
 from recdata import storage
 from recdata.layout import paths
-from recdata.model_source import ASSETS, resolve_model, tokenizer_dir
+from recdata.model_source import ASSETS, model_reference, resolve_model, tokenizer_dir
 from recdata.samples import SampleSet
 from recdata.schema import Dataset
 from recdata.streams import FEED_FAILED
@@ -28,10 +28,12 @@ resolve = storage.resolve
 
 
 def base_model_dir(cfg, run_url: str) -> str:
-    """A folder workers can `from_pretrained`. A tiny random model is built once (seeded) and saved with
-    the run, so every worker, on any node and any worker count, starts from identical weights."""
+    """The model *reference* workers resolve on their own node (`worker_model_dir`): a hub id pinned to a
+    commit, an s3:// URL or an absolute local path, never a folder that exists only on the driver. A tiny
+    random model is built once (seeded) and saved with the run, so every worker, on any node and any
+    worker count, starts from identical weights."""
     if cfg.model.tiny is None:
-        return resolve_model(cfg.model.name_or_path)
+        return model_reference(cfg.model)
     url = storage.join(run_url, "base_model")
     if storage.exists(storage.join(url, "config.json")):
         return url if not storage.is_local(url) else storage.get_fs(url)[1]
@@ -60,9 +62,11 @@ def base_model_dir(cfg, run_url: str) -> str:
     return url if not storage.is_local(url) else storage.get_fs(url)[1]
 
 
-def worker_model_dir(model_dir: str) -> str:
-    """On a worker: a local folder for a model that may live on object storage."""
-    return resolve_model(model_dir)
+def worker_model_dir(model_dir: str, model_cfg=None) -> str:
+    """On a worker: a local folder for the model reference from `base_model_dir`, fetched once per node
+    into the node-local cache (the other processes of the node wait for it); `model_cfg` is the config's
+    `model` section (allow_pickle, trust_remote_code)."""
+    return resolve_model(model_dir, model_cfg)
 
 
 def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_shot_first: bool = False):
@@ -73,11 +77,11 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
     p = paths(cfg)
     model_dir = base_model_dir(cfg, run_url)
     tok_dir = (
-        worker_model_dir(model_dir)
+        tokenizer_dir(model_dir, model_cfg=cfg.model)  # tokenizer files only: no weights on the driver
         if cfg.model.tiny is None
         else (ASSETS if not os.path.exists(os.path.join(str(model_dir), "tokenizer.json")) else model_dir)
     )
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
     samples = SampleSet.open(p.samples)
     if samples.task != cfg.data.task:
         raise ValueError(f"data.task is {cfg.data.task!r} but {p.samples} holds {samples.task!r} samples")
