@@ -264,8 +264,8 @@ def resolve_model(ref: str, model_cfg: Any = None) -> str:
 def tokenizer_dir(name_or_path: str, tiny: bool = False, model_cfg: Any = None) -> str:
     """A local folder with the tokenizer (and config) only: the driver needs no 14 GB of weights to
     tokenize. A tiny random model has no folder of its own: it uses the vendored SmolLM2 tokenizer."""
-    if tiny and not (Path(name_or_path) / "tokenizer.json").exists():
-        return str(ASSETS)
+    if tiny:  # config + tokenizer only (a tiny model's weights are random): a local folder, else the vendored one
+        return name_or_path if (Path(name_or_path) / "tokenizer.json").exists() else str(ASSETS)
     o = model_options(model_cfg)
     kind = source_kind(name_or_path)
     if kind == "hub":
