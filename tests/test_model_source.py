@@ -360,3 +360,24 @@ def test_two_ray_nodes_each_download_once_and_every_rank_loads(tiny_dir, s3_buck
         ray.shutdown()
         # Only this test's two nodes (found by their temp dir and node-manager port), never `ray stop`.
         _kill(_node_procs(tmpdir) + _node_procs(f"--node_manager_port={b_port}"))
+
+
+# ------------------------------------------------------------------------------------------------ cluster
+def test_hf_token_only_from_the_pod_environment(monkeypatch):
+    """HF_TOKEN reaches every pod from a Secret (optional) and never travels in runtime_env, which Ray logs."""
+    import yaml
+
+    from cluster.runtime import ray_env
+
+    monkeypatch.setenv("HF_TOKEN", "hf_sentinelSECRET0000")
+    assert "HF_TOKEN" not in ray_env()
+    for name in ("rayjob.yaml", "raycluster.yaml"):
+        for doc in yaml.safe_load_all((REPO / "cluster" / "k8s" / "base" / name).read_text()):
+            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            assert "HF_TOKEN" not in doc["spec"].get("runtimeEnvYAML", "")
+            for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+                for c in group["template"]["spec"]["containers"]:
+                    env = {e["name"]: e for e in c["env"]}
+                    ref = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+                    assert ref["name"] == "reclora-hf" and ref["optional"] is True
+                    assert env["RECLORA_CACHE"]["value"].startswith("/cache")
