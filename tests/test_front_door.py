@@ -33,6 +33,7 @@ from transformers import AutoTokenizer
 
 from cluster.pipeline import TABLE_COLUMNS
 from configs.loader import available_presets, load_config
+from recdata.layout import needs_embeddings
 from recdata.synthetic import RawSource, write_source
 from tests.conftest import REPO
 from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN
@@ -143,11 +144,9 @@ class Run:
 
 def run_args(preset: str, task: str, raw: RawSource, out: Path, name: str, extra=()) -> list[str]:
     """The command line of one run: the preset with the model, sizes, data source and output replaced."""
-    task_keys = [f"data.task={task}"]
-    if task == "next_item":
-        task_keys += ["teacher.model=sasrec", f"data.split={'given' if raw.format == 'llara' else 'leave_last_out'}"]
-    else:
-        task_keys += ["teacher.model=din", "data.split=global_time"]
+    split = "given" if raw.format == "llara" else "leave_last_out" if task == "next_item" else "global_time"
+    teacher = "sasrec" if task == "next_item" else "din"
+    task_keys = [f"data.task={task}", f"data.split={split}", f"teacher.model={teacher}"]
     return [
         "--config",
         preset,
@@ -352,7 +351,9 @@ def test_preset(preset: str, tmp_path, capfd, request):
         assert rc == 0, stdout + stderr
         rows = {line.split()[0]: line.split()[1] for line in stdout.splitlines()[1:] if line.strip()}
         assert list(rows) == ["ingest", "embed", "samples", "teacher", "train"], stdout
-        assert set(rows.values()) == {"build"}, stdout
+        embed = "build" if needs_embeddings(cfg) else "reuse"  # nothing to embed for recent-only retrieval
+        assert rows == {"ingest": "build", "embed": embed, "samples": "build", "teacher": "build", "train": "build"}
+        assert str(out / cfg.run.name) in stdout, stdout
         assert not out.exists() or not any(out.rglob("manifest.json"))  # a plan writes nothing
         return
     fmt, task = cfg.data.format, cfg.data.task
