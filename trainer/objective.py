@@ -12,12 +12,15 @@ import torch.nn.functional as F
 from recdata.streams import collate
 
 
+def _extra_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"item_slots": batch["item_slots"]} if "item_slots" in batch else {}
+
+
 def _tail_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (token log-probs of the tail [b, K-1], answer mask [b, K-1], tail logits [b, K, V])."""
     ids = batch["input_ids"]
     n = ids.shape[1]
     k = int(batch["answer_len"].max()) + 1
-    extra = {"item_slots": batch["item_slots"]} if "item_slots" in batch else {}
     out = model(
         input_ids=ids,
         attention_mask=batch["attention_mask"],
@@ -25,7 +28,7 @@ def _tail_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         cond=batch["cond"],
         logits_to_keep=k,
         use_cache=False,
-        **extra,
+        **_extra_of(batch),
     )
     logits = out.logits[:, -k:].float()
     target = ids[:, n - k + 1 :]
@@ -56,7 +59,79 @@ def p_yes_from_logits(logits: torch.Tensor, answer_len: torch.Tensor, yes_id: in
 
 @torch.no_grad()
 def candidate_scores(model, rows: list[dict], pad_id: int, answer_ids_of, cond: torch.Tensor, device) -> torch.Tensor:
-    """Log-likelihood of each candidate title as the answer: [num_rows, num_candidates]."""
+    """Mean log-likelihood of each candidate title as the answer: [num_rows, num_candidates].
+
+    Two forwards for the whole batch of rows, whatever the number of candidates: the (left-padded) prompts once,
+    keeping their KV cache and the logits of the last prompt position (which predict every candidate's first
+    token); then every (row, candidate) pair's title as a right-padded continuation of its row's cached prefix
+    (cache rows selected per pair, positions continuing the prompt's, mask = prompt mask + title mask). The gate
+    input is per sequence (each pair repeats its row's `cond`) and hybrid item slots occur only in the prompt.
+    Equal to `candidate_scores_full` (one full sequence per candidate) within float rounding.
+    """
+    prompts = [
+        {
+            "input_ids": r["input_ids"][: r["prompt_len"]],
+            "prompt_len": r["prompt_len"],
+            "label": None,
+            "rep": r["rep"],
+            "sample_id": r["sample_id"],
+            "item_slots": r.get("item_slots"),
+        }
+        for r in rows
+    ]
+    b = {k: v.to(device) for k, v in collate(prompts, pad_id).items()}
+    cond = cond.to(device)
+    out = model(
+        input_ids=b["input_ids"],
+        attention_mask=b["attention_mask"],
+        position_ids=b["position_ids"],
+        cond=cond,
+        logits_to_keep=1,
+        use_cache=True,
+        **_extra_of(b),
+    )
+    first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [rows, V]: predicts each title's 1st token
+    cache = out.past_key_values
+
+    answers = [[list(answer_ids_of(c)) for c in r["candidates"]] for r in rows]
+    counts = [len(a) for a in answers]
+    row_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts)).to(device)
+    flat = [a for per_row in answers for a in per_row]
+    if any(len(a) == 0 for a in flat):
+        raise ValueError("candidate_scores: a candidate has an empty answer")
+    width = max(len(a) for a in flat)
+    ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(flat), width), dtype=torch.long)
+    for j, a in enumerate(flat):
+        ids[j, : len(a)] = torch.tensor(a, dtype=torch.long)
+        mask[j, : len(a)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    cache.batch_select_indices(row_of)  # each pair continues its own row's prefix
+    prompt_len = b["attention_mask"].sum(1)
+    position_ids = prompt_len[row_of].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
+    extra = {"item_slots": b["item_slots"][:0]} if "item_slots" in b else {}
+    logits = model(
+        input_ids=ids,
+        attention_mask=torch.cat([b["attention_mask"][row_of], mask], dim=1),
+        position_ids=position_ids,
+        cond=cond[row_of],
+        past_key_values=cache,
+        use_cache=True,
+        **extra,
+    ).logits.float()
+    first = first_logp[row_of].gather(-1, ids[:, :1]).squeeze(-1)
+    rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    total = first + (rest * mask[:, 1:]).sum(1)
+    per_pair = total / mask.sum(1)
+    return torch.stack(list(per_pair.split(counts)))
+
+
+@torch.no_grad()
+def candidate_scores_full(
+    model, rows: list[dict], pad_id: int, answer_ids_of, cond: torch.Tensor, device
+) -> torch.Tensor:
+    """Reference for `candidate_scores`: one batched forward of every full sequence (prompt + title) per row,
+    the prompt recomputed for each candidate. Kept for the equivalence tests and bench/candidate_scores.py."""
 
     scores = []
     for i, r in enumerate(rows):
