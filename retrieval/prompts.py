@@ -254,7 +254,8 @@ class PromptRenderer:
         hist_ids = list(record["text_hist_items"] or [])
         hist_titles = self.titles_of(hist_ids)
         if self.task == "ctr":
-            ratings = list(record["text_hist_ratings"] or [])
+            # No ratings at all (a null list) is a history without stars, never a history cut to nothing.
+            ratings = list(record["text_hist_ratings"] or [None] * len(hist_ids))
             target = self.title(record["item_id"])
             user = self.users.get(record["user_id"])
 

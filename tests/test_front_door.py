@@ -35,6 +35,7 @@ from cluster.pipeline import TABLE_COLUMNS
 from configs.loader import available_presets, load_config
 from recdata.layout import needs_embeddings
 from recdata.synthetic import RawSource, write_source
+from retrieval.prompts import PromptRenderer
 from tests.conftest import REPO
 from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN
 from trainer.main import main
@@ -259,13 +260,16 @@ def check_samples(run: Run) -> None:
         assert files, (root, split)
         t = pq.read_table(files)
         assert t.num_rows > 0, split
+        for name in t.column_names:  # no NaN in any float column (a missing rating must be null)
+            typ = t.schema.field(name).type
+            if pa.types.is_floating(typ.value_type if pa.types.is_list(typ) else typ):
+                v = _values(t[name])
+                arr = v.to_numpy(zero_copy_only=False).astype(np.float64)
+                assert not np.isnan(arr[np.asarray(v.is_valid())]).any(), f"{split}/{name}: NaN in the samples"
         for name in ("rating", "text_hist_ratings", "id_hist_ratings"):
             v = _values(t[name])
-            arr = v.to_numpy(zero_copy_only=False).astype(np.float64)
-            valid = np.asarray(v.is_valid())
-            assert not np.isnan(arr[valid]).any(), f"{split}/{name}: NaN in the samples (a missing rating must be null)"
             nulls += v.null_count
-            rated += int(valid.sum())
+            rated += len(v) - v.null_count
         if run.task == "next_item":
             assert t["candidates"].null_count == 0, split
     if not run.raw.has_ratings:
@@ -464,3 +468,14 @@ def test_teacher_error_is_one_line_naming_stage_file_and_fix(tmp_path, capfd, ra
         rf"stage: ({re.escape(str(shard.parent))}/shard-\d+\.parquet or )?{re.escape(str(shard))}: ", line
     ), line
     assert "[samples] reusing" in out and "[train]" not in out
+
+
+# ----------------------------------------------------------------------------------------- prompts, unit
+@pytest.mark.parametrize("ratings", [None, [None, 4.0, float("nan")]], ids=["null-list", "some-missing"])
+def test_ctr_prompt_lists_every_history_item_and_stars_only_real_ratings(ratings):
+    items = pa.table({"item_id": [1, 2, 3, 4], "title": ["Alpha (1990)", "Beta (1991)", "Gamma (1992)", "Delta"]})
+    record = {"sample_id": 0, "user_id": 7, "item_id": 4, "label": 1, "text_hist_items": [1, 2, 3]}
+    text = PromptRenderer(items, "ctr").render({**record, "text_hist_ratings": ratings}).text
+    for title in ("Alpha (1990)", "Beta (1991)", "Gamma (1992)"):
+        assert title in text, text
+    assert text.count("stars)") == (0 if ratings is None else 1) and "nan" not in text, text
