@@ -33,8 +33,11 @@ from transformers import AutoTokenizer
 
 from cluster.pipeline import TABLE_COLUMNS
 from configs.loader import available_presets, load_config
+from recdata.ingest import ingest
+from recdata.ingest import options_from_config as ingest_options
 from recdata.layout import needs_embeddings
 from recdata.synthetic import RawSource, write_source
+from recdata.textfiles import IngestError
 from retrieval.prompts import PromptRenderer
 from tests.conftest import REPO
 from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN
@@ -479,3 +482,58 @@ def test_ctr_prompt_lists_every_history_item_and_stars_only_real_ratings(ratings
     for title in ("Alpha (1990)", "Beta (1991)", "Gamma (1992)"):
         assert title in text, text
     assert text.count("stars)") == (0 if ratings is None else 1) and "nan" not in text, text
+
+
+# ------------------------------------------------------------------------------------------ readers, unit
+def _ingest(raw: RawSource, out: Path, task: str = "next_item", **opts) -> dict:
+    teacher = ["teacher.model=sasrec", "teacher.rep_dim=16"] if task == "next_item" else []
+    cfg = load_config("tiny", [*raw.overrides, f"data.task={task}", "data.split=auto", *teacher])
+    o = ingest_options(cfg)
+    o.progress, o.num_shards = False, 2
+    for k, v in opts.items():
+        setattr(o, k, v)
+    c = cfg.data
+    return ingest(c.format, c.src, str(out), o, items=c.items, users=c.users, columns=c.columns)
+
+
+def test_order_only_positions_continue_across_files(tmp_path):
+    """Generic data without a time column, split over two files: each user's rows are numbered in file order."""
+    raw = write_source(tmp_path / "raw", "generic", ratings="none", timestamps=False)
+    inter = raw.root / "inter.csv"
+    lines = inter.read_text().splitlines()
+    (raw.root / "inter").mkdir()
+    half = len(lines) // 2
+    (raw.root / "inter" / "a.csv").write_text("\n".join(lines[: half + 1]) + "\n")
+    (raw.root / "inter" / "b.csv").write_text("\n".join([lines[0], *lines[half + 1 :]]) + "\n")
+    raw.overrides = [o.replace(f"data.src={inter}", f"data.src={raw.root / 'inter'}") for o in raw.overrides]
+    m = _ingest(raw, tmp_path / "ds")
+    t = pq.read_table(sorted((tmp_path / "ds" / "interactions").glob("*.parquet"))).to_pandas()
+    assert m["num_interactions"] == raw.rows and t["rating"].isna().all()
+    for _, g in t.groupby("user_id"):
+        assert g["timestamp"].tolist() == list(range(len(g)))  # 0..14 for every user, across both files
+    assert set(t.loc[t["split"] == "test", "timestamp"]) == {14}
+
+
+def test_llara_bad_ratings_name_file_and_line(tmp_path):
+    raw = write_source(tmp_path / "raw", "llara", ratings="some")
+    f = raw.root / "val_data.jsonl"
+    rows = f.read_text().splitlines()
+    bad = json.loads(rows[2])
+    bad["seq_ratings"] = bad["seq_ratings"][:1]
+    rows[2] = json.dumps(bad)
+    f.write_text("\n".join(rows) + "\n")
+    with pytest.raises(IngestError, match=rf"{re.escape(str(f))}:3: seq_ratings must be a list"):
+        _ingest(raw, tmp_path / "ds")
+    bad["seq_ratings"] = ["five"] * 10
+    rows[2] = json.dumps(bad)
+    f.write_text("\n".join(rows) + "\n")
+    with pytest.raises(IngestError, match=rf"{re.escape(str(f))}:3: seq_ratings must hold numbers or null"):
+        _ingest(raw, tmp_path / "ds")
+
+
+def test_source_without_ratings_refuses_ctr(tmp_path):
+    """RecBole without a rating field has no ratings: CTR says so (it used to blame NaN ratings on row 1)."""
+    raw = write_source(tmp_path / "raw", "recbole", ratings="none")
+    with pytest.raises(IngestError, match="task ctr needs ratings"):
+        _ingest(raw, tmp_path / "ds", task="ctr")
+    assert _ingest(raw, tmp_path / "ds2")["missing_ratings"] == 0  # no ratings at all: nothing is "missing"
