@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from recdata import storage
+from recdata.model_source import tokenizer_dir
 from recdata.runner import Runner, run_in_process
 from recdata.samples import SampleSet
 from recdata.schema import Dataset, write_parquet
@@ -165,7 +166,7 @@ class FeedWorker:
         self,
         samples_url: str,
         dataset_url: str,
-        tokenizer_dir: str,
+        model_ref: str,
         max_length: int,
         task: str,
         domain: str,
@@ -175,6 +176,8 @@ class FeedWorker:
         slot_tokens: list[str] | None = None,
         s3_endpoint: str | None = None,
         num_threads: int = 1,
+        tiny: bool = False,
+        model_cfg: dict[str, Any] | None = None,
     ):
         if s3_endpoint:
             storage.configure(endpoint_url=s3_endpoint)
@@ -182,7 +185,11 @@ class FeedWorker:
         from transformers import AutoTokenizer
 
         torch.set_num_threads(max(1, int(num_threads)))
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        # The model reference, resolved on this actor's node (tokenizer files only).
+        trust = bool((model_cfg or {}).get("trust_remote_code"))
+        tok = AutoTokenizer.from_pretrained(
+            tokenizer_dir(model_ref, tiny=tiny, model_cfg=model_cfg), trust_remote_code=trust
+        )
         self.slot_ids: tuple[int, ...] = ()
         overrides = {}
         if slot_tokens:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs.loader import ConfigError, validate  # noqa: E402
 from recdata import storage  # noqa: E402
 from recdata.layout import latest_embeddings, paths  # noqa: E402
-from recdata.model_source import ASSETS, ModelSourceError, resolve_model  # noqa: E402
+from recdata.model_source import ModelSourceError, model_reference  # noqa: E402
 from recdata.runner import Runner, run_in_process  # noqa: E402
 from recdata.samples import BuildOptions, SamplesError, SampleSet  # noqa: E402
 from recdata.schema import Dataset, DatasetError  # noqa: E402
@@ -142,10 +142,8 @@ def run_inputs(cfg, run_url: str) -> dict[str, Any]:
         if not storage.exists(storage.join(model_url, "config.json")):
             raise PredictInputError(f"{model_url}: the run's tiny base model is missing")
         model_dir = storage.get_fs(model_url)[1] if storage.is_local(model_url) else model_url
-        tok_dir = str(model_dir) if Path(str(model_dir), "tokenizer.json").exists() else str(ASSETS)
     else:
-        model_dir = resolve_model(cfg.model.name_or_path)
-        tok_dir = model_dir
+        model_dir = model_reference(cfg.model)  # each actor fetches it on its own node
     out = {
         "dataset": p.dataset,
         "samples": p.samples,
@@ -153,7 +151,6 @@ def run_inputs(cfg, run_url: str) -> dict[str, Any]:
         "embeddings": embeddings,
         "teacher": p.teacher,
         "model_dir": model_dir,
-        "tokenizer_dir": tok_dir,
         "adapter": adapter,
     }
     if cfg.trainer.hybrid_item_emb:

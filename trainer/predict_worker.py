@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from configs.loader import validate
 from recdata import storage
-from recdata.model_source import load_kwargs
+from recdata.model_source import load_kwargs, tokenizer_dir
 from recdata.samples import BuildOptions
 from recdata.streams import collate
 from retrieval.encoding import PromptEncoder, answer_token_ids, encode_rows
@@ -78,7 +78,9 @@ class PredictWorker:
         check_rep_dim(self.teacher.rep_dim, cfg.teacher.rep_dim, inputs["teacher"])
         self.encoder_t = Encoder(self.teacher.space, self.teacher.cfg.max_hist, self.teacher.cfg.task)
 
-        tok = AutoTokenizer.from_pretrained(inputs["tokenizer_dir"])
+        # The model reference, resolved on this actor's node (tokenizer files only).
+        tok_dir = tokenizer_dir(inputs["model_dir"], tiny=cfg.model.tiny is not None, model_cfg=cfg.model)
+        tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
         hybrid = cfg.trainer.hybrid_item_emb
         self.slot_ids: tuple[int, ...] = ()
         overrides = {}

@@ -13,7 +13,7 @@ from typing import Any
 
 from recdata import storage
 from recdata.layout import paths
-from recdata.model_source import ASSETS, model_reference, resolve_model, tokenizer_dir
+from recdata.model_source import model_reference, resolve_model, tokenizer_dir
 from recdata.samples import SampleSet
 from recdata.schema import Dataset
 from recdata.streams import FEED_FAILED
@@ -76,11 +76,9 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
 
     p = paths(cfg)
     model_dir = base_model_dir(cfg, run_url)
-    tok_dir = (
-        tokenizer_dir(model_dir, model_cfg=cfg.model)  # tokenizer files only: no weights on the driver
-        if cfg.model.tiny is None
-        else (ASSETS if not os.path.exists(os.path.join(str(model_dir), "tokenizer.json")) else model_dir)
-    )
+    # Tokenizer files only: no weights on the driver. Feed actors resolve the same reference on their node.
+    tiny = cfg.model.tiny is not None
+    tok_dir = tokenizer_dir(str(model_dir), tiny=tiny, model_cfg=cfg.model)
     tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
     samples = SampleSet.open(p.samples)
     if samples.task != cfg.data.task:
@@ -146,7 +144,9 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
         worker_kwargs={
             "samples_url": p.samples,
             "dataset_url": dataset_url,
-            "tokenizer_dir": str(tok_dir),
+            "model_ref": str(model_dir),
+            "tiny": tiny,
+            "model_cfg": cfg.model.model_dump(mode="json"),
             "max_length": cfg.model.max_length,
             "task": cfg.data.task,
             "domain": cfg.data.domain,
