@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import sys
 from typing import Any
 
@@ -55,7 +56,10 @@ def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None
         if loads:
             fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
             ent = [(h["step"], h["gate_entropy"]) for h in history if "gate_entropy" in h]
-            ax[0].plot([s for s, _ in ent], [e for _, e in ent])
+            ax[0].plot([s for s, _ in ent], [e for _, e in ent], label="gate entropy")
+            # Uniform gates over N experts have entropy ln N: a curve on this line means the gates never moved.
+            ax[0].axhline(math.log(len(loads)), color="gray", linestyle="--", label=f"ln {len(loads)} (uniform)")
+            ax[0].legend(loc="lower left", fontsize=8)
             ax[0].set(title="gate entropy (nats, mean over samples and layers)", xlabel="step")
             last = next(h for h in reversed(history) if loads[0] in h)
             ax[1].bar(range(len(loads)), [last[k] for k in loads])
@@ -92,10 +96,19 @@ def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None
             f"{len(history)} steps; last step: loss {h['loss']:.4f}, "
             f"{h['tokens_per_s']:.0f} tokens/s, {h['samples_per_s']:.1f} samples/s, "
             f"data wait {100 * h['data_wait_fraction']:.2f}% of step time"
+            + (f", padding {100 * h['padding_fraction']:.1f}% of tokens" if "padding_fraction" in h else "")
             + (f", MFU {100 * h['mfu']:.1f}%" if "mfu" in h else "")
             + ".",
             "",
         ]
+        ent = [x["gate_entropy"] for x in history if "gate_entropy" in x]
+        loads = [k for k in h if k.startswith("expert_load_")]
+        if ent and loads:
+            lines += [
+                f"Gate entropy {ent[0]:.4f} -> {ent[-1]:.4f} nats (uniform over {len(loads)} experts: "
+                f"ln {len(loads)} = {math.log(len(loads)):.4f}).",
+                "",
+            ]
         timing = metrics.get("timing")
         if timing:
             lines += [
