@@ -151,6 +151,8 @@ class LoraConfig(Strict):
     gate_hidden: int = Field(60, ge=1)
     gate_dropout: float = Field(0.1, ge=0, lt=1)
     gate_lr_mult: float = Field(1.0, gt=0)
+    # What the gates see: the frozen teacher's representation, or (ablation) a fixed random vector per sample.
+    gate_input: Literal["teacher", "random"] = "teacher"
 
     @model_validator(mode="after")
     def _check(self):

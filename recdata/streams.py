@@ -7,8 +7,9 @@ a marker. A stream never drops a sample (history is cut first; a prompt too long
 its last tokens, counted), so its row count is fixed before it is built.
 
 Reading (every worker): the global batch of step s is a fixed slice of a seeded per-epoch permutation
-of the stream, the same for any number of workers; rank r takes its contiguous share and splits it
-into micro-batches. So the data cursor is a pure function of the step, resume is exact, and a run
+of the stream, the same for any number of workers; it is bucketed by length into micro-batches (the same
+micro-batches for any number of workers, dealt round-robin to the ranks: less padding, and ranks that wait less
+for each other in ZeRO-3 collectives). So the data cursor is a pure function of the step, resume is exact, and a run
 resumed on another worker count sees the same global batches.
 """
 
@@ -80,13 +81,31 @@ class Schedule:
             return np.arange(self.rows)
         return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
 
-    def rank_rows(self, step: int, rank: int) -> list[np.ndarray]:
-        """Micro-batches (stream row indices) of `rank` at global step `step`."""
+    def global_rows(self, step: int) -> np.ndarray:
+        """Stream row indices of the global batch of step `step` (the same for any number of workers)."""
         epoch, j = divmod(step, self.steps_per_epoch)
-        order = self.epoch_order(epoch)
-        share = self.global_batch // self.world
-        mine = order[j * self.global_batch + rank * share : j * self.global_batch + (rank + 1) * share]
-        return [mine[a * self.micro : (a + 1) * self.micro] for a in range(self.accumulation)]
+        return self.epoch_order(epoch)[j * self.global_batch : (j + 1) * self.global_batch]
+
+    def rank_rows(self, step: int, rank: int, lengths: np.ndarray | None = None) -> list[np.ndarray]:
+        """Micro-batches (stream row indices) of `rank` at global step `step`.
+
+        Without `lengths`: rank r takes the r-th contiguous share of the global batch, in order. With `lengths`
+        (token counts of `global_rows(step)`, in that order), the global batch is bucketed by length: sorted
+        (stable), cut into global_batch / micro micro-batches, and micro-batch m goes to rank m % world as its
+        (m // world)-th accumulation micro-batch. The rows of the step are the same either way (only how they
+        are grouped changes); the grouping is a pure function of the step and the data and does not depend on
+        the number of workers, and at each accumulation index the ranks get neighbouring lengths."""
+        rows = self.global_rows(step)
+        if lengths is None:
+            share = self.global_batch // self.world
+            mine = rows[rank * share : (rank + 1) * share]
+            return [mine[a * self.micro : (a + 1) * self.micro] for a in range(self.accumulation)]
+        lengths = np.asarray(lengths)
+        if lengths.shape != rows.shape:
+            raise ValueError(f"lengths has shape {lengths.shape}, the global batch has {rows.shape}")
+        ordered = rows[np.argsort(lengths, kind="stable")]
+        chunks = [ordered[m * self.micro : (m + 1) * self.micro] for m in range(self.global_batch // self.micro)]
+        return chunks[rank :: self.world]
 
     def cursor(self, step: int) -> dict[str, int]:
         epoch, j = divmod(step, self.steps_per_epoch)
@@ -164,6 +183,15 @@ class StreamReader:
             out.append({k: v[off] for k, v in data.items()})
         return out
 
+    def lengths_at(self, idx: np.ndarray) -> np.ndarray:
+        """Token count (len of input_ids) of each row in `idx`."""
+        out = np.empty(len(idx), dtype=np.int64)
+        for k, i in enumerate(np.asarray(idx, dtype=np.int64)):
+            if not 0 <= i < self.rows:
+                raise IndexError(f"{self.url}: row {i} out of range [0, {self.rows})")
+            out[k] = len(self._part(int(i // self.part_rows))["input_ids"][int(i % self.part_rows)])
+        return out
+
     def position(self, row: int) -> dict[str, int]:
         k = row // self.part_rows
         return {"file": storage.join(self.url, part_name(k)), "row_group": 0, "offset": int(row - k * self.part_rows)}
@@ -180,6 +208,12 @@ class StreamReader:
 
     def close(self):
         self._cache.clear()
+
+
+def padding_fraction(batch: dict[str, torch.Tensor]) -> float:
+    """Padding tokens / all tokens of a collated batch."""
+    mask = batch["attention_mask"]
+    return 1.0 - float(mask.sum()) / max(1, mask.numel())
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from recdata import storage
 from recdata.metrics import ctr_metrics, ranking_metrics
 from recdata.streams import StreamReader, collate
-from trainer.objective import answer_loss, candidate_scores, p_yes_from_logits
+from trainer.objective import answer_loss, candidate_scores, gate_input, p_yes_from_logits
 
 
 def all_reduce_sum(x: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -42,22 +43,38 @@ class Evaluator:
         self.engine, self.pm, self.params = engine, pm, params
         self.rank, self.world, self.device = rank, world, device
         self.waited = 0.0
+        self.calls: dict[str, int] = {}
 
     def __call__(self, split: str) -> dict[str, float]:
         reader = StreamReader(self.params["streams"][split], timeout_s=self.params.get("feed_timeout_s", 3600.0))
         try:
-            return self.score(reader)
+            out, rows = self.score(reader)
         finally:
             self.waited += reader.waited
             reader.close()
+        # Per-sample results of every evaluation, for paired comparisons on the same samples (bench/quality.py):
+        # {run}/eval/{split}-{k}.json, k = this worker's k-th evaluation of the split (the zero-shot one is 0).
+        k = self.calls.get(split, 0)
+        self.calls[split] = k + 1
+        if self.rank == 0 and self.params.get("run_url"):
+            storage.write_json_atomic(
+                storage.join(self.params["run_url"], "eval", f"{split}-{k}.json"), {"metrics": out, **rows}
+            )
+        return out
 
-    def score(self, reader: StreamReader) -> dict[str, float]:
+    def score(self, reader: StreamReader) -> tuple[dict[str, float], dict[str, list]]:
+        """(metrics, per-sample rows): CTR sample_id, label, p_yes, teacher_score; next item sample_id,
+        target index, candidate scores."""
         params, engine, device = self.params, self.engine, self.device
         n = reader.rows
         per_rank = -(-n // self.world)
         idx = np.arange(self.rank, per_rank * self.world, self.world)  # padded: indices >= n repeat row 0, dropped
         valid = idx < n
         idx = np.where(valid, idx, 0)
+        # Bucketed by length within this rank's share (fewer padding tokens; the same rows and the same number
+        # of forwards on every rank). Rows and their `valid` flags move together; the metrics are order-free.
+        order = np.argsort(reader.lengths_at(idx), kind="stable")
+        idx, valid = idx[order], valid[order]
         bs = params["eval_batch_size"]
         if hasattr(self.pm, "hybrid"):
             self.pm.hybrid = True  # evaluate with the full hybrid prompt
@@ -66,28 +83,44 @@ class Evaluator:
         with torch.no_grad():
             for s in range(0, len(idx), bs):
                 rows = reader.rows_at(idx[s : s + bs])
-                batch = {k: v.to(device) for k, v in collate(rows, params["pad_id"]).items()}
+                batch = gate_input(collate(rows, params["pad_id"]), getattr(self.pm.config, "gate_input", "teacher"))
+                batch = {k: v.to(device) for k, v in batch.items()}
                 if params["task"] == "ctr":
                     _, nll, logits = answer_loss(engine, batch)
                     p = p_yes_from_logits(logits, batch["answer_len"], params["yes_id"], params["no_id"])
-                    rows_out.append(
-                        torch.stack([batch["label"].double().cpu(), p.double().cpu(), nll.double().cpu()], 1)
+                    teacher = torch.tensor(
+                        [np.nan if r.get("teacher_score") is None else r["teacher_score"] for r in rows]
                     )
+                    cols = [batch["label"].cpu(), p.cpu(), nll.cpu(), batch["sample_id"].cpu(), teacher]
+                    rows_out.append(torch.stack([c.double() for c in cols], 1))
                 else:
                     sc = candidate_scores(
                         engine, rows, params["pad_id"], lambda c: params["answer_ids"][str(c)], batch["cond"], device
                     )
                     target = torch.tensor([r["candidates"].index(r["item_id"]) for r in rows], dtype=torch.float64)
-                    rows_out.append(torch.cat([target.unsqueeze(1), sc.double().cpu()], 1))
+                    sid = batch["sample_id"].double().cpu()
+                    rows_out.append(torch.cat([target.unsqueeze(1), sid.unsqueeze(1), sc.double().cpu()], 1))
         engine.train()
-        mine = torch.cat(rows_out) if rows_out else torch.zeros(0, 3, dtype=torch.float64)
+        mine = torch.cat(rows_out) if rows_out else torch.zeros(0, 5, dtype=torch.float64)
         mine = torch.cat([torch.from_numpy(valid.astype(np.float64)).unsqueeze(1), mine], 1)
         allrows = all_gather_rows(mine, self.world, device).cpu()
         allrows = allrows[allrows[:, 0] > 0][:, 1:].numpy()
         if params["task"] == "ctr":
             out = ctr_metrics(allrows[:, 0].astype(int), allrows[:, 1])
             out["answer_nll"] = float(allrows[:, 2].mean())
+            rows = {
+                "sample_id": allrows[:, 3],
+                "label": allrows[:, 0],
+                "p_yes": allrows[:, 1],
+                "teacher": allrows[:, 4],
+            }
         else:
-            out = ranking_metrics(allrows[:, 1:], allrows[:, 0].astype(int))
+            out = ranking_metrics(allrows[:, 2:], allrows[:, 0].astype(int))
+            rows = {"sample_id": allrows[:, 1], "target": allrows[:, 0], "scores": allrows[:, 2:]}
         out["n"] = float(len(allrows))
-        return out
+        order = np.argsort(rows["sample_id"], kind="stable")
+        rows = {k: v[order] for k, v in rows.items()}
+        rows["sample_id"] = rows["sample_id"].astype(np.int64)
+        if "teacher" in rows:
+            rows["teacher"] = np.nan_to_num(rows["teacher"], nan=-1.0)  # -1: no teacher score stored
+        return out, {k: v.tolist() for k, v in rows.items()}

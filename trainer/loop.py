@@ -26,7 +26,7 @@ from trainer import checkpoint as ckpt
 from trainer import engine as eng
 from trainer.evaluate import Evaluator, all_reduce_sum
 from trainer.hybrid import HybridLM, use_hybrid
-from trainer.objective import answer_loss
+from trainer.objective import answer_loss, gate_input
 from trainer.telemetry import TensorBoard, base_config, gate_stats, log_line, measured_peak_flops, mfu
 
 
@@ -52,6 +52,7 @@ class StepResult:
 
     loss_sum: float = 0.0  # sum of the per-sample answer NLLs
     tokens: int = 0  # non-padding tokens
+    padded_tokens: int = 0  # all tokens of the padded micro-batches (padding fraction = 1 - tokens / this)
     wait: float = 0.0  # seconds spent getting the micro-batches
     seq_len: int = 0  # padded length and LM-head positions of the last micro-batch (for FLOPs per token)
     head_positions: int = 1
@@ -76,6 +77,7 @@ def train_step(
         engine.step()
         loss_sum += per_sample.sum().cpu()
         out.tokens += int(batch["attention_mask"].sum())
+        out.padded_tokens += int(batch["attention_mask"].numel())
         out.seq_len, out.head_positions = int(batch["input_ids"].shape[1]), int(batch["answer_len"].max()) + 1
         if with_gate_stats and not out.gate_stats:
             out.gate_stats = gate_stats(pm, batch["cond"])
@@ -83,9 +85,15 @@ def train_step(
     return out
 
 
-def micro_batches(reader: StreamReader, sched: Schedule, step: int, rank: int, pad_id: int, device) -> Iterator[dict]:
-    for rows in sched.rank_rows(step, rank):
-        yield {k: v.to(device) for k, v in collate(reader.rows_at(rows), pad_id).items()}
+def micro_batches(
+    reader: StreamReader, sched: Schedule, step: int, rank: int, pad_id: int, device, gate_source: str = "teacher"
+) -> Iterator[dict]:
+    """This rank's micro-batches of `step`: the step's global batch bucketed by length (Schedule.rank_rows),
+    with the gates' input chosen by trainer.lora.gate_input."""
+    lengths = reader.lengths_at(sched.global_rows(step))
+    for rows in sched.rank_rows(step, rank, lengths):
+        batch = gate_input(collate(reader.rows_at(rows), pad_id), gate_source)
+        yield {k: v.to(device) for k, v in batch.items()}
 
 
 def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable[[dict], None]) -> dict[str, Any]:
@@ -152,9 +160,11 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
         t_step = time.perf_counter()
         log_now = (step + 1) % t.log_every == 0
         hybrid_step = curriculum(engine, pm, cfg.run.seed, step, total_steps)
-        batches = micro_batches(reader, sched, step, rank, params["pad_id"], device)
+        batches = micro_batches(reader, sched, step, rank, params["pad_id"], device, t.lora.gate_input)
         res = train_step(engine, pm, batches, with_gate_stats=log_now)
-        counts = all_reduce_sum(torch.tensor([res.loss_sum, float(res.tokens)], dtype=torch.float64), device).cpu()
+        counts = all_reduce_sum(
+            torch.tensor([res.loss_sum, float(res.tokens), float(res.padded_tokens)], dtype=torch.float64), device
+        ).cpu()
         dt = time.perf_counter() - t_step
         wait_total += res.wait
         rec = {
@@ -164,6 +174,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
             "lr": float(engine.optimizer.param_groups[0]["lr"]),
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": float(counts[1] / dt),
+            "padding_fraction": float(1.0 - counts[1] / counts[2].clamp(min=1.0)),
             "samples_per_s": t.batch_size / dt,
             "data_wait_fraction": res.wait / dt,
             "step_seconds": dt,

@@ -69,6 +69,9 @@ class MixtureLoraConfig:
     gate_lr_mult: float = 1.0
     # Which exact reclora formulation runs; "auto" picks from shapes only (never from data).
     reclora_path: Literal["auto", "per_sample", "rank_space"] = "auto"
+    # The gates' input: the teacher representation, or (ablation) a fixed random vector per sample, drawn by the
+    # trainer (trainer.objective.gate_input); the model itself only ever sees `cond`.
+    gate_input: Literal["teacher", "random"] = "teacher"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -89,6 +92,8 @@ class MixtureLoraConfig:
             raise ValueError(f"mode {self.mode!r} needs cond_dim > 0 (size of the conditioning vector)")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.gate_input not in ("teacher", "random"):
+            raise ValueError(f"gate_input must be 'teacher' or 'random', got {self.gate_input!r}")
         if self.reclora_path not in RECLORA_PATHS:
             raise ValueError(f"reclora_path must be one of {RECLORA_PATHS}, got {self.reclora_path!r}")
 

@@ -6,10 +6,34 @@ head runs only on the last `max answer length + 1` positions (`logits_to_keep`),
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from recdata.streams import collate
+
+RANDOM_GATE_SEED = 20_240_813  # the random gate inputs (ablation) are a fixed function of the sample id
+
+
+def random_representations(sample_ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """One fixed standard-normal vector per sample id: the same for the sample in every step, epoch, rank and
+    resume, and unrelated to the sample's features."""
+    rows = [
+        np.random.default_rng([RANDOM_GATE_SEED, int(s)]).standard_normal(dim).astype(np.float32)
+        for s in sample_ids.tolist()
+    ]
+    return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, dim)
+
+
+def gate_input(batch: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """`batch` with `cond` as the gates should see it: the teacher representation (as collated) or, for
+    trainer.lora.gate_input=random, random_representations of the batch's sample ids (same size and device)."""
+    if source == "teacher":
+        return batch
+    if source != "random":
+        raise ValueError(f"gate_input must be 'teacher' or 'random', got {source!r}")
+    cond = batch["cond"]
+    return {**batch, "cond": random_representations(batch["sample_id"], cond.shape[1]).to(cond.device, cond.dtype)}
 
 
 def _extra_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
