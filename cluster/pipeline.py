@@ -34,7 +34,8 @@ from retrieval.embed_items import EmbedOptions, embed_items
 from teacher.config import TeacherConfig
 from teacher.score import score_samples
 from teacher.train import train_teacher
-from trainer.checkpoint import check_compatible, latest_complete
+from trainer.checkpoint import check_compatible, latest_complete, verify
+from trainer.engine import ds_config
 from trainer.loop import fingerprint_parts, train_worker
 from trainer.prepare import base_model_dir, plan_training
 from trainer.report import write_report
@@ -68,6 +69,7 @@ class Pipeline:
         if storage.is_local(cfg.run.output_dir):
             # Workers (Ray actors, Ray Train) run in other directories: hand them absolute paths.
             cfg.run.output_dir = str(Path(cfg.run.output_dir.removeprefix("file://")).resolve())
+            storage.check_writable(cfg.run.output_dir, "run.output_dir")  # a file on the way, a read-only folder
         return cls(cfg, stages)
 
     def plan(self) -> str:
@@ -101,6 +103,10 @@ class Pipeline:
                 f"{p.run} holds a run trained with another config ({storage.join(p.run, 'inputs.json')}); "
                 f"pick a new run.name or delete that folder"
             )
+        if "train" in self.stages and cfg.trainer.resume:
+            # Before anything is written: a damaged or incompatible checkpoint must not leave a half-made run.
+            verify(cfg.trainer.resume)
+            check_compatible(cfg.trainer.resume, fingerprint_parts(cfg))
         storage.write_bytes_atomic(storage.join(p.run, "config.yaml"), to_yaml(cfg).encode())
         for stage in self.stages:
             t0 = time.perf_counter()
@@ -251,14 +257,20 @@ def final_table(final: dict, teacher: dict, task: str = "ctr") -> str:
 
 def train(cfg, run_url: str) -> dict:
     """Plan the streams, start the feed (Ray actors), then the Ray Train workers; returns the final metrics."""
+    zero_shot = cfg.data.task == "ctr" and cfg.trainer.zero_shot_eval
     try:
-        params, feed = plan_training(cfg, run_url, zero_shot_first=cfg.data.task == "ctr")
+        params, feed = plan_training(cfg, run_url, zero_shot_first=zero_shot)
     except FileNotFoundError as e:
         raise SetupError(str(e)) from None
     params["interactive"] = sys.stderr.isatty()
-    params["eval_zero_shot"] = cfg.data.task == "ctr"
+    params["eval_zero_shot"] = zero_shot
     feed.runner = run_sharded
     t = cfg.trainer
+    # The DeepSpeed config the workers will build (generated, then trainer.deepspeed merged over it), saved
+    # with the run; a bad trainer.deepspeed fails here, before any worker starts.
+    storage.write_json_atomic(
+        storage.join(run_url, "deepspeed.json"), ds_config(t, t.use_gpu, cfg.model.dtype, t.num_workers)
+    )
     resume = t.resume or latest_complete(run_url)
     if resume:
         check_compatible(resume, fingerprint_parts(cfg))  # refuse before any worker starts

@@ -23,7 +23,7 @@ PRESET_DIR = Path(__file__).resolve().parent
 
 
 class ConfigError(RecloraError, ValueError):
-    """Invalid configuration; the message lists every offending key path, one per line."""
+    """Invalid configuration; the message lists every offending key path on one line, separated by '; '."""
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -110,7 +110,7 @@ def validate(data: dict) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError("invalid config:\n" + "\n".join(format_errors(e, data))) from None
+        raise ConfigError("invalid config: " + "; ".join(format_errors(e, data))) from None
 
 
 def format_errors(e: ValidationError, data: dict) -> list[str]:

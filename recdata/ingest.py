@@ -13,7 +13,9 @@ leaves no dataset behind (and an interrupted commit leaves no manifest, which re
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -77,6 +79,9 @@ class _Counts:
     unknown_items: int = 0
     duplicates: int = 0
     kcore_removed: int = 0
+    negative_ids: int = 0  # skipped (--on-bad-rows skip); refused otherwise
+    future_timestamps: int = 0  # kept, counted: later than now + 1 day (milliseconds instead of seconds?)
+    negative_ratings: int = 0  # kept, counted: no rating scale is declared, so only < 0 is flagged
 
 
 def ingest(
@@ -94,8 +99,11 @@ def ingest(
         raise IngestError(f"unknown format {fmt!r}; choose one of {sorted(readers.READERS)}")
     if opts.task not in ("ctr", "next_item"):
         raise IngestError(f"unknown task {opts.task!r}; choose ctr or next_item")
-    storage.ensure_bucket(out)
+    if opts.row_group_size < 1:
+        raise IngestError(f"row_group_size must be >= 1, got {opts.row_group_size}; pass --row-group-size 65536")
+    storage.check_writable(out, "--out")
     _check_destination(out, opts.overwrite)
+    remove_stale(out)
     src = resolve_source(src)
     if fmt == "generic":
         source = readers.generic(src, items, users, columns or ColumnsConfig(), encoding)
@@ -114,8 +122,9 @@ def ingest(
     t0 = time.perf_counter()
     items_table = _check_items(source, opts)
     known_items = np.sort(items_table["item_id"].to_numpy())
-    spill_dir = tempfile.mkdtemp(prefix="reclora-ingest-")
-    staging = f"{out.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
+    # Both names carry this process's id: a later ingest removes them when this process is gone (killed).
+    spill_dir = tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{os.getpid()}-")
+    staging = f"{out.rstrip('/')}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     counts = _Counts()
     try:
         n_spilled = _pass1_spill(source, opts, known_items, spill_dir, counts)
@@ -167,6 +176,40 @@ def ingest(
         shutil.rmtree(spill_dir, ignore_errors=True)
 
 
+_SPILL_PREFIX = "reclora-ingest-"
+_STAGING = re.compile(r"\.staging-(\d+)-[0-9a-f]{8}$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale(out: str) -> list[str]:
+    """Remove what killed ingests on this machine left behind: `{out}.staging-{pid}-{id}` beside a local
+    output and `reclora-ingest-{pid}-*` spill folders in the temp dir, when process `pid` is gone. Staging
+    prefixes on object stores are left alone (their writer may be another machine). Returns what went."""
+    gone = []
+    if storage.is_local(out):
+        _, path = storage.get_fs(out)
+        for p in glob.glob(glob.escape(path) + ".staging-*"):
+            m = _STAGING.search(p)
+            if m and not _process_alive(int(m.group(1))):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    for p in glob.glob(os.path.join(tempfile.gettempdir(), _SPILL_PREFIX + "*")):
+        m = re.match(re.escape(_SPILL_PREFIX) + r"(\d+)-", os.path.basename(p))
+        if m and not _process_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
 def _check_destination(out: str, overwrite: bool) -> None:
     fs, path = storage.get_fs(out)
     with storage.storage_errors(out):
@@ -184,6 +227,10 @@ def _check_destination(out: str, overwrite: bool) -> None:
 
 def _check_items(source: readers.Source, opts: IngestOptions) -> pa.Table:
     items = source.items
+    if items.num_rows == 0:
+        raise IngestError(
+            f"{source.items_file}: holds no items (only a header?); it needs one row per item with its id and title"
+        )
     ids = items["item_id"].to_numpy()
     uniq, cnt = np.unique(ids, return_counts=True)
     if (cnt > 1).any():
@@ -252,6 +299,21 @@ def _validate_batch(
             raise IngestError(f"{batch.where(row)}: column {name} is empty")
     keep = np.ones(t.num_rows, dtype=bool)
     missing = np.zeros(t.num_rows, dtype=bool)
+    for name in ("user_id", "item_id"):
+        ids = t[name].to_numpy()
+        neg = ids < 0
+        if neg.any():
+            if opts.on_bad_rows == "skip":
+                counts.negative_ids += int((neg & keep).sum())
+                keep &= ~neg
+            else:
+                row = int(np.flatnonzero(neg)[0])
+                raise IngestError(
+                    f"{batch.where(row)}: column {name} holds a negative id {int(ids[row])} ({int(neg.sum())} such "
+                    f"rows); ids must be >= 0: fix the file or pass --on-bad-rows skip to drop and count them"
+                )
+    ts = t["timestamp"].to_numpy()
+    counts.future_timestamps += int(((ts > int(time.time()) + 86_400) & keep).sum())
     if source.has_ratings:
         r = t["rating"].to_numpy(zero_copy_only=False).astype(np.float64)
         # A missing rating is one state everywhere downstream: null (never NaN).
@@ -259,6 +321,7 @@ def _validate_batch(
         if missing.any():
             t = t.set_column(t.column_names.index("rating"), "rating", pa.array(r, pa.float32(), mask=missing))
         bad = ~np.isfinite(r)
+        counts.negative_ratings += int(((r < 0) & keep).sum())
         if "split" in t.column_names:  # context rows of sequence sources may lack ratings
             bad &= np.asarray(pc.not_equal(t["split"], "context"))
         if opts.task == "next_item":
@@ -275,7 +338,7 @@ def _validate_batch(
                     f"pass --on-bad-rows skip to drop and count them"
                 )
     items = t["item_id"].to_numpy()
-    unknown = _unknown(items, known_items)
+    unknown = _unknown(items, known_items) & keep
     if unknown.any():
         if opts.on_bad_rows == "skip":
             counts.unknown_items += int((unknown & keep).sum())
@@ -601,7 +664,10 @@ def _manifest(fmt, source, opts, method, shards, items, users_entry, counts: _Co
             "nan_ratings": counts.nan_ratings,
             "unknown_items": counts.unknown_items,
             "kcore_removed": counts.kcore_removed,
+            "negative_ids": counts.negative_ids,
         },
+        # Kept but suspicious: timestamps later than ingest time + 1 day, ratings below 0.
+        "flagged": {"future_timestamps": counts.future_timestamps, "negative_ratings": counts.negative_ratings},
         "rows_read": counts.rows_in,
         # Rows kept with a null rating (a source with ratings on some rows only: next_item rows, context rows).
         "missing_ratings": counts.missing_ratings,
@@ -637,6 +703,9 @@ def summary(manifest: dict) -> str:
         lines.append(f"{name:<8} {st['rows']:>10,} {pos if pos is not None else '-':>10} {rate:>9}")
     sk = {k: v for k, v in manifest["skipped"].items() if v}
     lines.append("skipped: " + (", ".join(f"{k}={v:,}" for k, v in sk.items()) if sk else "none"))
+    flagged = {k: v for k, v in manifest.get("flagged", {}).items() if v}
+    if flagged:
+        lines.append("flagged (kept): " + ", ".join(f"{k}={v:,}" for k, v in flagged.items()))
     if manifest.get("missing_ratings"):
         lines.append(f"kept without a rating: {manifest['missing_ratings']:,} rows")
     return "\n".join(lines)
@@ -706,6 +775,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.num_shards < 1 or a.kcore < 0:
         print("error: --num-shards must be >= 1 and --kcore >= 0", file=sys.stderr)
+        return 2
+    if a.row_group_size < 1:
+        print(
+            f"error: --row-group-size must be >= 1 (rows per Parquet row group), got {a.row_group_size}",
+            file=sys.stderr,
+        )
         return 2
 
     storage.configure(endpoint_url=a.endpoint_url)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from configs.loader import ConfigError
 from recdata import storage
 from recdata.samples import SAMPLES_VERSION, commit_marker
 from recdata.samples import options_from_config as build_options
@@ -73,7 +74,13 @@ def stage_inputs(cfg: Any) -> dict[str, dict]:
     address is the digest of these. Worker counts, actor resources and output names are left out: they
     change how fast an output is built, never what it holds."""
     ingest = {k: v for k, v in cfg.data.model_dump(mode="json").items() if k not in ("dataset_url", "domain")}
-    opts = build_options(cfg)
+    try:
+        opts = build_options(cfg)
+    except ValueError as e:  # BuildOptions' own cross-key checks ("build option subr_pool: must be >= k_text=...")
+        raise ConfigError(
+            f"invalid config: {str(e).replace('build option ', 'retrieval.')}; change it in the config's retrieval "
+            f"section or with a retrieval.KEY=VALUE override"
+        ) from None
     embed = None
     if opts.needs_embeddings:
         embed = {

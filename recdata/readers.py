@@ -327,6 +327,14 @@ def recbole(src: str) -> Source:
             # An empty user id is reported by ingest with its line; positions are never used then.
             users = uid.to_numpy() if not uid.null_count else np.zeros(len(uid), np.int64)
             t = t.append_column("timestamp", pa.array(order_positions(users, {})))
+        else:
+            ts = t["timestamp"].to_numpy(zero_copy_only=False)
+            frac = np.flatnonzero(np.isfinite(ts) & (ts != np.floor(ts)))
+            if len(frac):
+                raise IngestError(
+                    f"{inter}:{int(frac[0]) + 2}: column {ti + 1} ({names[ti]}) holds {float(ts[frac[0]])!r}, a timestamp "
+                    f"with a fraction ({len(frac)} such rows); timestamps are whole seconds: round them in the file"
+                )
         yield Batch(_interactions(t, ri is not None), inter, 2)
 
     iraw = open_bytes(item_f)
@@ -595,15 +603,23 @@ def _to_canonical(url: str, t: pa.Table, need: dict[str, str], first_row: int, i
                         pa.int64(),
                     )
                 except pa.ArrowInvalid:
-                    col = _as_int(url, col, name, first_row, is_csv)
+                    col = _as_int(url, col, name, first_row, is_csv, _TIMESTAMP_HINT)
             else:
-                col = _as_int(url, col, name, first_row, is_csv)
+                col = _as_int(url, col, name, first_row, is_csv, _TIMESTAMP_HINT)
         elif canon == "rating":
             if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
                 bad = _first_bad(col, float)
                 raise IngestError(
                     f"{_where(url, first_row + bad[0], is_csv)}: column {name!r} must be numeric, got {bad[1]!r}"
                 )
+            if pa.types.is_integer(col.type):
+                big = np.flatnonzero(np.abs(col.to_numpy(zero_copy_only=False).astype(np.float64)) > 1 << 24)
+                if len(big):
+                    raise IngestError(
+                        f"{_where(url, first_row + int(big[0]), is_csv)}: column {name!r} holds "
+                        f"{col[int(big[0])].as_py()}, too large for a rating ({len(big)} such rows); is it the "
+                        f"right column? Set the rating column with --rating-col"
+                    )
             col = pc.cast(col, pa.float32())
         out[canon] = col
     if "timestamp" not in out:  # order only: generic() numbers the rows per user
@@ -626,7 +642,14 @@ def _first_bad(col, conv) -> tuple[int, object]:
     return 0, None
 
 
-def _as_int(url: str, col, name: str, first_row: int, is_csv: bool):
+_ID_HINT = "must be an integer id, got {v!r} (map string ids to integers first)"
+_TIMESTAMP_HINT = (
+    "must be Unix seconds (an integer) or a date-time like 2020-01-06T00:00:00, got {v!r}; convert the column "
+    "in the file"
+)
+
+
+def _as_int(url: str, col, name: str, first_row: int, is_csv: bool, hint: str = _ID_HINT):
     if pa.types.is_integer(col.type):
         return pc.cast(col, pa.int64())
     if pa.types.is_floating(col.type):
@@ -634,17 +657,15 @@ def _as_int(url: str, col, name: str, first_row: int, is_csv: bool):
         bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
         if len(bad):
             raise IngestError(
-                f"{_where(url, first_row + int(bad[0]), is_csv)}: column {name!r} must be an integer id, got {arr[bad[0]]!r}"
+                f"{_where(url, first_row + int(bad[0]), is_csv)}: column {name!r} "
+                + hint.split(" (map")[0].format(v=arr[bad[0]])
             )
         return pa.array(arr.astype(np.int64))
     try:
         return pc.cast(col, pa.int64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         i, v = _first_bad(col, int)
-        raise IngestError(
-            f"{_where(url, first_row + i, is_csv)}: column {name!r} must be an integer id, got {v!r} "
-            f"(map string ids to integers first)"
-        ) from None
+        raise IngestError(f"{_where(url, first_row + i, is_csv)}: column {name!r} " + hint.format(v=v)) from None
 
 
 def _generic_batches(url: str, need: dict[str, str], columns, encoding: str, batch_rows: int) -> Iterator[Batch]:
@@ -658,7 +679,19 @@ def _generic_batches(url: str, need: dict[str, str], columns, encoding: str, bat
                 raise IngestError(f"{url}: not a readable Parquet file ({e}); truncated or corrupt?") from None
             _check_columns(url, pf.schema_arrow.names, need)
             row = 0
-            for rb in pf.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys(need.values()))):
+            it = pf.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys(need.values())))
+            while True:
+                try:
+                    rb = next(it, None)
+                except (pa.ArrowException, OSError) as e:
+                    if not _decoding_error(e):
+                        raise
+                    raise IngestError(
+                        f"{url}: corrupt Parquet data after row {row} ({type(e).__name__}: {_first_line(e)}); "
+                        f"the file is damaged: write or download it again"
+                    ) from None
+                if rb is None:
+                    break
                 t = pa.Table.from_batches([rb])
                 yield Batch(_to_canonical(url, t, need, row, False), url, None)
                 row += t.num_rows
@@ -684,6 +717,8 @@ def _generic_batches(url: str, need: dict[str, str], columns, encoding: str, bat
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
         raise _csv_problem(url, raw, delim, len(header), encoding, e) from None
+    if t.num_rows == 0:
+        raise IngestError(f"{url}: only a header, no rows; the file needs one interaction per line below the header")
     yield Batch(_to_canonical(url, t, need, 0, True), url, 2)
 
 
@@ -706,6 +741,19 @@ def _csv_problem(url: str, raw: bytes, delim: str, ncols: int, encoding: str, er
     return IngestError(f"{url}: cannot parse CSV ({str(err).splitlines()[0][:200]})")
 
 
+def _decoding_error(e: BaseException) -> bool:
+    """pyarrow's own complaint about the bytes (bad page, bad thrift, bad footer), not a transport failure:
+    pyarrow raises those as errno-less OSError/ArrowException; sockets and timeouts carry an errno or type."""
+    if isinstance(e, (ConnectionError, TimeoutError, PermissionError, FileNotFoundError)):
+        return False
+    return isinstance(e, pa.ArrowException) or getattr(e, "errno", None) is None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
 def _generic_table(url: str, need: dict[str, str], encoding: str, keep_rest: bool) -> pa.Table:
     batches = list(_generic_side(url, need, encoding))
     return batches[0]
@@ -717,8 +765,12 @@ def _generic_side(url: str, need: dict[str, str], encoding: str) -> Iterator[pa.
         with storage.storage_errors(url), fs.open(path, "rb") as fh:
             try:
                 t = pq.ParquetFile(fh).read()
-            except pa.ArrowInvalid as e:
-                raise IngestError(f"{url}: not a readable Parquet file ({e})") from None
+            except (pa.ArrowException, OSError) as e:
+                if not _decoding_error(e):
+                    raise
+                raise IngestError(
+                    f"{url}: not a readable Parquet file ({_first_line(e)}); truncated or corrupt? write it again"
+                ) from None
         is_csv = False
     else:
         import io

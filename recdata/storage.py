@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import posixpath
+import tempfile
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -139,6 +140,11 @@ def storage_errors(url: str) -> Iterator[None]:
     except StorageError:
         raise
     except PermissionError as e:
+        if is_local(url):
+            raise StorageError(
+                f"{url}: access denied on the local filesystem ({_first_line(e)}); check the permissions of "
+                f"that file or folder, or choose another path"
+            ) from None
         raise StorageError(
             f"{url}: access denied ({describe_endpoint(url)}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
             f"or the instance role ({type(e).__name__})"
@@ -230,6 +236,30 @@ def move_tree(src_url: str, dst_url: str) -> None:
             rel = posixpath.relpath(f, src)
             fs.mv(f, posixpath.join(dst, rel))
         fs.rm(src, recursive=True) if fs.exists(src) else None
+
+
+def check_writable(url: str, what: str = "the output") -> None:
+    """Before any work: `url` can be written as a folder. Locally: no file on the way and the nearest existing
+    folder accepts new entries (tried with a temporary file, removed at once); on object stores: the bucket
+    answers (ensure_bucket). StorageError names the URL, the blocking path and what to do."""
+    if not is_local(url):
+        ensure_bucket(url)
+        return
+    _, path = get_fs(url)
+    near = path
+    while not os.path.exists(near):
+        near = os.path.dirname(near)
+    if not os.path.isdir(near):
+        raise StorageError(f"{url}: {near} is a file, not a folder; choose another path for {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".reclora-write-check-", dir=near)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise StorageError(
+            f"{url}: cannot write in {near} ({e.strerror or type(e).__name__}): the folder is read-only; "
+            f"choose another path for {what} or fix its permissions"
+        ) from None
 
 
 def ensure_bucket(url: str) -> None:

@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -453,11 +454,21 @@ def _config_from_args(a: argparse.Namespace) -> TeacherConfig:
     if a.num_workers is not None:
         over["train_workers"] = a.num_workers
     if a.mlp_hidden:
-        over["mlp_hidden"] = [int(x) for x in a.mlp_hidden.split(",")]
+        try:
+            over["mlp_hidden"] = [int(x) for x in a.mlp_hidden.split(",")]
+        except ValueError:
+            raise TeacherConfigError(
+                f"--mlp-hidden: expected comma-separated layer widths like 256,256,256, got {a.mlp_hidden!r}"
+            ) from None
         over.setdefault("rep_dim", over["mlp_hidden"][-1])
     if a.model == "sasrec" and "embed_dim" in over:
         over.setdefault("rep_dim", over["embed_dim"])
-    return TeacherConfig.defaults(a.model, **over)
+    try:
+        return TeacherConfig.defaults(a.model, **over)
+    except TeacherConfigError as e:  # name the command-line option the value came from: "lr: ..." -> "--lr: ..."
+        raise TeacherConfigError(
+            re.sub(r"(^|; )(\w+):", lambda m: f"{m[1]}--{m[2].replace('_', '-')}:", str(e)) + "; pass a valid value"
+        ) from None
 
 
 def _resolve(a: argparse.Namespace) -> tuple[str, str, str | None, TeacherConfig]:

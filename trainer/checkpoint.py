@@ -56,7 +56,9 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file is missing, truncated or altered since it was saved; `path` names it."""
 
     def __init__(self, path: str, why: str):
-        super().__init__(f"{path}: {why}")
+        super().__init__(
+            f"{path}: {why}; this checkpoint is damaged: resume from an earlier one (--resume URL) or a new run.name"
+        )
         self.path = path
 
 

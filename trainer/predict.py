@@ -190,6 +190,8 @@ def predict(
             f"--rows-per-task and --batch-size must be >= 1 and --num-workers >= 0, got "
             f"{rows_per_task}, {batch_size}, {num_workers}"
         )
+    # Before the run, the requests or the model are loaded: a file or read-only folder at --out.
+    storage.check_writable(out_url, "--out")
     t0 = time.perf_counter()
     cfg = load_run_config(run_url)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
