@@ -172,6 +172,13 @@ class TrainerConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     zero_stage: Literal[2, 3] = 3
     zero_hpz_partition_size: int = Field(1, ge=1)  # ZeRO++ hierarchical partitioning (passed through)
+    # CTR: evaluate the untrained model on the test set before step 1 (the final table's zero-shot row).
+    zero_shot_eval: bool = True
+    # ZeRO++ quantized weight all-gathers: the frozen base's weights travel in int8 (GPU only).
+    zero_quantized_weights: bool = False
+    # Merged over the generated DeepSpeed config (a mapping, or a path to a JSON/YAML file), the convention of
+    # HF Trainer, LLaMA-Factory and axolotl; the merged config is saved as {run}/deepspeed.json.
+    deepspeed: Optional[dict | str] = None
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1)  # global, after accumulation

@@ -14,8 +14,10 @@ import os
 from typing import Any, Callable
 
 import torch
+import yaml
 from torch import nn
 
+from configs.loader import ConfigError
 from recdata import storage
 from recdata.model_source import load_kwargs
 from trainer import checkpoint as ckpt
@@ -60,14 +62,60 @@ def ds_config(t, use_gpu: bool, dtype: str, world: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if t.zero_stage == 3:
-        cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})
+        z = cfg["zero_optimization"]
+        if use_gpu:
+            # DeepSpeed's documented ZeRO-3 settings for a large frozen base: small parameters (norms, gate
+            # MLPs, LoRA factors) stay resident instead of being gathered per use, a 50M-element prefetch
+            # bucket overlaps the next layer's all-gather with compute, and 1e9 live/reused elements keep a
+            # 7B layer's weights resident through its forward and recomputation.
+            z.update({"stage3_param_persistence_threshold": 1e5, "stage3_prefetch_bucket_size": 5e7,
+                      "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
+                      "overlap_comm": True, "contiguous_gradients": True})  # fmt: skip
+            if t.zero_quantized_weights:
+                z["zero_quantized_weights"] = True
+        else:
+            # CPU (tests, laptops): every parameter partitioned, so multi-rank CPU runs exercise the gathers.
+            z.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})
         if t.zero_hpz_partition_size > 1:
-            cfg["zero_optimization"]["zero_hpz_partition_size"] = t.zero_hpz_partition_size
+            z["zero_hpz_partition_size"] = t.zero_hpz_partition_size
     if use_gpu and dtype == "bfloat16":
         cfg["bf16"] = {"enabled": True}
     elif use_gpu and dtype == "float16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling
-    return cfg
+    return merge_config(cfg, user_deepspeed_config(t.deepspeed))
+
+
+def user_deepspeed_config(spec: dict | str | None) -> dict[str, Any]:
+    """`trainer.deepspeed`: a mapping, or a JSON/YAML file (local or on storage)."""
+    data = dict(spec or {}) if spec is None or isinstance(spec, dict) else read_deepspeed_file(spec)
+    own = sorted(set(data) & set(OWN_KEYS))
+    if own:
+        raise ConfigError(f"trainer.deepspeed: {own[0]} comes from trainer.{OWN_KEYS[own[0]]}; set it there")
+    return data
+
+
+def read_deepspeed_file(spec: str) -> dict[str, Any]:
+    if not storage.exists(spec):
+        raise ConfigError(f"trainer.deepspeed: {spec} not found (give a mapping or a JSON/YAML file)")
+    fs, path = storage.get_fs(spec)
+    with storage.storage_errors(spec):
+        data = yaml.safe_load(fs.cat_file(path).decode("utf-8"))  # YAML is a superset of JSON
+    if not isinstance(data, dict):
+        raise ConfigError(f"trainer.deepspeed: {spec} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+# Batch geometry is the trainer's (its Schedule decides which rows each rank reads): not overridable.
+OWN_KEYS = {"train_batch_size": "batch_size", "train_micro_batch_size_per_gpu": "micro_batch_size",
+            "gradient_accumulation_steps": "batch_size / micro_batch_size"}  # fmt: skip
+
+
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into a copy of `base`, mappings recursively (the user's keys win)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def lr_lambda(t, total_steps: int) -> Callable[[int], float]:
