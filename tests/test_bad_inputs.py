@@ -36,6 +36,7 @@ from recdata.schema import Dataset
 from teacher.train import main as teacher_main
 from tests.conftest import REPO, free_port
 from trainer import checkpoint
+from trainer.export import main as export_main
 from trainer.loop import fingerprint_parts
 from trainer.main import main as train_main
 from trainer.predict import main as predict_main
@@ -47,6 +48,7 @@ FRONT_DOORS: dict[str, tuple[Callable[[list[str]], int], list[str]]] = {
     "train": (train_main, [sys.executable, "trainer/main.py"]),
     "teacher": (teacher_main, [sys.executable, "-m", "teacher.train"]),
     "predict": (predict_main, [sys.executable, "-m", "trainer.predict"]),
+    "export": (export_main, [sys.executable, "-m", "trainer.export"]),
 }
 
 FUTURE = 4_000_000_000  # 2096: later than "now + 1 day"
@@ -383,6 +385,21 @@ CASES = [
         2,
         ("afile", "is a file", "--out"),
         out="afile",
+    ),
+    Case(
+        "export --out under a file",
+        "export",
+        lambda t: ["--adapter", str(t / "adapter"), "--cond", str(t / "c.npy"), "--out", str(t / "afile" / "u42")],
+        2,
+        ("afile", "is a file", "--out"),
+        out="afile",
+    ),
+    Case(
+        "reclora export --adapter that is no adapter folder",
+        "reclora",
+        lambda t: ["export", "--adapter", str(t / "g"), "--cond", str(t / "c.npy"), "--out", str(t / "out")],
+        2,
+        ("--adapter", "mixture_config.json", "not found", "RUN/adapter"),
     ),
     Case(
         "teacher --lr -1",

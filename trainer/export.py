@@ -23,6 +23,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from configs.errors import RecloraError
+from recdata import storage
 from recdata.model_source import load_kwargs, resolve_model
 from trainer.gates import MixtureGates
 from trainer.lora import (
@@ -179,8 +181,19 @@ def export_user_adapter_from_model(
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
+class ExportError(RecloraError, ValueError):
+    """An export input that cannot be used (adapter folder, conditioning file, --out); the message says which."""
+
+
 def read_cond_npy(path: str, row: int | None) -> np.ndarray:
-    array = np.load(path, allow_pickle=False)  # never unpickle
+    try:
+        array = np.load(path, allow_pickle=False)  # never unpickle
+    except FileNotFoundError:
+        raise ExportError(f"--cond {path}: file not found") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(
+            f"--cond {path}: not a numeric .npy array ({str(e).splitlines()[0][:120]}); write it with numpy.save"
+        ) from None
     if array.ndim == 2:
         if row is None:
             raise SystemExit(f"{path} holds {array.shape[0]} vectors: pass --row to pick one")
@@ -252,8 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tol", type=float, default=1e-4, help="max abs logit difference allowed by --check")
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except RecloraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
-    config = read_mixture_config(args.adapter)
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    storage.check_writable(args.out, "--out")  # a file on the way or a read-only folder, before any reading
+    try:
+        config = read_mixture_config(args.adapter)
+    except FileNotFoundError as e:
+        raise ExportError(f"--adapter {args.adapter}: {e}; pass the run's adapter folder (RUN/adapter)") from None
     if config.mode == "plain":
         cond = np.zeros(0, dtype=np.float32)
     elif args.cond:
