@@ -17,6 +17,7 @@ import glob
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -123,8 +124,8 @@ def ingest(
     items_table = _check_items(source, opts)
     known_items = np.sort(items_table["item_id"].to_numpy())
     # Both names carry this process's id: a later ingest removes them when this process is gone (killed).
-    spill_dir = tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{os.getpid()}-")
-    staging = f"{out.rstrip('/')}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    spill_dir = tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{owner_tag()}-")
+    staging = f"{out.rstrip('/')}.staging-{owner_tag()}-{uuid.uuid4().hex[:8]}"
     counts = _Counts()
     try:
         n_spilled = _pass1_spill(source, opts, known_items, spill_dir, counts)
@@ -177,7 +178,17 @@ def ingest(
 
 
 _SPILL_PREFIX = "reclora-ingest-"
-_STAGING = re.compile(r"\.staging-(\d+)-[0-9a-f]{8}$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """`{host}-{pid}` (this process by default), in the names of staging and spill folders: leftovers are
+    judged only by the machine (container) that made them, whose process ids they are; a shared folder (NFS,
+    a shared /tmp) may hold live work of other machines."""
+    return f"{_host()}-{os.getpid() if pid is None else pid}"
 
 
 def _process_alive(pid: int) -> bool:
@@ -191,19 +202,20 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_stale(out: str) -> list[str]:
-    """Remove what killed ingests on this machine left behind: `{out}.staging-{pid}-{id}` beside a local
-    output and `reclora-ingest-{pid}-*` spill folders in the temp dir, when process `pid` is gone. Staging
+    """Remove what killed ingests on this machine left behind: `{out}.staging-{host}-{pid}-{id}` beside a local
+    output and `reclora-ingest-{host}-{pid}-*` spill folders in the temp dir, when process `pid` is gone. Staging
     prefixes on object stores are left alone (their writer may be another machine). Returns what went."""
     gone = []
+    mine = re.escape(_host()) + r"-(\d+)-"
     if storage.is_local(out):
         _, path = storage.get_fs(out)
         for p in glob.glob(glob.escape(path) + ".staging-*"):
-            m = _STAGING.search(p)
+            m = re.search(r"\.staging-" + mine + r"[0-9a-f]{8}$", p)
             if m and not _process_alive(int(m.group(1))):
                 shutil.rmtree(p, ignore_errors=True)
                 gone.append(p)
     for p in glob.glob(os.path.join(tempfile.gettempdir(), _SPILL_PREFIX + "*")):
-        m = re.match(re.escape(_SPILL_PREFIX) + r"(\d+)-", os.path.basename(p))
+        m = re.match(re.escape(_SPILL_PREFIX) + mine, os.path.basename(p))
         if m and not _process_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p)

@@ -32,6 +32,7 @@ import torch
 from cluster.cli import main as reclora_main
 from configs.loader import load_config
 from recdata.ingest import main as ingest_main
+from recdata.ingest import owner_tag
 from recdata.schema import Dataset
 from teacher.train import main as teacher_main
 from tests.conftest import REPO, free_port
@@ -163,8 +164,8 @@ def _stale_leftovers(tmp: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     pid = proc.pid
-    (tmp / f"out.staging-{pid}-0123abcd" / "interactions").mkdir(parents=True)
-    spill = Path(tempfile.gettempdir()) / f"reclora-ingest-{pid}-test{os.getpid()}"
+    (tmp / f"out.staging-{owner_tag(pid)}-0123abcd" / "interactions").mkdir(parents=True)
+    spill = Path(tempfile.gettempdir()) / f"reclora-ingest-{owner_tag(pid)}-test{os.getpid()}"
     spill.mkdir(exist_ok=True)
     (tmp / "stale.json").write_text(json.dumps([str(spill)]))
 
