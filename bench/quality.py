@@ -1,0 +1,456 @@
+"""Recommendation quality of the trained LLMs against their teachers and popularity, on fixed test samples.
+
+    python bench/quality.py [--quick] [--tiny] [--work DIR]
+
+Every row is a real pipeline run (`trainer/main.py` with overrides, in one output folder, so the data, retrieval
+and teacher stages are built once and shared by every run); the per-sample test results each run's evaluator
+writes ({run}/eval/test-K.json) give the metrics, 95% percentile bootstrap intervals and paired bootstrap
+intervals of differences (the same resampled test samples for both models).
+
+CTR, MovieLens-100K (configs/ml100k-reclora.yaml: global time 8:1:1, label rating >= 4, from
+../shared/data/movielens-100k), one fixed test set (retrieval.max_eval_samples) for every row, nested Few2Many
+training subsets (trainer.train_subset takes a prefix of the persisted order, so the smaller set is inside the
+larger one). Rows: zero-shot LLM (B = 0 before step 1), plain LoRA (q,v, r 8), RecLoRA (gate from the frozen DIN
+representation, long-short retrieval), RecLoRA with random gate inputs (trainer.lora.gate_input=random), DIN (its
+own scores on the same samples) and item popularity (smoothed positive rate of the item in the training samples).
+
+Next item, LLaRA LastFM (configs/lastfm-ilora.yaml; the given split, 20 candidates per row, the whole test set):
+plain LoRA (the 7 linears, r 8, hybrid item tokens) vs iLoRA (4 experts, SASRec gate, hybrid item tokens), SASRec
+(its candidate scores) and popularity (training frequency of each candidate as a target).
+
+--quick: small subsets and test sets (timings for the full-run estimate); --tiny: the random tiny Llama (a smoke
+run of the whole bench in minutes). Writes bench/results/quality.md (not for --tiny); the last line printed is one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+from configs.loader import load_config  # noqa: E402
+from recdata import metrics as M  # noqa: E402
+from recdata.layout import paths  # noqa: E402
+from recdata.samples import SampleSet  # noqa: E402
+from teacher.baselines import popularity_candidates, popularity_ctr  # noqa: E402
+from teacher.score import read_reps  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+ML100K, LASTFM = SHARED / "movielens-100k", SHARED / "llara-lastfm"
+RESULTS = REPO / "bench" / "results" / "quality.md"
+N_BOOT = 1000
+
+SIZES = {
+    # (Few2Many N list, CTR test samples, LastFM train subset, LastFM test rows (None = all 122))
+    "full": dict(ctr_n=[256, 1024], ctr_test=1000, lfm_n=1024, lfm_test=None),
+    "quick": dict(ctr_n=[16, 32], ctr_test=64, lfm_n=16, lfm_test=32),
+    "tiny": dict(ctr_n=[16, 32], ctr_test=64, lfm_n=16, lfm_test=None),
+}
+TINY_MODEL = [
+    "model.name_or_path=recdata/assets/smollm2-135m-instruct",
+    "model.tiny={num_layers: 2, hidden_size: 64, intermediate_size: 128, num_heads: 4, num_kv_heads: 2}",
+]
+COMMON = [
+    "trainer.num_workers=1",
+    "trainer.epochs=1",
+    "trainer.schedule_epochs=null",
+    "trainer.eval_every=0",
+    "trainer.checkpoint_every=0",
+    "trainer.log_every=1",
+]
+CTR_ROWS = {
+    "plain": ["trainer.lora.mode=plain", "trainer.lora.num_experts=1"],
+    "reclora": [],
+    "reclora_random_gate": ["trainer.lora.gate_input=random"],
+}
+LFM_ROWS = {"lora": ["trainer.lora.mode=plain", "trainer.lora.num_experts=1"], "ilora": []}
+
+
+# ---- running the pipeline -----------------------------------------------------------------------------------------
+class Runner:
+    """Runs trainer/main.py per row; with `reuse`, a run folder that already holds a finished run (metrics.json)
+    is taken as it is (re-analysis of an earlier bench folder; wall times come from its walls.json)."""
+
+    def __init__(self, work: Path, reuse: bool = False):
+        self.work, self.reuse = work, reuse
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        self.walls_file = work / "walls.json"
+        self.walls = json.loads(self.walls_file.read_text()) if self.walls_file.is_file() else {}
+
+    def run(self, name: str, preset: str, overrides: list[str]) -> Path:
+        if self.reuse and (self.work / "runs" / name / "metrics.json").is_file():
+            print(f"[quality] {name}: reusing the finished run", flush=True)
+            return self.work / "runs" / name
+        args = ["--config", preset, f"run.output_dir={self.work / 'runs'}", f"run.name={name}", *overrides]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RECLORA_QUIET": "1"}
+        log = self.work / "logs" / f"{name}.log"
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            rc = subprocess.run(
+                [sys.executable, str(REPO / "trainer" / "main.py"), *args],
+                cwd=REPO,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            ).returncode
+        self.walls[name] = time.perf_counter() - t0
+        self.walls_file.write_text(json.dumps(self.walls))
+        if rc != 0:
+            sys.exit(f"trainer/main.py {' '.join(args)} failed (exit {rc}); log: {log}")
+        print(f"[quality] {name}: {self.walls[name]:.0f}s", flush=True)
+        return self.work / "runs" / name
+
+
+def eval_rows(run: Path, split: str = "test") -> tuple[dict, dict]:
+    """(zero-shot rows or None, final rows) of a run: its first and last evaluation of `split`."""
+    files = sorted((run / "eval").glob(f"{split}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    rows = [json.loads(p.read_text()) for p in files]
+    return (rows[0] if len(rows) > 1 else None), rows[-1]
+
+
+def timing(run: Path, eval_samples: int) -> dict:
+    t = json.loads((run / "metrics.json").read_text())["timing"]
+    steps = json.loads((run / "metrics.json").read_text())["steps"]
+    # The zero-shot evaluation runs inside the worker's setup: everything but the step loop counts as evaluation
+    # (model loading included, so the rate errs high); the rest of the wall time is the run's fixed overhead.
+    evals = t["worker_seconds"] - t["train_seconds"]
+    return {"train_s": t["train_seconds"], "steps": steps, "eval_s": evals, "eval_samples": eval_samples}
+
+
+def gate_log(run: Path) -> dict:
+    hist = json.loads((run / "logs" / "train.jsonl.json").read_text())
+    ent = [h["gate_entropy"] for h in hist if "gate_entropy" in h]
+    pad = [h["padding_fraction"] for h in hist if "padding_fraction" in h]
+    return {
+        "entropy_first": ent[0] if ent else None,
+        "entropy_last": ent[-1] if ent else None,
+        "entropy_min": min(ent) if ent else None,
+        "padding_fraction": statistics.mean(pad) if pad else None,
+    }
+
+
+def padding_compare(run: Path) -> dict:
+    """Padding fraction of the run's training steps with the length bucketing and with the plain contiguous split
+    (the same global batches), from the train stream's lengths and the run's own schedule."""
+    from recdata.streams import Schedule, StreamReader
+
+    t = load_config(str(run / "config.yaml")).trainer
+    reader = StreamReader(str(run / "data" / "train"), timeout_s=1.0)
+    sched = Schedule(rows=reader.rows, global_batch=t.batch_size, world=t.num_workers, micro=t.micro_batch_size, seed=0)
+    out = {}
+    for name, bucketed in (("bucketed", True), ("contiguous", False)):
+        pad = total = 0
+        for step in range(sched.steps_per_epoch):
+            lengths = reader.lengths_at(sched.global_rows(step))
+            at = dict(zip(sched.global_rows(step).tolist(), lengths.tolist()))
+            for rank in range(t.num_workers):
+                for mb in sched.rank_rows(step, rank, lengths if bucketed else None):
+                    n = [at[int(i)] for i in mb]
+                    pad += max(n) * len(n) - sum(n)
+                    total += max(n) * len(n)
+        out[name] = pad / max(1, total)
+    return out
+
+
+def rep_norm(run: Path) -> float:
+    from recdata.streams import StreamReader
+
+    reps = StreamReader(str(run / "data" / "test"), timeout_s=1.0).read_columns(["rep"])["rep"].to_pylist()
+    return float(np.linalg.norm(np.asarray(reps, dtype=np.float64), axis=1).mean())
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------------
+def ci(fn, *arrays) -> tuple[float, float, float]:
+    return M.bootstrap_ci(fn, *arrays, n_boot=N_BOOT, seed=0)
+
+
+def paired(fn, a, b, *rest) -> tuple[float, float, float]:
+    """Bootstrap of fn(a) - fn(b) over the same resampled samples."""
+    return M.bootstrap_ci(lambda x, y, *r: fn(x, *r) - fn(y, *r), a, b, *rest, n_boot=N_BOOT, seed=0)
+
+
+def auc_of(p, y):
+    return M.auc(y, p)
+
+
+def hr1(s, t):
+    return M.hit_rate_at_k(s, t.astype(int), 1)
+
+
+def fmt(c: tuple[float, float, float]) -> str:
+    return f"{c[0]:.4f} [{c[1]:.4f}, {c[2]:.4f}]"
+
+
+# ---- the two benchmarks -------------------------------------------------------------------------------------------
+def bench_ctr(runner: Runner, size: dict, tiny: list[str]) -> dict:
+    base = [*COMMON, *tiny, f"retrieval.max_eval_samples={size['ctr_test']}", "trainer.batch_size=16"]
+    if tiny:
+        base += ["teacher.embed_dim=16", "teacher.mlp_hidden=[64, 32]", "teacher.rep_dim=32", "retrieval.pca_dim=16"]
+    runs = {}
+    for n in size["ctr_n"]:
+        for row, extra in CTR_ROWS.items():
+            runs[(row, n)] = runner.run(
+                f"ctr-{row}-n{n}", "ml100k-reclora", [*base, f"trainer.train_subset={n}", *extra]
+            )
+    first = runs[("plain", size["ctr_n"][0])]
+    zero, _ = eval_rows(first)
+    ids = np.asarray(zero["sample_id"], dtype=np.int64)
+    y = np.asarray(zero["label"]).astype(int)
+    scores = {"zeroshot": np.asarray(zero["p_yes"]), "din": np.asarray(zero["teacher"])}
+    for (row, n), run in runs.items():
+        _, final = eval_rows(run)
+        if not np.array_equal(np.asarray(final["sample_id"], dtype=np.int64), ids):
+            sys.exit(f"{run}: its test samples differ from {first}'s (the test set must be the same for every row)")
+        scores[f"{row}_n{n}"] = np.asarray(final["p_yes"])
+    cfg = load_config("ml100k-reclora", [*base, f"run.output_dir={runner.work / 'runs'}"])
+    samples = SampleSet.open(paths(cfg).samples)
+    train = samples.read("train", columns=["item_id", "label"])
+    test_items = samples.read("test", columns=["item_id"], sample_ids=ids)["item_id"].to_numpy()
+    scores["popularity"] = popularity_ctr(train["item_id"].to_numpy(), train["label"].to_numpy(), test_items)
+    table = {
+        name: {"auc": ci(auc_of, s, y), "logloss": ci(lambda p, t: M.logloss(t, np.clip(p, 1e-6, 1 - 1e-6)), s, y)}
+        for name, s in scores.items()
+    }
+    big = size["ctr_n"][-1]
+    diffs = {
+        f"reclora - plain (N={n})": paired(auc_of, scores[f"reclora_n{n}"], scores[f"plain_n{n}"], y)
+        for n in size["ctr_n"]
+    }
+    diffs.update(
+        {f"reclora - din (N={n})": paired(auc_of, scores[f"reclora_n{n}"], scores["din"], y) for n in size["ctr_n"]}
+    )
+    diffs.update(
+        {
+            f"reclora - random gate (N={n})": paired(
+                auc_of, scores[f"reclora_n{n}"], scores[f"reclora_random_gate_n{n}"], y
+            )
+            for n in size["ctr_n"]
+        }
+    )
+    eval_n = 2 * size["ctr_test"]  # valid + test at the end (+ the zero-shot test at the start)
+    times = {f"{r}_n{n}": timing(run, eval_n + size["ctr_test"]) for (r, n), run in runs.items()}
+    gates = {f"{r}_n{n}": gate_log(run) for (r, n), run in runs.items()}
+    return {
+        "table": table,
+        "diffs": diffs,
+        "n_test": len(y),
+        "pos_rate": float(y.mean()),
+        "big": big,
+        "times": times,
+        "gates": gates,
+        "padding": padding_compare(runs[("reclora", big)]),
+        "rep_norm": rep_norm(runs[("reclora", big)]),
+        "rep_norm_random": float(np.sqrt(cfg.teacher.rep_dim)),
+    }
+
+
+def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
+    base = [
+        *COMMON,
+        *tiny,
+        f"trainer.train_subset={size['lfm_n']}",
+        f"retrieval.max_eval_samples={size['lfm_test'] or 'null'}",
+    ]
+    runs = {row: runner.run(f"lastfm-{row}", "lastfm-ilora", [*base, *extra]) for row, extra in LFM_ROWS.items()}
+    _, ref = eval_rows(runs["lora"])
+    ids = np.asarray(ref["sample_id"], dtype=np.int64)
+    target = np.asarray(ref["target"]).astype(int)
+    scores = {}
+    for row, run in runs.items():
+        _, final = eval_rows(run)
+        if not np.array_equal(np.asarray(final["sample_id"], dtype=np.int64), ids):
+            sys.exit(f"{run}: its test samples differ from the lora run's")
+        scores[row] = np.asarray(final["scores"])
+    cfg = load_config("lastfm-ilora", [*base, f"run.output_dir={runner.work / 'runs'}"])
+    p = paths(cfg)
+    samples = SampleSet.open(p.samples)
+    test = samples.read("test", columns=["item_id", "candidates"], sample_ids=ids)
+    cands = np.asarray(test["candidates"].to_pylist())
+    if not np.array_equal((cands == test["item_id"].to_numpy()[:, None]).argmax(1), target):
+        sys.exit("the test stream's candidate order differs from the samples'")
+    reps = read_reps(p.reps, "test", columns=["sample_id", "candidate_scores"])
+    at = {s: i for i, s in enumerate(reps["sample_id"].to_pylist())}
+    scores["sasrec"] = np.asarray(reps["candidate_scores"].to_pylist())[[at[s] for s in ids]]
+    scores["popularity"] = popularity_candidates(
+        samples.read("train", columns=["item_id"])["item_id"].to_numpy(), cands
+    )
+    table = {
+        name: {"hr@1": ci(hr1, s, target), "ndcg@5": ci(lambda a, t: M.ndcg_at_k(a, t.astype(int), 5), s, target)}
+        for name, s in scores.items()
+    }
+    diffs = {
+        "ilora - lora": paired(hr1, scores["ilora"], scores["lora"], target),
+        "ilora - sasrec": paired(hr1, scores["ilora"], scores["sasrec"], target),
+    }
+    times = {row: timing(run, 2 * len(target)) for row, run in runs.items()}
+    return {
+        "table": table,
+        "diffs": diffs,
+        "n_test": len(target),
+        "times": times,
+        "gates": {row: gate_log(run) for row, run in runs.items()},
+    }
+
+
+# ---- estimate, report ---------------------------------------------------------------------------------------------
+def estimate_full(runner: Runner, ctr: dict, lfm: dict | None, size: dict) -> float:
+    """Seconds of the full run from this run's per-sample train and eval rates and its other overheads."""
+    full = SIZES["full"]
+    rate_train = statistics.median(
+        t["train_s"] / max(1, n) for k, t in ctr["times"].items() for n in [int(k.rsplit("_n", 1)[1])]
+    )
+    rate_eval = statistics.median(t["eval_s"] / t["eval_samples"] for t in ctr["times"].values())
+    overhead = statistics.median(
+        runner.walls[f"ctr-{k.rsplit('_n', 1)[0]}-n{k.rsplit('_n', 1)[1]}"] - t["train_s"] - t["eval_s"]
+        for k, t in ctr["times"].items()
+    )
+    data_stages = max(runner.walls.values()) - statistics.median(runner.walls.values())  # the first run built them
+    total = 0.0
+    for n in full["ctr_n"]:
+        for _ in CTR_ROWS:
+            total += overhead + rate_train * n + rate_eval * 3 * full["ctr_test"]
+    total += data_stages
+    if lfm:
+        lt = statistics.median(t["train_s"] / size["lfm_n"] for t in lfm["times"].values())
+        le = statistics.median(t["eval_s"] / t["eval_samples"] for t in lfm["times"].values())
+        total += len(LFM_ROWS) * (overhead + lt * full["lfm_n"] + le * 2 * lfm["n_test"])
+    return total
+
+
+def report(ctr: dict, lfm: dict | None, mode: str, wall: float, estimate: float | None) -> str:
+    out = [
+        f"# Recommendation quality ({mode})",
+        "",
+        f"Command: `python bench/quality.py{'' if mode == 'full' else ' --' + mode.replace('+', ' --')}`; wall {wall / 60:.1f} min.",
+    ]
+    if estimate:
+        out.append(f"Estimated full-run time from this run's rates: {estimate / 3600:.1f} h.")
+    out += [
+        "",
+        f"## CTR, MovieLens-100K ({ctr['n_test']} test samples, positive rate {ctr['pos_rate']:.3f}; 95% bootstrap CI)",
+        "",
+        "| model | AUC | LogLoss |",
+        "|---|---|---|",
+    ]
+    out += [f"| {k} | {fmt(v['auc'])} | {fmt(v['logloss'])} |" for k, v in ctr["table"].items()]
+    out += [
+        "",
+        "Paired bootstrap (same resampled samples), AUC difference:",
+        "",
+        "| difference | AUC [95% CI] |",
+        "|---|---|",
+    ]
+    out += [f"| {k} | {fmt(v)} |" for k, v in ctr["diffs"].items()]
+    out += [
+        "",
+        "Gates (training logs): entropy at the first / last step, ln N for uniform gates; mean padding fraction per step:",
+        "",
+        "| run | entropy first | entropy last | padding fraction |",
+        "|---|---|---|---|",
+    ]
+    for k, g in ctr["gates"].items():
+        e0, e1 = g["entropy_first"], g["entropy_last"]
+        out.append(
+            f"| {k} | {'-' if e0 is None else f'{e0:.4f}'} | {'-' if e1 is None else f'{e1:.4f}'} | {g['padding_fraction']:.3f} |"
+        )
+    pc = ctr["padding"]
+    out.append(
+        f"\nPadding fraction of the N={ctr['big']} RecLoRA run's training micro-batches: {pc['bucketed']:.4f} bucketed by "
+        f"length, {pc['contiguous']:.4f} with the contiguous split of the same global batches."
+    )
+    out.append(
+        f"\nGate input scale: mean L2 norm of the DIN representation {ctr['rep_norm']:.3f} "
+        f"(random gate input: ~{ctr['rep_norm_random']:.1f})."
+    )
+    if lfm:
+        out += [
+            "",
+            f"## Next item, LLaRA LastFM ({lfm['n_test']} test rows, 20 candidates; 95% bootstrap CI)",
+            "",
+            "| model | HR@1 | NDCG@5 |",
+            "|---|---|---|",
+        ]
+        out += [f"| {k} | {fmt(v['hr@1'])} | {fmt(v['ndcg@5'])} |" for k, v in lfm["table"].items()]
+        out += ["", "| difference | HR@1 [95% CI] |", "|---|---|"] + [
+            f"| {k} | {fmt(v)} |" for k, v in lfm["diffs"].items()
+        ]
+        for k, g in lfm["gates"].items():
+            if g["entropy_first"] is not None:
+                out.append(
+                    f"\n{k}: gate entropy {g['entropy_first']:.4f} -> {g['entropy_last']:.4f}; padding fraction {g['padding_fraction']:.3f}"
+                )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small subsets and test sets")
+    ap.add_argument("--tiny", action="store_true", help="the random tiny Llama (smoke run)")
+    ap.add_argument("--work", help="output folder (default: a new temporary one; reuse one to skip built stages)")
+    ap.add_argument("--skip-next-item", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="take finished runs in --work as they are (re-analysis)")
+    a = ap.parse_args()
+    if not (ML100K / "u.data").is_file():
+        print(f"skipped: MovieLens-100K not found at {ML100K}")
+        return
+    size = SIZES["tiny" if a.tiny else "quick" if a.quick else "full"]
+    mode = "+".join(m for m, on in (("quick", a.quick), ("tiny", a.tiny)) if on) or "full"
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    runner = Runner(work, reuse=a.reuse)
+    tiny = TINY_MODEL if a.tiny else []
+    t0 = time.perf_counter()
+    ctr = bench_ctr(runner, size, tiny)
+    lfm = None
+    if not a.skip_next_item:
+        if (LASTFM / "test_data.jsonl").is_file():
+            lfm = bench_next_item(runner, size, tiny)
+        else:
+            print(f"next item skipped: LLaRA LastFM not found at {LASTFM}")
+    wall = time.perf_counter() - t0
+    estimate = estimate_full(runner, ctr, lfm, size) if mode != "full" else None
+    text = report(ctr, lfm, mode, wall, estimate)
+    print(text)
+    if not a.tiny:
+        RESULTS.write_text(text)
+    big = ctr["big"]
+    d = ctr["diffs"][f"reclora - plain (N={big})"]
+    result = {
+        "mode": mode,
+        "reclora_auc": ctr["table"][f"reclora_n{big}"]["auc"][0],
+        "plain_auc": ctr["table"][f"plain_n{big}"]["auc"][0],
+        "reclora_random_gate_auc": ctr["table"][f"reclora_random_gate_n{big}"]["auc"][0],
+        "din_auc": ctr["table"]["din"]["auc"][0],
+        "popularity_auc": ctr["table"]["popularity"]["auc"][0],
+        "zeroshot_auc": ctr["table"]["zeroshot"]["auc"][0],
+        "reclora_minus_plain_auc": d[0],
+        "reclora_minus_plain_ci_low": d[1],
+        "reclora_minus_plain_ci_high": d[2],
+        "reclora_minus_din_auc": ctr["diffs"][f"reclora - din (N={big})"][0],
+        "ilora_hr1": lfm and lfm["table"]["ilora"]["hr@1"][0],
+        "lora_hr1": lfm and lfm["table"]["lora"]["hr@1"][0],
+        "sasrec_hr1": lfm and lfm["table"]["sasrec"]["hr@1"][0],
+        "ilora_over_lora_hr1": lfm and lfm["table"]["ilora"]["hr@1"][0] / max(lfm["table"]["lora"]["hr@1"][0], 1e-9),
+        "ilora_minus_lora_hr1_ci": lfm and list(lfm["diffs"]["ilora - lora"]),
+        "n_train": size["ctr_n"],
+        "n_test": ctr["n_test"],
+        "n_test_next_item": lfm and lfm["n_test"],
+        "wall_s": round(wall, 1),
+        "estimated_full_s": estimate and round(estimate),
+        "work": str(work),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
