@@ -120,6 +120,22 @@ def test_cached_prefix_runs_two_forwards_per_batch():
     assert calls == [(3, max(r["prompt_len"] for r in both_rows)), (15, width)]
 
 
+def test_candidate_forwards_are_bounded_by_pairs_and_equal():
+    m = model("ilora")
+    batch = rows(3, 5, hybrid=True, seed=2)
+    cond = torch.tensor(np.stack([r["rep"] for r in batch]))
+    calls = []
+    handle = m.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        small = candidate_scores(m, batch, PAD, answer_ids, cond, "cpu", pairs_per_forward=10)  # 2 rows a forward
+    finally:
+        handle.remove()
+    assert calls == [3, 10, 5]
+    torch.testing.assert_close(small, candidate_scores(m, batch, PAD, answer_ids, cond, "cpu"), atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def one_rank_group():
     """One gloo rank for the whole module (DeepSpeed caches its groups per process group)."""

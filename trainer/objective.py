@@ -9,9 +9,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from recdata.streams import collate
 
+# Candidate scoring: (row, candidate) pairs per forward over the cached prompts (bounds the expanded KV cache).
+CANDIDATE_PAIRS_PER_FORWARD = 64
 RANDOM_GATE_SEED = 20_240_813  # the random gate inputs (ablation) are a fixed function of the sample id
 
 
@@ -82,15 +85,26 @@ def p_yes_from_logits(logits: torch.Tensor, answer_len: torch.Tensor, yes_id: in
 
 
 @torch.no_grad()
-def candidate_scores(model, rows: list[dict], pad_id: int, answer_ids_of, cond: torch.Tensor, device) -> torch.Tensor:
+def candidate_scores(
+    model,
+    rows: list[dict],
+    pad_id: int,
+    answer_ids_of,
+    cond: torch.Tensor,
+    device,
+    pairs_per_forward: int = CANDIDATE_PAIRS_PER_FORWARD,
+) -> torch.Tensor:
     """Mean log-likelihood of each candidate title as the answer: [num_rows, num_candidates].
 
-    Two forwards for the whole batch of rows, whatever the number of candidates: the (left-padded) prompts once,
-    keeping their KV cache and the logits of the last prompt position (which predict every candidate's first
-    token); then every (row, candidate) pair's title as a right-padded continuation of its row's cached prefix
-    (cache rows selected per pair, positions continuing the prompt's, mask = prompt mask + title mask). The gate
-    input is per sequence (each pair repeats its row's `cond`) and hybrid item slots occur only in the prompt.
-    Equal to `candidate_scores_full` (one full sequence per candidate) within float rounding.
+    The (left-padded) prompts of all rows run once, keeping their KV cache and the logits of the last prompt
+    position (which predict every candidate's first token). Then the (row, candidate) pairs' titles run as
+    right-padded continuations of their row's cached prefix (cache rows selected per pair, positions continuing
+    the prompt's, mask = prompt mask + title mask), a group of whole rows per forward: about `pairs_per_forward`
+    pairs, which bounds the expanded cache's memory. The number of forwards depends only on len(rows) and the
+    largest candidate count, so ranks evaluating equal-sized batches of 20-candidate rows run the same number
+    (ZeRO-3 forwards are collective). The gate input is per sequence (each pair repeats its row's `cond`);
+    hybrid item slots occur only in the prompt. Equal to `candidate_scores_full` (one full sequence per
+    candidate, the prompt recomputed each time) within float rounding.
     """
     prompts = [
         {
@@ -115,39 +129,40 @@ def candidate_scores(model, rows: list[dict], pad_id: int, answer_ids_of, cond: 
         **_extra_of(b),
     )
     first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [rows, V]: predicts each title's 1st token
-    cache = out.past_key_values
-
-    answers = [[list(answer_ids_of(c)) for c in r["candidates"]] for r in rows]
-    counts = [len(a) for a in answers]
-    row_of = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts)).to(device)
-    flat = [a for per_row in answers for a in per_row]
-    if any(len(a) == 0 for a in flat):
-        raise ValueError("candidate_scores: a candidate has an empty answer")
-    width = max(len(a) for a in flat)
-    ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(flat), width), dtype=torch.long)
-    for j, a in enumerate(flat):
-        ids[j, : len(a)] = torch.tensor(a, dtype=torch.long)
-        mask[j, : len(a)] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    cache.batch_select_indices(row_of)  # each pair continues its own row's prefix
+    prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     prompt_len = b["attention_mask"].sum(1)
-    position_ids = prompt_len[row_of].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
-    extra = {"item_slots": b["item_slots"][:0]} if "item_slots" in b else {}
-    logits = model(
-        input_ids=ids,
-        attention_mask=torch.cat([b["attention_mask"][row_of], mask], dim=1),
-        position_ids=position_ids,
-        cond=cond[row_of],
-        past_key_values=cache,
-        use_cache=True,
-        **extra,
-    ).logits.float()
-    first = first_logp[row_of].gather(-1, ids[:, :1]).squeeze(-1)
-    rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    total = first + (rest * mask[:, 1:]).sum(1)
-    per_pair = total / mask.sum(1)
-    return torch.stack(list(per_pair.split(counts)))
+    no_slots = {"item_slots": b["item_slots"][:0]} if "item_slots" in b else {}
+    answers = [[list(answer_ids_of(c)) for c in r["candidates"]] for r in rows]
+    per_forward = max(1, pairs_per_forward // max(len(a) for a in answers))
+    scores: list[torch.Tensor] = []
+    for start in range(0, len(rows), per_forward):
+        group = answers[start : start + per_forward]
+        counts = [len(a) for a in group]
+        row_of = (start + torch.repeat_interleave(torch.arange(len(group)), torch.tensor(counts))).to(device)
+        flat = [a for per_row in group for a in per_row]
+        if any(len(a) == 0 for a in flat):
+            raise ValueError("candidate_scores: a candidate has an empty answer")
+        width = max(len(a) for a in flat)
+        ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(flat), width), dtype=torch.long)
+        for j, a in enumerate(flat):
+            ids[j, : len(a)] = torch.tensor(a, dtype=torch.long)
+            mask[j, : len(a)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        cache = DynamicCache([(k[row_of], v[row_of]) for k, v in prefix])  # each pair continues its row's prefix
+        logits = model(
+            input_ids=ids,
+            attention_mask=torch.cat([b["attention_mask"][row_of], mask], dim=1),
+            position_ids=prompt_len[row_of].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0),
+            cond=cond[row_of],
+            past_key_values=cache,
+            use_cache=True,
+            **no_slots,
+        ).logits.float()
+        first = first_logp[row_of].gather(-1, ids[:, :1]).squeeze(-1)
+        rest = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        scores.extend(((first + (rest * mask[:, 1:]).sum(1)) / mask.sum(1)).split(counts))
+    return torch.stack(scores)
 
 
 @torch.no_grad()
