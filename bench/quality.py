@@ -262,6 +262,8 @@ def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
         f"trainer.train_subset={size['lfm_n']}",
         f"retrieval.max_eval_samples={size['lfm_test'] or 'null'}",
     ]
+    if tiny:
+        base.append("teacher.epochs=2")
     runs = {row: runner.run(f"lastfm-{row}", "lastfm-ilora", [*base, *extra]) for row, extra in LFM_ROWS.items()}
     _, ref = eval_rows(runs["lora"])
     ids = np.asarray(ref["sample_id"], dtype=np.int64)
