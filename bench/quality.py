@@ -44,7 +44,7 @@ from recdata import metrics as M  # noqa: E402
 from recdata.layout import paths  # noqa: E402
 from recdata.samples import SampleSet  # noqa: E402
 from teacher.baselines import popularity_candidates, popularity_ctr  # noqa: E402
-from teacher.score import read_reps  # noqa: E402
+from teacher.score import read_reps, score_samples  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 ML100K, LASTFM = SHARED / "movielens-100k", SHARED / "llara-lastfm"
@@ -281,7 +281,11 @@ def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
     cands = np.asarray(test["candidates"].to_pylist())
     if not np.array_equal((cands == test["item_id"].to_numpy()[:, None]).argmax(1), target):
         sys.exit("the test stream's candidate order differs from the samples'")
-    reps = read_reps(p.reps, "test", columns=["sample_id", "candidate_scores"])
+    reps_url = p.reps
+    if not (Path(p.reps) / "manifest.json").is_file():  # the feed scored inline: score the test split here
+        reps_url = str(runner.work / "sasrec-test-reps")
+        score_samples(p.teacher, p.samples, reps_url, num_actors=0, splits=("test",))
+    reps = read_reps(reps_url, "test", columns=["sample_id", "candidate_scores"])
     at = {s: i for i, s in enumerate(reps["sample_id"].to_pylist())}
     scores["sasrec"] = np.asarray(reps["candidate_scores"].to_pylist())[[at[s] for s in ids]]
     scores["popularity"] = popularity_candidates(
