@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never reach for the Hugging Face hub (scripts/env.sh no longer sets this for users). Set before
 # anything imports huggingface_hub, which reads it once at import.
@@ -16,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cluster.runtime import init_ray, shutdown_ray  # noqa: E402
 from recdata import storage  # noqa: E402
+from trainer.engine import setup_distributed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -99,3 +101,22 @@ def _reset_storage_options():
     yield
 
     storage.configure()
+
+
+@pytest.fixture(scope="session")
+def one_rank_group():
+    """torch.distributed as a worker of one (gloo), through trainer.engine.setup_distributed, for the whole
+    session: DeepSpeed caches its groups per process, so a group destroyed and made again between tests
+    leaves it holding a dead one ("Group ... is not registered")."""
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    )
+    device = setup_distributed(use_gpu=False)
+    yield device
+    torch.distributed.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

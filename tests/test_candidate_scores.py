@@ -8,12 +8,9 @@ gloo rank on CPU).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
 from conftest_lora_helpers import ILORA_TARGETS, RECLORA_TARGETS, randomize_bank, tiny_llama
 
 from configs.schema import TrainerConfig
@@ -134,23 +131,6 @@ def test_candidate_forwards_are_bounded_by_pairs_and_equal():
         handle.remove()
     assert calls == [3, 10, 5]
     torch.testing.assert_close(small, candidate_scores(m, batch, PAD, answer_ids, cond, "cpu"), atol=1e-5, rtol=0)
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """One gloo rank for the whole module (DeepSpeed caches its groups per process group)."""
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    )
-    device = eng.setup_distributed(use_gpu=False)
-    yield device
-    torch.distributed.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.mark.parametrize("mode", ["reclora", "ilora"])

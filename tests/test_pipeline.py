@@ -205,12 +205,17 @@ def test_kill_during_retrieval_then_rerun_reuses_committed_shards(source, tmp_pa
 
     work = tmp_path / "work"
     work.mkdir()
+    # The killed driver's own Ray (its own session folder) outlives it for a moment: an actor may still commit
+    # the shard it is on. Stop that Ray before counting, so the count is what a rerun finds.
+    killed_ray = f"/tmp/rk-{os.getpid()}-{tmp_path.name[-8:]}"
     killed = _run(
         [*args, "run.output_dir=runs", "--stages", "ingest,embed,samples"],
         work,
-        {**env, "RECLORA_KILL_AFTER": "samples:1"},
+        {**env, "RECLORA_KILL_AFTER": "samples:1", "RAY_TMPDIR": killed_ray},
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    stop_processes_matching(killed_ray)
+    shutil.rmtree(killed_ray, ignore_errors=True)
     samples = _samples_dir(work / "runs")
     committed = sorted((samples / "_commits").glob("*.json"))
     assert 1 <= len(committed) < 4 and not (samples / "manifest.json").exists()

@@ -3,7 +3,6 @@ checkpoints (local and the moto S3 server), SIGKILL of a worker, resume, and bad
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
 from conftest_lora_helpers import tiny_llama
 from safetensors.torch import load_file
 
@@ -403,21 +401,6 @@ def test_feed_scores_inline_like_the_score_stage(inputs, tmp_path):
 
 
 # ---- engine pieces in this process (one rank, gloo) ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """torch.distributed through trainer.engine.setup_distributed, as a worker of one."""
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    )
-    device = eng.setup_distributed(use_gpu=False)
-    yield device
-    torch.distributed.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_gradient_accumulation_is_one_derived_quantity():
