@@ -177,30 +177,17 @@ def _ml100k(src: str) -> Source:
     return Source(f"MovieLens-100K at {src}", batches, items, item_f, users)
 
 
+# MovieLens-100K's genre order (u.genre), for folders that lack that file.
+ML100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+
+
 def _ml100k_genres(src: str) -> list[str]:
     g = _find(src, "u.genre", required=False)
     if g is None:
-        return [
-            "unknown",
-            "Action",
-            "Adventure",
-            "Animation",
-            "Children's",
-            "Comedy",
-            "Crime",
-            "Documentary",
-            "Drama",
-            "Fantasy",
-            "Film-Noir",
-            "Horror",
-            "Musical",
-            "Mystery",
-            "Romance",
-            "Sci-Fi",
-            "Thriller",
-            "War",
-            "Western",
-        ]
+        return list(ML100K_GENRES)
     t = read_delimited(g, [Column("name", "str"), Column("idx", "int")], "|", encoding="latin-1", what="name|index")
     return [n for n, _ in sorted(zip(t["name"].to_pylist(), t["idx"].to_pylist()), key=lambda x: x[1])]
 

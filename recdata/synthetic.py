@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recdata.readers import ML100K_GENRES
+
 
 def preference_dataset(root: Path, n_users: int = 120, n_items: int = 60, per_user: int = 24, seed: int = 0) -> Path:
     """Write `{root}/src/inter.csv` and `items.csv` (generic ingest format) and return that folder."""
@@ -39,27 +41,6 @@ def preference_dataset(root: Path, n_users: int = 120, n_items: int = 60, per_us
 # ------------------------------------------------------------------------------ raw files in every format
 FORMATS = ("movielens", "recbole", "llara", "generic")
 _GENRES = ["Comedy", "Drama", "Horror", "Sci-Fi"]
-_ML100K_GENRES = [
-    "unknown",
-    "Action",
-    "Adventure",
-    "Animation",
-    "Children's",
-    "Comedy",
-    "Crime",
-    "Documentary",
-    "Drama",
-    "Fantasy",
-    "Film-Noir",
-    "Horror",
-    "Musical",
-    "Mystery",
-    "Romance",
-    "Sci-Fi",
-    "Thriller",
-    "War",
-    "Western",
-]
 
 
 @dataclass
@@ -157,11 +138,11 @@ def _write_movielens(root, log, item_genre, titles, ratings, timestamps, layout,
         (root / "u.data").write_text("".join(f"{u}\t{i}\t{_fmt_rating(r)}\t{t}\n" for u, i, r, t in rows))
         lines = []
         for i, title in enumerate(titles):
-            flags = ["0"] * len(_ML100K_GENRES)
-            flags[_ML100K_GENRES.index(_GENRES[item_genre[i]])] = "1"
+            flags = ["0"] * len(ML100K_GENRES)
+            flags[ML100K_GENRES.index(_GENRES[item_genre[i]])] = "1"
             lines.append(f"{i + 1}|{title}|01-Jan-{1990 + (i + 1) % 20}||http://example.org/{i + 1}|" + "|".join(flags))
         (root / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
-        (root / "u.genre").write_text("".join(f"{g}|{k}\n" for k, g in enumerate(_ML100K_GENRES)) + "\n")
+        (root / "u.genre").write_text("".join(f"{g}|{k}\n" for k, g in enumerate(ML100K_GENRES)) + "\n")
         (root / "u.user").write_text(
             "".join(
                 f"{u}|{20 + u % 40}|{'MF'[u % 2]}|{('student', 'writer', 'other')[u % 3]}|{10000 + u}\n"

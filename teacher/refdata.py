@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recdata import storage
+from recdata.readers import ML100K_GENRES
 from recdata.schema import (
     INTERACTIONS,
     SCHEMA_VERSION,
@@ -32,27 +33,6 @@ from recdata.schema import (
     write_parquet,
 )
 
-ML_GENRES = (
-    "unknown",
-    "Action",
-    "Adventure",
-    "Animation",
-    "Children's",
-    "Comedy",
-    "Crime",
-    "Documentary",
-    "Drama",
-    "Fantasy",
-    "Film-Noir",
-    "Horror",
-    "Musical",
-    "Mystery",
-    "Romance",
-    "Sci-Fi",
-    "Thriller",
-    "War",
-    "Western",
-)
 SPLIT_NAMES = ("train", "valid", "test")
 
 
@@ -141,7 +121,7 @@ def read_movielens100k(src: str | Path) -> tuple[pd.DataFrame, pa.Table, pa.Tabl
     ratings = pd.read_csv(src / "u.data", sep="\t", names=["user_id", "item_id", "rating", "timestamp"])
     raw_items = pd.read_csv(src / "u.item", sep="|", header=None, encoding="latin-1")
     flags = raw_items.iloc[:, 5:24].to_numpy(dtype=bool)
-    genres = ["|".join(g for g, f in zip(ML_GENRES, row) if f) for row in flags]
+    genres = ["|".join(g for g, f in zip(ML100K_GENRES, row) if f) for row in flags]
     years = [int(m.group(1)) if (m := re.search(r"\((\d{4})\)\s*$", str(t))) else None for t in raw_items[1]]
     items = pa.table(
         {
