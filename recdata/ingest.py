@@ -24,7 +24,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -313,17 +313,11 @@ def _validate_batch(
     missing = np.zeros(t.num_rows, dtype=bool)
     for name in ("user_id", "item_id"):
         ids = t[name].to_numpy()
-        neg = ids < 0
-        if neg.any():
-            if opts.on_bad_rows == "skip":
-                counts.negative_ids += int((neg & keep).sum())
-                keep &= ~neg
-            else:
-                row = int(np.flatnonzero(neg)[0])
-                raise IngestError(
-                    f"{batch.where(row)}: column {name} holds a negative id {int(ids[row])} ({int(neg.sum())} such "
-                    f"rows); ids must be >= 0: fix the file or pass --on-bad-rows skip to drop and count them"
-                )
+        _drop_or_refuse(
+            ids < 0, keep, opts, counts, "negative_ids",
+            lambda row, n, name=name, ids=ids: f"{batch.where(row)}: column {name} holds a negative id {int(ids[row])} "
+            f"({n} such rows); ids must be >= 0: fix the file or pass --on-bad-rows skip to drop and count them",
+        )  # fmt: skip
     ts = t["timestamp"].to_numpy()
     counts.future_timestamps += int(((ts > int(time.time()) + 86_400) & keep).sum())
     if source.has_ratings:
@@ -339,33 +333,36 @@ def _validate_batch(
         if opts.task == "next_item":
             # Next-item labels do not come from ratings: a row without one is kept (null) and counted below.
             bad &= ~missing
-        if bad.any():
-            if opts.on_bad_rows == "skip":
-                counts.nan_ratings += int(bad.sum())
-                keep &= ~bad
-            else:
-                row = int(np.flatnonzero(bad)[0])
-                raise IngestError(
-                    f"{batch.where(row)}: rating is NaN/missing ({int(bad.sum())} such rows in this file); fix the file or "
-                    f"pass --on-bad-rows skip to drop and count them"
-                )
+        _drop_or_refuse(
+            bad, keep, opts, counts, "nan_ratings",
+            lambda row, n: f"{batch.where(row)}: rating is NaN/missing ({n} such rows in this file); fix the file or "
+            f"pass --on-bad-rows skip to drop and count them",
+        )  # fmt: skip
     items = t["item_id"].to_numpy()
-    unknown = _unknown(items, known_items) & keep
-    if unknown.any():
-        if opts.on_bad_rows == "skip":
-            counts.unknown_items += int((unknown & keep).sum())
-            keep &= ~unknown
-        else:
-            row = int(np.flatnonzero(unknown)[0])
-            raise IngestError(
-                f"{batch.where(row)}: item id {int(items[row])} is not in the items file {source.items_file} "
-                f"({int(unknown.sum())} such rows); fix the files or pass --on-bad-rows skip"
-            )
+    _drop_or_refuse(
+        _unknown(items, known_items) & keep, keep, opts, counts, "unknown_items",
+        lambda row, n: f"{batch.where(row)}: item id {int(items[row])} is not in the items file {source.items_file} "
+        f"({n} such rows); fix the files or pass --on-bad-rows skip",
+    )  # fmt: skip
     # Rows kept with a null rating: next-item rows, and the history-only context rows of sequence sources.
     counts.missing_ratings += int((missing & keep).sum())
     if not keep.all():
         t = t.filter(pa.array(keep))
     return t
+
+
+def _drop_or_refuse(
+    bad: np.ndarray, keep: np.ndarray, opts: IngestOptions, counts: _Counts, counter: str, message: Callable
+) -> None:
+    """The --on-bad-rows policy for one kind of bad row: `skip` drops them from `keep` (in place) and counts the
+    rows not already dropped; `error` refuses with `message(first bad row, how many)`."""
+    if not bad.any():
+        return
+    if opts.on_bad_rows == "skip":
+        setattr(counts, counter, getattr(counts, counter) + int((bad & keep).sum()))
+        keep &= ~bad
+    else:
+        raise IngestError(message(int(np.flatnonzero(bad)[0]), int(bad.sum())))
 
 
 def _unknown(items: np.ndarray, known_sorted: np.ndarray) -> np.ndarray:
