@@ -5,6 +5,12 @@ Not a conftest (no fixtures); imported by tests/test_lora.py and tests/test_lora
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -60,3 +66,31 @@ def batch(num: int = 3, length: int = 9, cond_dim: int = 12, vocab: int = SMALL_
     ids = torch.randint(0, vocab, (num, length), generator=generator)
     cond = torch.randn(num, cond_dim, generator=generator)
     return ids, torch.ones_like(ids), cond
+
+
+def launch_ranks(script: str, workdir: Path, world: int, timeout_s: int) -> list[int]:
+    """Run `python script workdir` as `world` gloo ranks on 127.0.0.1 (one process each, logs in
+    workdir/rank{r}.log); kill them all after timeout_s. Returns the exit codes in rank order."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    repo = Path(__file__).resolve().parents[1]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(world), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")  # fmt: skip
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(repo / ".cache" / "torch_extensions"))
+        log = open(workdir / f"rank{rank}.log", "w")
+        cmd = [sys.executable, script, str(workdir)]
+        procs.append((subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for proc, _ in procs:
+            proc.kill()
+    finally:
+        for proc, log in procs:
+            proc.wait()
+            log.close()
+    return [proc.returncode for proc, _ in procs]

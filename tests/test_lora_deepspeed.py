@@ -8,9 +8,6 @@ results with a single-process run here. Worker outputs are safetensors + JSON (n
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest_lora_helpers, also when run as a worker
-from conftest_lora_helpers import ILORA_TARGETS, RECLORA_TARGETS, tiny_llama  # noqa: E402
+from conftest_lora_helpers import ILORA_TARGETS, RECLORA_TARGETS, launch_ranks, tiny_llama  # noqa: E402
 
 from trainer.lora import MixtureLoraConfig, build_personalized_model, load_personalized  # noqa: E402
 
@@ -148,50 +145,11 @@ def worker(workdir: Path) -> None:
 
 
 # ---- launcher + single-process reference ----------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory) -> tuple[Path, dict]:
     workdir = tmp_path_factory.mktemp("zero3")
     tiny_llama(seed=0).save_pretrained(workdir / "base")
-    port = str(free_port())
-    procs = []
-    for rank in range(WORLD_SIZE):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(WORLD_SIZE),
-            DS_ACCELERATOR="cpu",
-            OMP_NUM_THREADS="1",
-        )
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-        log = open(workdir / f"rank{rank}.log", "w")
-        procs.append(
-            (
-                subprocess.Popen(
-                    [sys.executable, __file__, str(workdir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-                ),
-                log,
-            )
-        )
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        for proc, _ in procs:
-            proc.kill()
-    finally:
-        for proc, log in procs:
-            proc.wait()
-            log.close()
-    codes = [proc.returncode for proc, _ in procs]
+    codes = launch_ranks(__file__, workdir, WORLD_SIZE, WORKER_TIMEOUT_S)
     if codes != [0] * WORLD_SIZE or not (workdir / "result.json").is_file():
         tail = (workdir / "rank0.log").read_text()[-4000:]
         pytest.fail(f"ZeRO-3 workers exited with {codes}; rank 0 log tail:\n{tail}")

@@ -16,9 +16,6 @@ WORKDIR --coalesced` under the same RANK/WORLD_SIZE/MASTER_* environment.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +28,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # also when run as a worker
+sys.path.insert(0, str(REPO / "tests"))
+from conftest_lora_helpers import launch_ranks  # noqa: E402
+
 from trainer.lora import gathered  # noqa: E402
 
 WORLD_SIZE = 2
@@ -79,47 +79,9 @@ def worker(workdir: Path, coalesced: bool) -> None:
     torch.distributed.barrier()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.timeout(WORKER_TIMEOUT_S + 60)
 def test_gathered_is_exact_over_many_rounds_on_two_ranks(tmp_path):
-    port = str(free_port())
-    procs = []
-    for rank in range(WORLD_SIZE):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(WORLD_SIZE),
-            DS_ACCELERATOR="cpu",
-            OMP_NUM_THREADS="1",
-        )
-        log = open(tmp_path / f"rank{rank}.log", "w")
-        procs.append(
-            (
-                subprocess.Popen(
-                    [sys.executable, __file__, str(tmp_path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-                ),
-                log,
-            )
-        )
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        for proc, _ in procs:
-            proc.kill()
-    finally:
-        for proc, log in procs:
-            proc.wait()
-            log.close()
-    codes = [proc.returncode for proc, _ in procs]
+    codes = launch_ranks(__file__, tmp_path, WORLD_SIZE, WORKER_TIMEOUT_S)
     if codes != [0] * WORLD_SIZE:
         pytest.fail(f"workers exited with {codes}; rank 0 log tail:\n{(tmp_path / 'rank0.log').read_text()[-4000:]}")
     for rank in range(WORLD_SIZE):
