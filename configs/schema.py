@@ -171,7 +171,9 @@ class TrainerConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     zero_stage: Literal[2, 3] = 3
-    zero_hpz_partition_size: int = Field(1, ge=1)  # ZeRO++ hierarchical partitioning (passed through)
+    # ZeRO++ hierarchical partitioning: GPUs per node (8 in the multi-node presets); used when the workers span
+    # more than one node (num_workers > it), which it must then divide. 1 = off.
+    zero_hpz_partition_size: int = Field(1, ge=1)
     # CTR: evaluate the untrained model on the test set before step 1 (the final table's zero-shot row).
     zero_shot_eval: bool = True
     # ZeRO++ quantized weight all-gathers: the frozen base's weights travel in int8 (GPU only).
@@ -223,6 +225,12 @@ class TrainerConfig(Strict):
             )
         return self
 
+        hpz = self.zero_hpz_partition_size
+        if hpz > 1 and self.num_workers > hpz and self.num_workers % hpz:
+            raise ValueError(
+                f"zero_hpz_partition_size: {hpz} (GPUs per node) does not divide num_workers={self.num_workers}; "
+                f"use whole nodes, or 1 to turn hierarchical partitioning off"
+            )
     def gradient_accumulation_iters(self, world: int | None = None) -> int:
         """Derived (litgpt's TrainArgs.gradient_accumulation_iters): micro-batches per rank per optimizer step
         with `world` workers (default trainer.num_workers). DeepSpeed's config and the data schedule use it."""

@@ -20,9 +20,38 @@ def test_gpu_zero3_defaults_keep_small_parameters_resident():
     assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == 1e5
     assert z["stage3_max_live_parameters"] == 1e9 and z["overlap_comm"] is True
     assert "zero_quantized_weights" not in z
-    cfg = ds_config(_t("trainer.zero_quantized_weights=true", "trainer.zero_hpz_partition_size=8"), True, "bfloat16", 2)
+    t = _t("trainer.zero_quantized_weights=true", "trainer.zero_hpz_partition_size=8", "trainer.batch_size=64")
+    cfg = ds_config(t, True, "bfloat16", 16)
     assert cfg["zero_optimization"]["zero_quantized_weights"] is True
     assert cfg["zero_optimization"]["zero_hpz_partition_size"] == 8 and cfg["bf16"] == {"enabled": True}
+
+
+@pytest.mark.parametrize("preset", ["ml1m-reclora-7b", "lastfm-ilora-7b"])
+def test_multinode_presets_turn_on_hpz_with_gpus_per_node(preset):
+    """The 7B presets run on 8-GPU nodes: ZeRO++ hpZ = 8 whenever the workers span nodes (the h100x8 overlay's
+    16), left out on one node (8 workers, or bench's 1) where it would only add a secondary copy."""
+    gpus_per_node = 8
+    c = load_config(preset, ["trainer.num_workers=16"])
+    assert c.trainer.use_gpu and c.model.dtype == "bfloat16"
+    z = ds_config(c.trainer, True, c.model.dtype, 16)["zero_optimization"]
+    assert z["stage"] == 3 and z["zero_hpz_partition_size"] == gpus_per_node
+    assert "zero_quantized_weights" not in z  # qwZ is opt-in
+    one_node = load_config(preset)
+    assert one_node.trainer.num_workers == gpus_per_node
+    for world in (1, gpus_per_node):
+        assert (
+            "zero_hpz_partition_size" not in ds_config(one_node.trainer, True, "bfloat16", world)["zero_optimization"]
+        )
+    q = load_config(preset, ["trainer.num_workers=16", "trainer.zero_quantized_weights=true"]).trainer
+    assert ds_config(q, True, "bfloat16", 16)["zero_optimization"]["zero_quantized_weights"] is True
+
+
+def test_hpz_must_divide_the_workers_it_spans():
+    with pytest.raises(ConfigError, match=r"trainer.zero_hpz_partition_size: 8 .*num_workers=12"):
+        load_config("ml1m-reclora-7b", ["trainer.num_workers=12", "trainer.batch_size=96"])
+    t = load_config("tiny", ["trainer.zero_hpz_partition_size=4", "trainer.batch_size=24"]).trainer  # 2 workers
+    with pytest.raises(ConfigError, match="does not divide the 6 workers"):
+        ds_config(t, True, "bfloat16", 6)  # resumed on another worker count
 
 
 def test_cpu_partitions_every_parameter():

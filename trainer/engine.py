@@ -76,8 +76,17 @@ def ds_config(t, use_gpu: bool, dtype: str, world: int) -> dict[str, Any]:
         else:
             # CPU (tests, laptops): every parameter partitioned, so multi-rank CPU runs exercise the gathers.
             z.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})
-        if t.zero_hpz_partition_size > 1:
-            z["zero_hpz_partition_size"] = t.zero_hpz_partition_size
+        hpz = t.zero_hpz_partition_size
+        # ZeRO++ hpZ: a secondary weight partition inside each node (hpz = GPUs per node), so the per-layer
+        # all-gathers stay on the node's NVLink. Only across nodes: with `world` <= hpz every rank is on one
+        # node already and the secondary copy would only cost memory (bench and 1-node runs of a 7B preset).
+        if hpz > 1 and world > hpz:
+            if world % hpz:
+                raise ConfigError(
+                    f"trainer.zero_hpz_partition_size: {hpz} (GPUs per node) does not divide the {world} workers; "
+                    f"use whole nodes, or set it to 1 to turn hierarchical partitioning off"
+                )
+            z["zero_hpz_partition_size"] = hpz
     if use_gpu and dtype == "bfloat16":
         cfg["bf16"] = {"enabled": True}
     elif use_gpu and dtype == "float16":
