@@ -41,6 +41,7 @@ RUNTIME_ONLY = (
     "keep_last",
     "eval_batch_size",
     "checkpoint_every",
+    "peak_tflops",
 )
 
 

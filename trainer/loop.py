@@ -24,10 +24,11 @@ from recdata import storage
 from recdata.streams import Schedule, StreamReader, collate
 from trainer import checkpoint as ckpt
 from trainer import engine as eng
+from trainer import telemetry
 from trainer.evaluate import Evaluator, all_reduce_sum
 from trainer.hybrid import HybridLM, use_hybrid
 from trainer.objective import answer_loss, gate_input
-from trainer.telemetry import TensorBoard, base_config, gate_stats, log_line, measured_peak_flops, mfu
+from trainer.telemetry import TensorBoard, base_config, gate_stats, log_line
 
 
 def fingerprint_parts(cfg) -> dict[str, Any]:
@@ -54,8 +55,10 @@ class StepResult:
     tokens: int = 0  # non-padding tokens
     padded_tokens: int = 0  # all tokens of the padded micro-batches (padding fraction = 1 - tokens / this)
     wait: float = 0.0  # seconds spent getting the micro-batches
-    seq_len: int = 0  # padded length and LM-head positions of the last micro-batch (for FLOPs per token)
+    seq_len: int = 0  # padded length and LM-head positions of the last micro-batch
     head_positions: int = 1
+    seq_sq: int = 0  # sum over sequences of (non-padding length)^2, and LM-head positions run (model FLOPs)
+    head_tokens: int = 0
     gate_stats: dict[str, float] = field(default_factory=dict)
 
 
@@ -79,6 +82,8 @@ def train_step(
         out.tokens += int(batch["attention_mask"].sum())
         out.padded_tokens += int(batch["attention_mask"].numel())
         out.seq_len, out.head_positions = int(batch["input_ids"].shape[1]), int(batch["answer_len"].max()) + 1
+        out.seq_sq += int((batch["attention_mask"].sum(1) ** 2).sum())
+        out.head_tokens += out.head_positions * int(batch["input_ids"].shape[0])
         if with_gate_stats and not out.gate_stats:
             out.gate_stats = gate_stats(pm, batch["cond"])
     out.loss_sum = loss_sum.item()
@@ -138,7 +143,9 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     history = [h for h in history if h["step"] <= start]
     tb = TensorBoard(run_url) if rank == 0 else None
     saver = Saver(engine, pm, run_url, rank, world, sched, reader, parts, t, tb)
-    peak_flops = params.get("peak_flops") or (measured_peak_flops(device) if use_gpu else None)
+    # MFU: against the GPU's spec peak (trainer.peak_tflops overrides the table) and the measured matmul peak.
+    peaks = telemetry.device_peaks(device, t.peak_tflops, params.get("peak_flops"))
+    trainable = telemetry.trainable_count(pm)
     bar = None
     if rank == 0 and params.get("interactive"):
         from tqdm.auto import tqdm
@@ -163,7 +170,10 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
         batches = micro_batches(reader, sched, step, rank, params["pad_id"], device, t.lora.gate_input)
         res = train_step(engine, pm, batches, with_gate_stats=log_now)
         counts = all_reduce_sum(
-            torch.tensor([res.loss_sum, float(res.tokens), float(res.padded_tokens)], dtype=torch.float64), device
+            torch.tensor(
+                [res.loss_sum, res.tokens, res.padded_tokens, res.seq_sq, res.head_tokens], dtype=torch.float64
+            ),
+            device,
         ).cpu()
         dt = time.perf_counter() - t_step
         wait_total += res.wait
@@ -182,8 +192,9 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
         }
         if hybrid_step is not None:
             rec["hybrid_prompt"] = float(hybrid_step)
-        if peak_flops:
-            rec["mfu"] = mfu(rec["tokens_per_s"], base_config(pm), res.seq_len, res.head_positions, peak_flops, world)
+        flops_per_s = telemetry.step_flops(base_config(pm), *counts[[1, 3, 4]].tolist(), trainable) / dt
+        rec["mfu"] = telemetry.mfu(flops_per_s, peaks["spec"] or peaks["measured"], world)
+        rec["mfu_measured"] = telemetry.mfu(flops_per_s, peaks["measured"], world)
         history.append(rec)
         if rank == 0 and log_now:
             print(log_line("train", rec), flush=True)

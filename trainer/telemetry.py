@@ -1,5 +1,19 @@
-"""What a training worker reports about itself: the step record (throughput, FLOPs per token and MFU, gate
-statistics), its log lines and TensorBoard event files."""
+"""What a training worker reports about itself: the step record (throughput, model FLOPs and MFU, gate
+statistics), its log lines and TensorBoard event files.
+
+MFU (model FLOPs utilisation) = model FLOPs per second / peak FLOP/s of the devices. Two peaks are used:
+
+* the **spec** peak (the headline `mfu`): the GPU's dense bf16 tensor-core figure from NVIDIA's spec sheet
+  (`SPEC_PEAK_TFLOPS`, looked up by `torch.cuda.get_device_name`), or `trainer.peak_tflops` when set;
+* the **measured** peak (`mfu_measured`): a matmul timed on the device (`measured_peak_flops`: bf16 8192^3 on a
+  GPU, fp32 1024^3 on the CPU). On a CPU there is no spec, so the headline is against the measured peak.
+
+Model FLOPs of a LoRA training step (`step_flops`) count what the model needs, not what the kernels do: the
+frozen linears 4N per token (2N forward + 2N activation gradients, no weight gradients), the trainable
+parameters 6N per token (forward, activation and weight gradients), attention over each sequence's real
+(unpadded) length, and the frozen LM head on the positions it runs on. Padding and the recompute of
+activation checkpointing are not model FLOPs.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +26,54 @@ import torch
 
 from recdata import storage
 
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's spec sheets, matched as case-insensitive
+# substrings of torch.cuda.get_device_name(); first match wins, so specific names come before general ones.
+# A GPU not listed (or A10G, AWS's variant, which the sheets do not cover) has no spec peak: set
+# trainer.peak_tflops (headline MFU then uses it) or read mfu_measured.
+SPEC_PEAK_TFLOPS: tuple[tuple[str, float | None], ...] = (
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),  # H200 SXM, GH200
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # H100 SXM5 ("NVIDIA H100 80GB HBM3")
+    ("A100", 312.0),  # SXM4 and PCIe, 40 and 80 GB
+    ("A10G", None),
+    ("A10", 125.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+)
+
+
+def spec_peak_flops(device_name: str | None) -> float | None:
+    """Dense bf16 spec peak (FLOP/s) of a GPU named `device_name`, or None when the table has no figure."""
+    name = (device_name or "").lower()
+    for key, tflops in SPEC_PEAK_TFLOPS:
+        if key.lower() in name:
+            return None if tflops is None else tflops * 1e12
+    return None
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def device_peaks(device, peak_tflops: float | None = None, measured: float | None = None) -> dict[str, float | None]:
+    """{"spec": FLOP/s or None, "measured": FLOP/s} of one device. `peak_tflops` (trainer.peak_tflops)
+    overrides the spec table; `measured` (a figure the caller already has) skips the timing."""
+    device = torch.device(device)
+    spec = peak_tflops * 1e12 if peak_tflops else None
+    if spec is None and device.type == "cuda":
+        spec = spec_peak_flops(torch.cuda.get_device_name(device))
+    return {"spec": spec, "measured": measured or measured_peak_flops(device)}
+
 
 def measured_peak_flops(device, n: int | None = None, reps: int | None = None, dtype: torch.dtype | None = None):
-    """Matmul throughput of this device (the denominator of MFU), measured rather than looked up: bf16 8192^3
-    on a GPU, fp32 1024^3 on the CPU (what the trainer computes in there)."""
+    """Matmul throughput of this device (the denominator of `mfu_measured`), timed rather than looked up: bf16
+    8192^3 on a GPU, fp32 1024^3 on the CPU (what the trainer computes in there)."""
     device = torch.device(device)
     gpu = device.type == "cuda"
     n = n or (8192 if gpu else 1024)
@@ -38,23 +96,51 @@ def measured_peak_flops(device, n: int | None = None, reps: int | None = None, d
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def flops_per_token(config, seq_len: int, head_positions: int = 1) -> float:
-    """Training FLOPs per token of LoRA fine-tuning: forward (2 FLOPs per weight) and activation gradients
-    (another 2) through the frozen decoder linears, attention scores and values over the sequence
-    (forward 4*L*S*d, backward twice that), and the LM head, which runs only on `head_positions` of every
-    `seq_len` positions (trainer.objective uses logits_to_keep)."""
+def frozen_linear_params(config) -> int:
+    """Weights of the decoder's linears (q, k, v, o, gate, up, down) of an HF Llama-style config."""
     h, layers = config.hidden_size, config.num_hidden_layers
-    inter = getattr(config, "intermediate_size", 4 * h)
-    kv = getattr(config, "num_key_value_heads", config.num_attention_heads) * (h // config.num_attention_heads)
-    linears = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
-    attention = 12 * layers * seq_len * h
-    head = 4 * config.vocab_size * h * head_positions / max(1, seq_len)
-    return 4.0 * linears + attention + head
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    return layers * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * inter)
 
 
-def mfu(tokens_per_s: float, config, seq_len: int, head_positions: int, peak_flops: float, world: int = 1) -> float:
-    """Model FLOPs utilisation: achieved model FLOPs over the peak of all `world` devices."""
-    return tokens_per_s * flops_per_token(config, seq_len, head_positions) / (peak_flops * world)
+def step_flops(config, tokens: float, seq_sq: float, head_tokens: float, trainable_params: int = 0) -> float:
+    """Model FLOPs of a LoRA training step over `tokens` real (non-padding) tokens, in sequences whose real
+    lengths squared sum to `seq_sq`, with the LM head run on `head_tokens` positions in all:
+
+        (4 N_frozen + 6 N_trainable) * tokens      frozen decoder linears: 2N forward + 2N activation gradients;
+                                                   trainable (adapter, gates): forward + activation + weight grads
+      + 12 L (H d_head) * sum(S_i^2)               attention scores QK^T and values PV: 4 L S^2 d forward,
+                                                   8 L S^2 d backward; the full S x S (PaLM's convention)
+      + 4 V d * head_tokens                        frozen LM head (trainer.objective: logits_to_keep)
+
+    Gates run once per sample rather than per token; they are counted per token (a few % of the adapter at
+    most). Padding and activation-checkpointing recompute are not counted (they are not model FLOPs)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    width = config.num_attention_heads * (getattr(config, "head_dim", None) or h // config.num_attention_heads)
+    linear = (4 * frozen_linear_params(config) + 6 * trainable_params) * tokens
+    attention = 12 * layers * width * seq_sq
+    head = 4 * config.vocab_size * h * head_tokens
+    return float(linear + attention + head)
+
+
+def flops_per_token(config, seq_len: int, head_positions: int = 1, trainable_params: int = 0) -> float:
+    """`step_flops` per token of sequences that all have `seq_len` real tokens and `head_positions` LM-head
+    positions each."""
+    return step_flops(config, seq_len, seq_len**2, head_positions, trainable_params) / max(1, seq_len)
+
+
+def mfu(flops_per_s: float, peak_flops: float | None, world: int = 1) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s (all ranks together) over the peak of all `world`
+    devices; None without a peak."""
+    return flops_per_s / (peak_flops * world) if peak_flops else None
+
+
+def trainable_count(pm) -> int:
+    """Trainable parameters of a PersonalizedLM / HybridLM (full sizes under ZeRO-3)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in pm.trainable_parameters().values())
 
 
 def base_config(pm):
