@@ -37,13 +37,6 @@ class RunConfig(Strict):
     # Root for every run's outputs: local path, file:// or s3://bucket/prefix.
     output_dir: str = Field("runs", min_length=1)
     seed: int = Field(0, ge=0)
-    # Where the embed and teacher stages run (the trainer follows trainer.use_gpu): auto = on GPU workers when
-    # the Ray cluster has GPUs (asked from the cluster, never the driver's own device), else on CPU; cuda = GPU
-    # workers even when none has joined yet (GPU groups that autoscale from zero); cpu = never a GPU.
-    stage_device: Literal["auto", "cpu", "cuda"] = "auto"
-    # A base model over 1B parameters that would run in float32 on CPU (embed without GPUs, or train with
-    # trainer.use_gpu=false) is refused before the stage starts; true runs it anyway.
-    allow_large_on_cpu: bool = False
 
 
 class StorageConfig(Strict):
@@ -232,14 +225,14 @@ class TrainerConfig(Strict):
                 f"batch_size: {self.batch_size} is not divisible by micro_batch_size*num_workers "
                 f"= {self.micro_batch_size}*{self.num_workers}"
             )
+        return self
+
         hpz = self.zero_hpz_partition_size
         if hpz > 1 and self.num_workers > hpz and self.num_workers % hpz:
             raise ValueError(
                 f"zero_hpz_partition_size: {hpz} (GPUs per node) does not divide num_workers={self.num_workers}; "
                 f"use whole nodes, or 1 to turn hierarchical partitioning off"
             )
-        return self
-
     def gradient_accumulation_iters(self, world: int | None = None) -> int:
         """Derived (litgpt's TrainArgs.gradient_accumulation_iters): micro-batches per rank per optimizer step
         with `world` workers (default trainer.num_workers). DeepSpeed's config and the data schedule use it."""
