@@ -226,7 +226,7 @@ def test_trainable_list_is_the_single_source():
     names = model.trainable_parameter_names()
     assert names == sorted(set(names), key=names.index)  # no duplicates
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
-    assert all(".lora_A." in n or ".lora_B." in n or n.startswith("gates.per_module.") for n in names)
+    assert all(".lora_A." in n or ".lora_B." in n or n.startswith("gates.") for n in names)
     model.config.gate_lr_mult = 0.3
     groups = model.optimizer_param_groups(lr=1e-3, weight_decay=0.0, gate_weight_decay=1e-5)
     assert groups[1]["lr"] == pytest.approx(3e-4) and groups[1]["weight_decay"] == 1e-5

@@ -408,9 +408,12 @@ class PersonalizedLM(nn.Module):
             return {}
         if cond is None:
             raise ValueError(f"mode {self.config.mode!r} needs cond (batch, {self.config.cond_dim})")
-        # The conditioning vector comes from a frozen recommender: no gradient flows into it.
+        # The conditioning vector comes from a frozen recommender: no gradient flows into it. It stays float32 (never
+        # the parameters' dtype: DeepSpeed bf16 casts the gates too); the gates compute and return float32, and each
+        # mixture layer casts its gate to the activation dtype where it uses it. One call per forward: activation
+        # recomputation reuses these tensors (_checkpoint_with_gates) and never runs the gates again.
         reference = next(self.gates.parameters())
-        return self.gates(cond.detach().to(device=reference.device, dtype=reference.dtype))
+        return self.gates(cond.detach().to(device=reference.device, dtype=torch.float32))
 
     @contextlib.contextmanager
     def gates_set(self, gates: dict[str, torch.Tensor], allow_expand: bool = False) -> Iterator[None]:
@@ -588,7 +591,8 @@ def build_personalized_model(
         lm = get_peft_model(model, config.to_lora_config(), adapter_name=adapter_name)
         personalized = PersonalizedLM(lm, config, adapter_name=adapter_name)
     if personalized.gates is not None:
-        # Same device as the model, but fp32 like PEFT's autocast adapters: tiny, and run once per sample.
+        # Same device as the model, but fp32 like PEFT's autocast adapters: tiny, and run once per sample. (A later
+        # cast of the whole model, e.g. DeepSpeed bf16, changes their storage only: they still compute in fp32.)
         personalized.gates.to(next(model.parameters()).device)
     return personalized
 
