@@ -46,7 +46,8 @@ from recdata.schema import (
 )
 from recdata.textfiles import IngestError
 
-_OUR_ENTRIES = {"interactions", "items.parquet", "users.parquet", "manifest.json", "ingest.json"}
+_OUR_ENTRIES = {"interactions", "items.parquet", "users.parquet", "id_map", "manifest.json", "ingest.json"}
+ID_MAP_FILES = {"user_id": "id_map/users.parquet", "item_id": "id_map/items.parquet"}
 
 
 @dataclass
@@ -167,6 +168,10 @@ def ingest(
             for s in shard_stats:
                 s.pop("_users")
         manifest = _manifest(fmt, source, opts, split_method, shard_stats, items_table, users_entry, counts, cut)
+        manifest["id_maps"] = {}
+        for column, id_map in sorted(source.id_maps.items()):
+            write_parquet(id_map.table(), storage.join(staging, ID_MAP_FILES[column]))
+            manifest["id_maps"][column] = {"path": ID_MAP_FILES[column], "rows": len(id_map.keys)}
         manifest["ingest_seconds"] = round(time.perf_counter() - t0, 3)
         _commit(staging, out, manifest, opts.overwrite)
         return manifest
@@ -274,6 +279,8 @@ def _pass1_spill(
             t = batch.table
             counts.rows_in += t.num_rows
             t = _validate_batch(batch, opts, known_items, counts, source)
+            if t.num_rows == 0:  # every row of the batch was skipped (--on-bad-rows skip)
+                continue
             if "split" not in t.column_names:
                 t = t.append_column("split", pa.nulls(t.num_rows, pa.string()))
             if schema is None:
@@ -341,7 +348,8 @@ def _validate_batch(
     items = t["item_id"].to_numpy()
     _drop_or_refuse(
         _unknown(items, known_items) & keep, keep, opts, counts, "unknown_items",
-        lambda row, n: f"{batch.where(row)}: item id {int(items[row])} is not in the items file {source.items_file} "
+        lambda row, n: f"{batch.where(row)}: item id {batch.show('item_id', row, items[row])} is not in the items file "
+        f"{source.items_file} "
         f"({n} such rows); fix the files or pass --on-bad-rows skip",
     )  # fmt: skip
     # Rows kept with a null rating: next-item rows, and the history-only context rows of sequence sources.
@@ -717,6 +725,8 @@ def summary(manifest: dict) -> str:
         lines.append("flagged (kept): " + ", ".join(f"{k}={v:,}" for k, v in flagged.items()))
     if manifest.get("missing_ratings"):
         lines.append(f"kept without a rating: {manifest['missing_ratings']:,} rows")
+    for column, entry in (manifest.get("id_maps") or {}).items():
+        lines.append(f"{column}: {entry['rows']:,} string ids mapped to 1..{entry['rows']:,} ({entry['path']})")
     return "\n".join(lines)
 
 

@@ -26,8 +26,40 @@ class Batch:
     file: str
     first_line: int | None  # 1-based line of row 0 in `file` (None for Parquet: rows are named by index)
 
+    # The source's own values of id columns that were mapped from strings to integers (IdMap), for messages.
+    keys: dict[str, pa.Array] = field(default_factory=dict)
+
     def where(self, row: int) -> str:
         return f"{self.file}:{self.first_line + row}" if self.first_line is not None else f"{self.file} row {row}"
+
+    def show(self, column: str, row: int, value: object) -> str:
+        """The id at `row` as the source wrote it: its string key when the column was mapped, else `value`."""
+        return repr(self.keys[column][row].as_py()) if column in self.keys else str(value)
+
+
+@dataclass
+class IdMap:
+    """String ids (Amazon's `A4042` users and ASIN items) mapped to dense integers 1..N in sorted byte order of
+    the keys, so the mapping depends on the set of ids only, never on file order or the machine. The dataset
+    keeps it (`id_map/{users,items}.parquet`) so requests and exports can speak the source's own ids."""
+
+    column: str  # user_id | item_id
+    keys: pa.Array  # sorted unique strings; keys[i] has id i + 1
+
+    @classmethod
+    def from_values(cls, column: str, values: list[pa.Array]) -> "IdMap":
+        uniq = pc.unique(pa.chunked_array([pc.cast(v, pa.string()) for v in values], pa.string())).drop_null()
+        return cls(column, pc.take(uniq, pc.sort_indices(uniq)))
+
+    def encode(self, values: pa.Array) -> pa.Array:
+        """int64 ids; a key outside the map becomes 0 (no real id is 0), so the caller names it as unknown."""
+        index = pc.index_in(pc.cast(values, pa.string()), value_set=self.keys)
+        ids = pc.add(pc.cast(index, pa.int64()), 1)
+        known_or_null = pc.or_(pc.is_valid(index), pc.is_null(values))
+        return pc.if_else(known_or_null, ids, pa.scalar(0, pa.int64()))
+
+    def table(self) -> pa.Table:
+        return pa.table({self.column: pa.array(np.arange(1, len(self.keys) + 1, dtype=np.int64)), "key": self.keys})
 
 
 @dataclass
@@ -40,6 +72,7 @@ class Source:
     has_ratings: bool = True
     given_split: bool = False
     notes: dict = field(default_factory=dict)
+    id_maps: dict[str, IdMap] = field(default_factory=dict)  # column -> map, for sources with string ids
 
 
 def _ls(url: str) -> list[str]:
@@ -521,7 +554,8 @@ def _llara_rows(url: str, split: str, pad: int, user_offset: int) -> pa.Table:
 def generic(
     src: str, items_src: str | None, users_src: str | None, columns, encoding: str = "utf-8", batch_rows: int = 1 << 20
 ) -> Source:
-    """The user's own CSV/Parquet: interactions (user, item, timestamp[, rating]) + an items file with titles."""
+    """The user's own CSV/Parquet: interactions (user, item, timestamp[, rating]) + an items file with titles.
+    User and item ids may be integers or strings; string ids are mapped to dense integers (IdMap)."""
     if items_src is None:
         raise IngestError("generic format needs an items file with titles: pass --items PATH")
     need = {"user_id": columns.user, "item_id": columns.item}
@@ -534,11 +568,28 @@ def generic(
     files = [f for f in _ls(src) if f.endswith((".csv", ".parquet", ".tsv", ".pq"))]
     if not files:
         raise IngestError(f"{src}: no .csv/.tsv/.parquet files")
+    item_need = {"item_id": columns.item_id, "title": columns.title}
+    # A column holds string ids when any file's values are not numbers (one ASIN among numeric ones is enough).
+    # Id columns are scanned as text (an all-digit "0012" must stay "0012" when the ids turn out to be strings).
+    found = _id_columns(files, need, encoding)
+    items_raw, items_csv = _read_side(items_src, item_need, encoding, (columns.item_id,))
+    found["item_id"].append(items_raw[columns.item_id])
+    strings = {c for c, cols in found.items() if not all(_numeric(col) for col in cols)}
+    if "item_id" not in strings and items_csv:
+        items_raw, _ = _read_side(items_src, item_need, encoding)  # numbers as the reader infers them
+    items = _side_table(items_src, items_raw, item_need, items_csv, strings)
+    id_maps = {}
+    if "user_id" in strings:
+        id_maps["user_id"] = IdMap.from_values("user_id", found["user_id"])
+    if "item_id" in strings:
+        id_maps["item_id"] = IdMap.from_values("item_id", [items["item_id"]])
+        items = items.set_column(0, "item_id", id_maps["item_id"].encode(items["item_id"]))
+    del found
 
     def batches():
         seen: dict[int, int] = {}  # order-only sources: rows so far per user, across files and batches
         for f in files:
-            for b in _generic_batches(f, need, columns, encoding, batch_rows):
+            for b in _generic_batches(f, need, columns, encoding, batch_rows, id_maps):
                 if "timestamp" not in need:
                     uid = b.table["user_id"]
                     # An empty user id is reported by ingest with its line; positions are never used then.
@@ -546,24 +597,100 @@ def generic(
                     b.table = b.table.set_column(2, "timestamp", pa.array(order_positions(users, seen)))
                 yield b
 
-    items = _generic_table(items_src, {"item_id": columns.item_id, "title": columns.title}, encoding, keep_rest=True)
-    users = _generic_table(users_src, {"user_id": columns.user}, encoding, keep_rest=True) if users_src else None
-    return Source(f"generic files at {src}", batches, items, items_src, users, has_ratings=bool(columns.rating))
+    users = None
+    if users_src:
+        users = _generic_table(users_src, {"user_id": columns.user}, encoding, strings)
+        if "user_id" in id_maps:  # users without interactions have no id: they would be dropped anyway
+            ids = id_maps["user_id"].encode(users["user_id"])
+            users = users.set_column(0, "user_id", ids).filter(pc.not_equal(ids, 0))
+    return Source(
+        f"generic files at {src}",
+        batches,
+        items,
+        items_src,
+        users,
+        has_ratings=bool(columns.rating),
+        id_maps=id_maps,
+    )
 
 
-def _check_columns(url: str, available: list[str], need: dict[str, str]) -> None:
+_NUMBER = r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$"
+
+
+def _numeric(col) -> bool:
+    """Whether an id column holds numbers only (typed as numbers, or text that reads as numbers)."""
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return True
+    return bool(pc.all(pc.match_substring_regex(col, _NUMBER)).as_py() is not False)
+
+
+def _id_columns(files: list[str], need: dict[str, str], encoding: str) -> dict[str, list[pa.Array]]:
+    """The user and item id columns of every interactions file, as the reader infers them (the scan that decides
+    whether ids are strings, and the keys of the user map)."""
+    import io
+
+    import pyarrow.csv as pacsv
+
+    wanted = {c: need[c] for c in ("user_id", "item_id")}
+    out: dict[str, list[pa.Array]] = {"user_id": [], "item_id": []}
+    for url in files:
+        if url.endswith((".parquet", ".pq")):
+            fs, path = storage.get_fs(url)
+            with storage.storage_errors(url), fs.open(path, "rb") as fh:
+                try:
+                    pf = pq.ParquetFile(fh)
+                except pa.ArrowInvalid as e:
+                    raise IngestError(f"{url}: not a readable Parquet file ({e}); truncated or corrupt?") from None
+                _check_columns(url, pf.schema_arrow.names, need)
+                try:
+                    t = pf.read(columns=list(dict.fromkeys(wanted.values())))
+                except (pa.ArrowException, OSError) as e:
+                    if not _decoding_error(e):
+                        raise
+                    raise IngestError(
+                        f"{url}: corrupt Parquet data ({type(e).__name__}: {_first_line(e)}); "
+                        f"the file is damaged: write or download it again"
+                    ) from None
+        else:
+            delim = "\t" if url.endswith(".tsv") else ","
+            raw = open_bytes(url)
+            if not raw.strip():
+                raise IngestError(f"{url}: file is empty")
+            header = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r").split(delim)
+            if len(header) == 1 and len(need) > 1:
+                raise IngestError(
+                    f"{url}:1: header has one column {header[0][:60]!r}: wrong delimiter? expected {delim!r}"
+                )
+            _check_columns(url, header, need)
+            try:
+                t = pacsv.read_csv(
+                    io.BytesIO(raw),
+                    read_options=pacsv.ReadOptions(encoding=encoding, block_size=1 << 24),
+                    parse_options=pacsv.ParseOptions(delimiter=delim),
+                    convert_options=pacsv.ConvertOptions(
+                        include_columns=list(dict.fromkeys(wanted.values())),
+                        column_types={n: pa.string() for n in wanted.values()},
+                    ),
+                )
+            except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+                raise _csv_problem(url, raw, delim, len(header), encoding, e) from None
+        for canon, name in wanted.items():
+            out[canon].append(t[name])
+    return out
+
+
+_FLAGS = {"user_id": "--user-col", "item_id": "--item-col", "timestamp": "--time-col", "rating": "--rating-col"}
+# The items file names its id column with its own flag.
+_ITEM_FILE_FLAGS = {"item_id": "--item-id-col", "title": "--title-col"}
+
+
+def _check_columns(url: str, available: list[str], need: dict[str, str], flags: dict[str, str] | None = None) -> None:
     import difflib
 
     for canon, name in need.items():
         if name not in available:
             close = difflib.get_close_matches(name, available, n=1)
-            opt = {
-                "user_id": "--user-col",
-                "item_id": "--item-col",
-                "timestamp": "--time-col",
-                "rating": "--rating-col",
-                "title": "--title-col",
-            }.get(canon, "")
+            opt = (flags or _FLAGS).get(canon, "")
             raise IngestError(
                 f"{url}: column {name!r} ({canon}) not found; columns are {available}"
                 + (f"; did you mean {close[0]!r}?" if close else "")
@@ -571,11 +698,15 @@ def _check_columns(url: str, available: list[str], need: dict[str, str]) -> None
             )
 
 
-def _to_canonical(url: str, t: pa.Table, need: dict[str, str], first_row: int, is_csv: bool) -> pa.Table:
+def _to_canonical(
+    url: str, t: pa.Table, need: dict[str, str], first_row: int, is_csv: bool, id_maps: dict[str, IdMap]
+) -> pa.Table:
     out = {}
     for canon, name in need.items():
         col = t[name]
-        if canon in ("user_id", "item_id"):
+        if canon in id_maps:
+            col = id_maps[canon].encode(col)
+        elif canon in ("user_id", "item_id"):
             col = _as_int(url, col, name, first_row, is_csv)
         elif canon == "timestamp":
             if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
@@ -655,7 +786,10 @@ def _as_int(url: str, col, name: str, first_row: int, is_csv: bool, hint: str = 
         raise IngestError(f"{_where(url, first_row + i, is_csv)}: column {name!r} " + hint.format(v=v)) from None
 
 
-def _generic_batches(url: str, need: dict[str, str], columns, encoding: str, batch_rows: int) -> Iterator[Batch]:
+def _generic_batches(
+    url: str, need: dict[str, str], columns, encoding: str, batch_rows: int, id_maps: dict[str, IdMap]
+) -> Iterator[Batch]:
+    keys = {canon: need[canon] for canon in id_maps}
     fs, path = storage.get_fs(url)
     is_csv = not url.endswith((".parquet", ".pq"))
     if not is_csv:
@@ -680,7 +814,8 @@ def _generic_batches(url: str, need: dict[str, str], columns, encoding: str, bat
                 if rb is None:
                     break
                 t = pa.Table.from_batches([rb])
-                yield Batch(_to_canonical(url, t, need, row, False), url, None)
+                shown = {c: pc.cast(t[n], pa.string()) for c, n in keys.items()}
+                yield Batch(_to_canonical(url, t, need, row, False, id_maps), url, None, shown)
                 row += t.num_rows
         return
     import pyarrow.csv as pacsv
@@ -700,13 +835,18 @@ def _generic_batches(url: str, need: dict[str, str], columns, encoding: str, bat
             io.BytesIO(raw),
             read_options=pacsv.ReadOptions(encoding=encoding, block_size=1 << 24),
             parse_options=pacsv.ParseOptions(delimiter=delim),
-            convert_options=pacsv.ConvertOptions(include_columns=list(dict.fromkeys(need.values()))),
+            # String ids stay strings: "0012" must not become 12 in a file whose ids all look numeric.
+            convert_options=pacsv.ConvertOptions(
+                include_columns=list(dict.fromkeys(need.values())),
+                column_types={n: pa.string() for n in keys.values()},
+            ),
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
         raise _csv_problem(url, raw, delim, len(header), encoding, e) from None
     if t.num_rows == 0:
         raise IngestError(f"{url}: only a header, no rows; the file needs one interaction per line below the header")
-    yield Batch(_to_canonical(url, t, need, 0, True), url, 2)
+    shown = {c: t[n].combine_chunks() for c, n in keys.items()}
+    yield Batch(_to_canonical(url, t, need, 0, True, id_maps), url, 2, shown)
 
 
 def _csv_problem(url: str, raw: bytes, delim: str, ncols: int, encoding: str, err) -> IngestError:
@@ -741,12 +881,10 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:200] if lines else ""
 
 
-def _generic_table(url: str, need: dict[str, str], encoding: str, keep_rest: bool) -> pa.Table:
-    batches = list(_generic_side(url, need, encoding))
-    return batches[0]
-
-
-def _generic_side(url: str, need: dict[str, str], encoding: str) -> Iterator[pa.Table]:
+def _read_side(
+    url: str, need: dict[str, str], encoding: str, text_columns: tuple[str, ...] = ()
+) -> tuple[pa.Table, bool]:
+    """An items or users file as read (types inferred, `text_columns` kept as strings); and whether it is CSV."""
     fs, path = storage.get_fs(url)
     if url.endswith((".parquet", ".pq")):
         with storage.storage_errors(url), fs.open(path, "rb") as fh:
@@ -758,42 +896,56 @@ def _generic_side(url: str, need: dict[str, str], encoding: str) -> Iterator[pa.
                 raise IngestError(
                     f"{url}: not a readable Parquet file ({_first_line(e)}); truncated or corrupt? write it again"
                 ) from None
-        is_csv = False
-    else:
-        import io
+        _check_columns(url, t.column_names, need, _ITEM_FILE_FLAGS if "title" in need else None)
+        return t, False
+    import io
 
-        import pyarrow.csv as pacsv
+    import pyarrow.csv as pacsv
 
-        raw = open_bytes(url)
-        if not raw.strip():
-            raise IngestError(f"{url}: file is empty")
-        delim = "\t" if url.endswith(".tsv") else ","
-        try:
-            raw.decode(encoding)
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise IngestError(
-                f"{url}:{line}: bytes are not valid {encoding} at byte {e.start}; pass --encoding (e.g. latin-1)"
-            ) from None
-        try:
-            t = pacsv.read_csv(
-                io.BytesIO(raw),
-                read_options=pacsv.ReadOptions(encoding=encoding),
-                parse_options=pacsv.ParseOptions(delimiter=delim),
-            )
-        except (pa.ArrowInvalid, UnicodeDecodeError) as e:
-            header = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").split(delim)
-            raise _csv_problem(url, raw, delim, len(header), encoding, e) from None
-        is_csv = True
-    _check_columns(url, t.column_names, need)
+    raw = open_bytes(url)
+    if not raw.strip():
+        raise IngestError(f"{url}: file is empty")
+    delim = "\t" if url.endswith(".tsv") else ","
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise IngestError(
+            f"{url}:{line}: bytes are not valid {encoding} at byte {e.start}; pass --encoding (e.g. latin-1)"
+        ) from None
+    try:
+        t = pacsv.read_csv(
+            io.BytesIO(raw),
+            read_options=pacsv.ReadOptions(encoding=encoding),
+            parse_options=pacsv.ParseOptions(delimiter=delim),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in text_columns}),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        header = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").split(delim)
+        raise _csv_problem(url, raw, delim, len(header), encoding, e) from None
+    _check_columns(url, t.column_names, need, _ITEM_FILE_FLAGS if "title" in need else None)
+    return t, True
+
+
+def _side_table(url: str, t: pa.Table, need: dict[str, str], is_csv: bool, string_ids: set[str]) -> pa.Table:
+    """Canonical names first (ids as int64, or as strings for columns in `string_ids`), other columns after."""
     out = {}
     for canon, name in need.items():
         col = t[name]
-        out[canon] = _as_int(url, col, name, 0, is_csv) if canon.endswith("_id") else pc.cast(col, pa.string())
+        if canon.endswith("_id") and canon not in string_ids:
+            out[canon] = _as_int(url, col, name, 0, is_csv)
+        else:
+            out[canon] = pc.cast(col, pa.string())
     for name in t.column_names:
         if name not in need.values() and name not in out:
             out[name] = t[name]
-    yield pa.table(out)
+    return pa.table(out)
+
+
+def _generic_table(url: str, need: dict[str, str], encoding: str, string_ids: set[str]) -> pa.Table:
+    text = tuple(name for canon, name in need.items() if canon in string_ids)
+    t, is_csv = _read_side(url, need, encoding, text)
+    return _side_table(url, t, need, is_csv, string_ids)
 
 
 READERS = {"movielens": movielens, "recbole": recbole, "llara": llara, "generic": generic}

@@ -115,6 +115,11 @@ class Dataset:
         users = self.manifest.get("users")
         return read_parquet(storage.join(self.url, users["path"])) if users else None
 
+    def id_map(self, column: str) -> pa.Table | None:
+        """`column` (user_id | item_id) -> (id int64, key string) when the source's ids were strings, else None."""
+        entry = (self.manifest.get("id_maps") or {}).get(column)
+        return read_parquet(storage.join(self.url, entry["path"])) if entry else None
+
 
 def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = storage.get_fs(url)

@@ -423,11 +423,12 @@ def test_ingest_error_is_one_line_naming_stage_file_and_fix(tmp_path):
     raw = write_source(tmp_path / "raw", "generic", ratings="all")
     inter = raw.root / "inter.csv"
     lines = inter.read_text().splitlines()
-    lines[7] = "u7" + lines[7][lines[7].index(",") :]
+    uid, _, rest = lines[7].split(",", 2)
+    lines[7] = f"{uid},x7,{rest}"  # an item id the items file does not have (string ids are mapped, not refused)
     inter.write_text("\n".join(lines) + "\n")
     args = run_args("tiny", "ctr", raw, tmp_path / "out", "bad-ingest", ["retrieval.text_mode=recent"])
     res = run_subprocess(args, tmp_path, timeout=300)
-    line = _error_line(res.returncode, res.stderr, "ingest", f"{inter}:8", "'u7'", "map string ids to integers first")
+    line = _error_line(res.returncode, res.stderr, "ingest", f"{inter}:8", "'x7'", "not in the items file")
     assert res.stderr.strip().splitlines()[-1] == line
     assert not list((tmp_path / "out").glob("datasets/*/*/manifest.json"))
 

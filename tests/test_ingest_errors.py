@@ -142,18 +142,18 @@ def test_missing_or_misspelled_column(tmp_path, capsys):
     )
 
 
-def test_string_ids_in_generic(tmp_path, capsys):
+def test_string_item_ids_against_integer_items_file(tmp_path, capsys):
+    # String ids are mapped (tests/test_ingest_string_ids.py); one that the items file lacks is named as written.
     d = _generic(
-        tmp_path, pd.DataFrame({"user_id": ["u1", "u2"], "item_id": [1, 2], "timestamp": [1, 2], "rating": [4, 5]})
+        tmp_path, pd.DataFrame({"user_id": ["u1", "u2"], "item_id": ["1", "x9"], "timestamp": [1, 2], "rating": [4, 5]})
     )
     fails(
         ["generic", "--src", str(d / "inter.csv"), "--items", str(d / "items.csv")],
         capsys,
         tmp_path / "out",
-        "inter.csv:2",
-        "user_id",
-        "'u1'",
-        "integer",
+        "inter.csv:3",
+        "'x9'",
+        "not in the items file",
     )
 
 
