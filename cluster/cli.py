@@ -11,7 +11,8 @@
     reclora config  --config demo [key=value ...]     print the resolved config with every default
 
 Each subcommand takes the options of its stage (`reclora samples --help`). The stage modules run without
-Ray too (`python -m retrieval.build ...` builds in this process); this command hands them the Ray runner.
+Ray too (`python -m retrieval.build ...` builds in this process); this command hands them the Ray runner, and
+`embed` and `teacher` run on Ray workers with a GPU each when the Ray cluster has GPUs (cluster.placement).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import sys
 
 from cluster.launch import run_training
+from cluster.placement import place_embed, teacher_uses_gpu
 from cluster.pool import run_sharded
 from configs.errors import RecloraError
 from configs.loader import load_config, to_yaml
@@ -32,9 +34,9 @@ from trainer import main as train_main
 COMMANDS = {
     "train": lambda argv: train_main.main(argv),
     "ingest": lambda argv: ingest.main(argv),
-    "embed": lambda argv: embed_items.main(argv, runner=run_sharded),
+    "embed": lambda argv: embed_items.main(argv, runner=run_sharded, place=place_embed),
     "samples": lambda argv: build.main(argv, runner=run_sharded),
-    "teacher": lambda argv: teacher_train.main(argv, launch=run_training),
+    "teacher": lambda argv: teacher_train.main(argv, launch=run_training, place=teacher_uses_gpu),
     "score": lambda argv: score.main(argv, runner=run_sharded),
     "predict": lambda argv: predict.main(argv, runner=run_sharded),
     "export": lambda argv: export.main(argv),

@@ -8,6 +8,11 @@ Each stage writes under its content-addressed URL (recdata.layout) and is skippe
 already complete, so a killed pipeline rerun continues where it stopped; the sharded stages themselves
 resume shard by shard. Locally Ray starts on 127.0.0.1; with RAY_ADDRESS set (`ray job submit`) it joins
 that cluster.
+
+Where the work runs is asked from the Ray cluster, never read off the driver (on KubeRay the head pod has no
+GPU): embed runs on Ray actors with a GPU each and the model in model.dtype when the cluster has GPUs, the
+teacher trains on a Ray Train worker (a GPU one when there are GPUs), the trainer follows trainer.use_gpu
+(cluster.placement). A base model over 1B parameters that would run in float32 on CPU is refused up front.
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ import time
 from pathlib import Path
 
 from cluster.launch import run_training
+from cluster.placement import (
+    Placement,
+    base_model_params,
+    cpu_reason,
+    place_stage,
+    refuse_large_on_cpu,
+    stage_placement,
+)
 from cluster.pool import run_sharded
 from cluster.runtime import init_ray
 from configs.errors import RecloraError
@@ -59,6 +72,7 @@ class Pipeline:
         self.paths = layout.paths(cfg)
         self.timings: dict[str, float] = {}
         self.embeddings: str | None = None
+        self.placements: dict[str, Placement] = {}
 
     @classmethod
     def setup(cls, cfg, stages: list[str]) -> "Pipeline":
@@ -108,6 +122,7 @@ class Pipeline:
             verify(cfg.trainer.resume)
             check_compatible(cfg.trainer.resume, fingerprint_parts(cfg))
         storage.write_bytes_atomic(storage.join(p.run, "config.yaml"), to_yaml(cfg).encode())
+        self.preflight()
         for stage in self.stages:
             t0 = time.perf_counter()
             if layout.done(stage, cfg, p) and stage != "embed":
@@ -127,6 +142,55 @@ class Pipeline:
                 layout.record_inputs(cfg, p, stage)
             self.timings[stage] = round(time.perf_counter() - t0, 2)
         storage.write_json_atomic(storage.join(p.run, "stage_seconds.json"), self.timings)
+
+    # ------------------------------------------------------------------------------------------ placement
+    def placement(self, stage: str) -> Placement:
+        """Where `stage` runs: embed and teacher from the Ray cluster's resources (run.stage_device), train
+        from trainer.use_gpu. Asked once per run."""
+        if stage not in self.placements:
+            cfg = self.cfg
+            if stage == "train":
+                t = cfg.trainer
+                resources = {"GPU": float(t.num_workers)} if t.use_gpu else {}
+                device = "cuda" if t.use_gpu else "cpu"
+                place = place_stage("train", resources, device=device, workers=t.num_workers, dtype=cfg.model.dtype)
+            else:
+                workers = cfg.retrieval.num_workers if stage == "embed" else cfg.teacher.train_workers
+                place = stage_placement(stage, device=cfg.run.stage_device, workers=workers, dtype=cfg.model.dtype)
+            self.placements[stage] = place
+        return self.placements[stage]
+
+    def refuse_large_on_cpu(self, stage: str) -> None:
+        """A base model over 1B parameters must not run in float32 on CPU (hours, or out of memory) unless
+        run.allow_large_on_cpu: one line naming the stage and the fix."""
+        cfg, place = self.cfg, self.placement(stage)
+        if place.use_gpu or cfg.run.allow_large_on_cpu:
+            return
+        params = base_model_params(cfg.model.name_or_path, cfg.model, tiny=cfg.model.tiny is not None)
+        if stage == "train":
+            why, fix = "trainer.use_gpu=false", "set trainer.use_gpu=true on a Ray cluster with GPU workers"
+        else:
+            why, fix = cpu_reason(place, cfg.run.stage_device)
+        refuse_large_on_cpu(place, params, cfg.model.name_or_path, why, fix)
+
+    def preflight(self) -> None:
+        """Before any stage runs: the LLM stages that still have work must not put a large model on CPU."""
+        cfg, p = self.cfg, self.paths
+        for stage in ("embed", "train"):
+            if stage in self.stages and not layout.done(stage, cfg, p):
+                try:
+                    self.refuse_large_on_cpu(stage)
+                except RecloraError as e:
+                    raise StageError(str(e)) from None  # names the stage already
+        if "train" in self.stages and cfg.trainer.use_gpu and not layout.done("train", cfg, p):
+            gpus = stage_placement("teacher", device="auto").cluster_gpus
+            if gpus < cfg.trainer.num_workers:
+                print(
+                    f"warning: trainer.use_gpu=true with {cfg.trainer.num_workers} workers, but the Ray cluster has "
+                    f"{gpus:g} GPUs now; Ray Train waits until GPU workers join (autoscaling)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     # ------------------------------------------------------------------------------------------ stages
     def run_ingest(self) -> None:
@@ -148,19 +212,29 @@ class Pipeline:
         if not layout.needs_embeddings(cfg):
             return
         model_ref = base_model_dir(cfg, self.paths.run)  # workers fetch it on their own node
+        place = self.placement("embed")
         opts = EmbedOptions(
             domain=cfg.data.domain,
             pca_dims=cfg.retrieval.pca_dim,
             seed=cfg.run.seed,
             missing_text=cfg.retrieval.missing_text,
+            dtype=place.dtype,  # model.dtype on GPU actors, float32 on CPU ones
         )
+
+        def runner(worker_cls, worker_kwargs, tasks, **kw):
+            if tasks:  # the LLM runs only for parts not cached yet
+                self.refuse_large_on_cpu("embed")
+                print(place.describe(), flush=True)
+            return run_sharded(worker_cls, worker_kwargs, tasks, **kw)
+
         self.embeddings = embed_items(
             self.paths.dataset,
             model_ref,
             self.paths.embeddings,
             opts,
-            num_workers=cfg.retrieval.num_workers,
-            runner=run_sharded,
+            num_workers=place.num_workers,
+            gpus_per_worker=place.gpus_per_worker,
+            runner=runner,
             model_cfg=cfg.model.model_dump(),
         )
 
@@ -177,13 +251,17 @@ class Pipeline:
         )
 
     def run_teacher(self) -> None:
-        # The same settings `reclora teacher --config` uses (teacher.train_workers > 1: data-parallel).
+        # The same settings `reclora teacher --config` uses (teacher.train_workers > 1: data-parallel), on Ray
+        # Train workers (one by default), never in the driver; with a GPU each when the cluster has GPUs.
+        place = self.placement("teacher")
+        print(place.describe(), flush=True)
         res = train_teacher(
             self.paths.samples,
             self.paths.teacher,
             TeacherConfig.from_run_config(self.cfg),
             dataset_url=self.paths.dataset,
             launch=run_training,
+            use_gpu=place.use_gpu,
         )
         print(f"[teacher] valid: {res.get('valid')}  test: {res.get('test')}")
 

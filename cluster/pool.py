@@ -38,7 +38,9 @@ def run_sharded(
     ray = init_ray()
     actor_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)(_Host)
     n = min(num_actors, len(tasks))
-    actors = [actor_cls.remote(worker_cls, worker_kwargs) for _ in range(n)]
+    # Where each actor ran (node, pid, GPUs), one JSON per actor: multi-node debugging and the placement tests.
+    report = {"dir": os.path.join(_report_dir(), "actors"), "desc": desc} if _report_dir() else None
+    actors = [actor_cls.remote(worker_cls, worker_kwargs, report) for _ in range(n)]
     results: list[dict[str, Any] | None] = [None] * len(tasks)
     pending: dict[Any, tuple[int, Any]] = {}
     next_task = finished = 0
@@ -71,11 +73,34 @@ def run_sharded(
 class _Host:
     """Actor shell that owns one worker instance for its lifetime (model loaded once per actor)."""
 
-    def __init__(self, worker_cls: type, worker_kwargs: dict[str, Any]):
+    def __init__(self, worker_cls: type, worker_kwargs: dict[str, Any], report: dict[str, str] | None = None):
+        if report:
+            _write_actor_report(report["dir"], report["desc"] or worker_cls.__name__)
         self.worker = worker_cls(**worker_kwargs)
 
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
         return self.worker.run(task)
+
+
+def _write_actor_report(folder: str, desc: str) -> None:
+    import json
+
+    import ray
+
+    os.makedirs(folder, exist_ok=True)
+    name = "".join(ch if ch.isalnum() else "-" for ch in desc)
+    info = {
+        "desc": desc,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }
+    with open(os.path.join(folder, f"actor-{name}-{os.getpid()}.json"), "w") as f:
+        json.dump(info, f)
+
+
+def _report_dir() -> str:
+    return os.environ.get("RECLORA_NODE_REPORT_DIR", "")
 
 
 def _quiet() -> bool:

@@ -37,6 +37,13 @@ class RunConfig(Strict):
     # Root for every run's outputs: local path, file:// or s3://bucket/prefix.
     output_dir: str = Field("runs", min_length=1)
     seed: int = Field(0, ge=0)
+    # Where the embed and teacher stages run (the trainer follows trainer.use_gpu): auto = on GPU workers when
+    # the Ray cluster has GPUs (asked from the cluster, never the driver's own device), else on CPU; cuda = GPU
+    # workers even when none has joined yet (GPU groups that autoscale from zero); cpu = never a GPU.
+    stage_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # A base model over 1B parameters that would run in float32 on CPU (embed without GPUs, or train with
+    # trainer.use_gpu=false) is refused before the stage starts; true runs it anyway.
+    allow_large_on_cpu: bool = False
 
 
 class StorageConfig(Strict):

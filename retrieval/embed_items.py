@@ -5,9 +5,8 @@
         --max-length 64 --domain movie --num-workers 1 --seed 0]
 
 Items are described by short sentences ("Here is a movie. Its title is ... Its genre is ..."); a
-sentence whose field is missing for an item is left out. Workers (Ray actors when --num-workers > 1,
-on a GPU when one is present) embed chunks of items and write raw parts; the driver fits PCA (seeded)
-and writes
+sentence whose field is missing for an item is left out. Workers embed chunks of items and write raw parts;
+the driver fits PCA (seeded) and writes
 
     {out}/{key}/embeddings.parquet   item_id int64, embedding list<float32> (PCA space)
     {out}/{key}/meta.json            written last: model, template, dims, explained variance
@@ -16,6 +15,10 @@ and writes
 `key` hashes the model (config + weights), the item texts, the template and every option, so a rerun
 with the same inputs reuses the result and anything different gets a new folder. `raw_key` leaves out
 the PCA options, so trying another pca_dims reuses the LLM pass (delete raw-* to reclaim the space).
+
+Where the workers run is the caller's decision, never the driver's own device: with a runner (the `reclora`
+command, the pipeline) every task runs on Ray actors, one GPU each when the cluster placement says so
+(cluster.placement), the model loaded in `dtype` on whatever device the actor has; without one, in this process.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -62,7 +65,7 @@ class EmbedOptions:
     batch_size: int = 32
     pca_dims: int = 512  # 0 keeps the raw hidden size
     seed: int = 0
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (GPU)
+    dtype: str = "float32"  # float32 | bfloat16 | float16: what the worker loads the model in (part of the key)
     missing_text: str = "error"  # error | placeholder (an item without a title gets "an unknown {domain}")
     items_per_task: int = 4096
 
@@ -138,8 +141,10 @@ class EmbedWorker:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.opts = EmbedOptions(**{**opts, "template": tuple(opts["template"])})
+        # Decided here, on the worker: the GPU Ray gave this actor (CUDA_VISIBLE_DEVICES), or none.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = getattr(torch, self.opts.dtype) if self.device == "cuda" else torch.float32
+        # The requested dtype on any device: it is part of the cache key, so the vectors are what the key says.
+        dtype = getattr(torch, self.opts.dtype)
         # `model_dir` is a model reference (hub id, s3:// URL, folder): fetched once into this node's cache.
         local = resolve_model(model_dir, model_cfg)
         self.tok = AutoTokenizer.from_pretrained(local, **tokenizer_kwargs(model_cfg))
@@ -188,14 +193,14 @@ class EmbedWorker:
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
         url = task["part_url"]
         if storage.exists(url):  # parts are committed atomically; a resumed job reuses them
-            return {"part_url": url, "rows": len(task["item_ids"]), "skipped": True}
+            return {"part_url": url, "rows": len(task["item_ids"]), "skipped": True, "device": self.device}
         vec, truncated = self.embed_counted(task["texts"])
         table = pa.table({"item_id": pa.array(task["item_ids"], pa.int64()), "embedding": _list_column(vec)})
         table = table.replace_schema_metadata({"truncated": str(truncated)})
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         storage.write_bytes_atomic(url, buf.getvalue())
-        return {"part_url": url, "rows": len(vec), "skipped": False, "truncated": truncated}
+        return {"part_url": url, "rows": len(vec), "skipped": False, "truncated": truncated, "device": self.device}
 
 
 def _list_column(vec: np.ndarray) -> pa.Array:
@@ -238,7 +243,11 @@ def embed_items(
 ) -> str:
     """Embed every item of the dataset (or reuse the cached result). Returns the embeddings folder URL.
     `model_dir` is a model reference (hub id, s3:// URL or folder) that each worker resolves on its own
-    node; `model_cfg` the config's `model` section (revision, allow_pickle, trust_remote_code)."""
+    node; `model_cfg` the config's `model` section (revision, allow_pickle, trust_remote_code).
+
+    With a `runner` every task runs on its workers (Ray actors), `num_workers` of them with `gpus_per_worker`
+    GPUs each (default 0: the caller, which can ask the cluster, decides; cluster.placement); without one, in
+    this process on its own device."""
     opts = opts or EmbedOptions()
     if opts.wrap not in ("none", "vicuna", "chat"):
         raise EmbedError(f"wrap must be none, vicuna or chat, got {opts.wrap!r}")
@@ -262,10 +271,15 @@ def embed_items(
     ]
     kwargs = {"model_dir": model_dir, "opts": asdict(opts), "model_cfg": model_cfg}
     todo = [t for t in tasks if not storage.exists(t["part_url"])]  # cached parts need no model at all
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if torch.cuda.is_available() else 0.0
-    run = runner if runner is not None and num_workers > 1 else run_in_process
-    run(EmbedWorker, kwargs, todo, num_actors=num_workers, num_gpus_per_actor=gpus_per_worker, desc="embed items")
+    run = runner if runner is not None else run_in_process
+    done = run(
+        EmbedWorker,
+        kwargs,
+        todo,
+        num_actors=num_workers,
+        num_gpus_per_actor=gpus_per_worker or 0.0,
+        desc="embed items",
+    )
     truncated = sum(_part_truncated(t["part_url"]) for t in tasks)
     if truncated:
         print(
@@ -293,14 +307,17 @@ def embed_items(
         "seconds": round(time.perf_counter() - t0, 3),
         "example_text": texts[0] if texts else "",
         "truncated_texts": truncated,
+        "devices": sorted({r["device"] for r in done if r and "device" in r}),  # where this run's parts were made
     }
     storage.write_json_atomic(meta_url, meta)
     return folder
 
 
-def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
+def main(argv: list[str] | None = None, runner: Runner | None = None, place: Callable | None = None) -> int:
     """Ray workers come from `runner` (the `reclora` command passes cluster.pool.run_sharded); without one,
-    every task runs in this process."""
+    every task runs in this process. `place(workers=, dtype=, model=, model_cfg=, run_cfg=) -> (workers, gpus
+    per worker, dtype)` is where the runner's workers go (the `reclora` command asks the Ray cluster, and refuses
+    a large model on CPU: cluster.placement); it raises a RecloraError to refuse."""
     p = argparse.ArgumentParser(prog="python -m retrieval.embed_items", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="preset or YAML: dataset, output folder, PCA size, domain and seed from it")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
@@ -321,7 +338,12 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
         help="sentences separated by ' || ', e.g. 'Here is a {domain}. || Its title is {title}.'",
     )
     p.add_argument("--wrap", choices=["none", "vicuna", "chat"], default="none")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="model dtype on GPU workers (default: model.dtype with --config, else float32); CPU workers use float32",
+    )
     p.add_argument("--missing-text", choices=["error", "placeholder"], default="error")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -362,6 +384,22 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
         print(f"error: missing {', '.join('--' + m for m in missing)} (or use --config)", file=sys.stderr)
         return 2
     template = tuple(s.strip() for s in a.template.split("||")) if a.template else DEFAULT_TEMPLATE
+    dtype = a.dtype or (cfg.model.dtype if a.config else "float32")
+    gpus = 0.0
+    if place is not None and runner is not None:
+        try:
+            a.num_workers, gpus, dtype = place(
+                workers=a.num_workers,
+                dtype=dtype,
+                model=a.model,
+                model_cfg=model_cfg,
+                run_cfg=cfg.run if a.config else None,
+            )
+        except RecloraError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif runner is not None or not torch.cuda.is_available():
+        dtype = "float32"  # CPU workers
     opts = EmbedOptions(
         template=template,
         domain=a.domain,
@@ -370,11 +408,13 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
         batch_size=a.batch_size,
         pca_dims=a.pca_dims,
         seed=a.seed,
-        dtype=a.dtype,
+        dtype=dtype,
         missing_text=a.missing_text,
     )
     try:
-        folder = embed_items(a.dataset, a.model, a.out, opts, a.num_workers, runner=runner, model_cfg=model_cfg)
+        folder = embed_items(
+            a.dataset, a.model, a.out, opts, a.num_workers, gpus_per_worker=gpus, runner=runner, model_cfg=model_cfg
+        )
     except (RecloraError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,9 +6,10 @@
 Streams the training shards, evaluates on validation every epoch (AUC for CTR, NDCG@10 over the
 persisted candidates for next item), early-stops on it, keeps the best epoch, and commits
 safetensors + JSON to `--out` (teacher.json written last). Deterministic for a given seed and thread
-count. One process by default (CPU or one GPU); `--num-workers N` / `teacher.train_workers=N` trains
-data-parallel on N Ray Train workers (cluster.launch, DistributedDataParallel) over the same global
-batches. With --config, the URLs come from `trainer.stages.paths`, the same ones the pipeline uses.
+count. `python -m teacher.train` trains in this process (CPU or one GPU); the pipeline and `reclora teacher`
+train on Ray Train workers (cluster.launch; one by default, with a GPU when the Ray cluster has GPUs), and
+`--num-workers N` / `teacher.train_workers=N` trains data-parallel on N of them (DistributedDataParallel) over
+the same global batches. With --config, the URLs come from `trainer.stages.paths`, the same ones the pipeline uses.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -148,25 +149,30 @@ def train_teacher(
     evaluate_test: bool = True,
     num_workers: int | None = None,
     launch: Launcher | None = None,
+    use_gpu: bool | None = None,
 ) -> dict[str, Any]:
     """Train on `{samples_url}/train`, select on `{samples_url}/valid`, commit to `out_url`.
     Returns {"valid": best metrics, "test": metrics (if a test split exists), "history": per epoch, ...}.
 
-    `num_workers` (default `cfg.train_workers`) > 1 trains data-parallel on that many Ray Train workers
-    (cluster.launch, DistributedDataParallel): the same global batches as one process, each worker
-    computing its slice; 1 trains in this process without Ray."""
+    With `launch` (cluster.launch.run_training: the pipeline and `reclora teacher`) training runs on
+    `num_workers` (default `cfg.train_workers`) Ray Train workers, one included, never in this (driver)
+    process; more than one trains data-parallel (DistributedDataParallel) on the same global batches as one
+    process, each worker computing its slice. `use_gpu` says whether the workers get a GPU (the caller asks
+    the cluster: cluster.placement); `cfg.device` cpu/cuda overrides it, auto follows it. Without `launch`,
+    one worker trains in this process."""
     workers = cfg.train_workers if num_workers is None else int(num_workers)
     if workers < 1:
         raise TeacherConfigError(f"num_workers: must be >= 1, got {workers}")
     show = (not _quiet()) if progress is None else progress
-    if workers == 1:
-        return _fit(samples_url, out_url, cfg, dataset_url, show, evaluate_test)
     if launch is None:
+        if workers == 1:
+            return _fit(samples_url, out_url, cfg, dataset_url, show, evaluate_test)
         raise TeacherConfigError(
             f"train_workers={workers}: data-parallel training needs a launcher "
             f"(cluster.launch.run_training); run it through `reclora teacher` or the pipeline"
         )
-    return _fit_distributed(samples_url, out_url, cfg, dataset_url, show, evaluate_test, workers, launch)
+    gpu = cfg.device == "cuda" if cfg.device != "auto" or use_gpu is None else bool(use_gpu)
+    return _fit_distributed(samples_url, out_url, cfg, dataset_url, show, evaluate_test, workers, launch, gpu)
 
 
 def _fit_distributed(
@@ -178,6 +184,7 @@ def _fit_distributed(
     evaluate_test: bool,
     workers: int,
     launch: Launcher,
+    use_gpu: bool = False,
 ) -> dict[str, Any]:
     # Missing input fails here, in seconds, not after Ray Train has started a worker group.
     list_shards(samples_url, "train")
@@ -195,13 +202,16 @@ def _fit_distributed(
     # The model is committed by rank 0 with its metrics in teacher.json: the driver reads them from
     # storage (rank 0 may run on another node). Remove an old commit first so a stale one is never read.
     storage.rm(storage.join(out_url, META_FILE))
+    # Which node and process each rank ran on, one JSON per rank (debugging and the placement tests).
+    report = os.environ.get("RECLORA_NODE_REPORT_DIR")
     # No restarts: the teacher keeps no checkpoints, and a data or config error would just repeat.
     launch(
         ddp_worker,
         params,
         num_workers=workers,
-        use_gpu=cfg.device == "cuda",
+        use_gpu=use_gpu,
         cpus_per_worker=float(cfg.num_threads),
+        node_report_dir=os.path.join(report, "teacher") if report else None,
         name=f"teacher-{cfg.model}-{uuid.uuid4().hex[:8]}",
         max_failures=0,
     )
@@ -487,9 +497,9 @@ def _resolve(a: argparse.Namespace) -> tuple[str, str, str | None, TeacherConfig
     return p.samples, p.teacher, p.dataset, TeacherConfig.from_run_config(cfg)
 
 
-def main(argv: list[str] | None = None, launch: Launcher | None = None) -> int:
+def main(argv: list[str] | None = None, launch: Launcher | None = None, place: Callable[[], bool] | None = None) -> int:
     """Data-parallel training (train_workers > 1) needs `launch` (the `reclora` command passes
-    cluster.launch.run_training)."""
+    cluster.launch.run_training, and `place`: whether its workers get a GPU, asked from the Ray cluster)."""
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = _parse(argv)
@@ -499,7 +509,8 @@ def main(argv: list[str] | None = None, launch: Launcher | None = None) -> int:
         if a.config and not storage.exists(storage.join(samples, "manifest.json")):
             cmd = " ".join(["python -m retrieval.build --config", a.config, *a.overrides])
             raise SamplesError(f"{samples}: no manifest.json: the samples are not built; run `{cmd}` first")
-        res = train_teacher(samples, out, cfg, dataset_url=dataset, launch=launch)
+        use_gpu = place() if launch is not None and place is not None and cfg.device == "auto" else None
+        res = train_teacher(samples, out, cfg, dataset_url=dataset, launch=launch, use_gpu=use_gpu)
     except (ConfigError, TeacherConfigError, SamplesError, FeatureError, DatasetError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
