@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -226,13 +227,27 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _user_key(u: int) -> str:
+    return f"A{u * 7919 % 100003:06d}X"
+
+
+def _item_key(i: int) -> str:
+    return f"{i:010d}" if i % 5 == 0 else f"B0{i * 104729 % 65536:04X}Q"  # some ASINs are all digits
+
+
 @pytest.fixture(scope="module")
 def ctr_run(tmp_path_factory):
     """A tiny CTR run trained by trainer/main.py on the synthetic preference dataset (SUBR retrieval with
-    the tiny model's item embeddings, DIN teacher, RecLoRA adapter)."""
+    the tiny model's item embeddings, DIN teacher, RecLoRA adapter). The source speaks Amazon's string ids
+    (reviewer ids, ASINs, some all digits): ingest maps them, requests may use them."""
 
     root = tmp_path_factory.mktemp("predict-run")
     src = preference_dataset(root)
+    inter, items = pd.read_csv(src / "inter.csv"), pd.read_csv(src / "items.csv")
+    inter["user_id"], inter["item_id"] = inter["user_id"].map(_user_key), inter["item_id"].map(_item_key)
+    items["item_id"] = items["item_id"].map(_item_key)
+    inter.rename(columns={"user_id": "reviewerID", "item_id": "asin"}).to_csv(src / "reviews.csv", index=False)
+    items.rename(columns={"item_id": "asin"}).to_csv(src / "meta.csv", index=False)
     out = root / "runs"
     cmd = [
         sys.executable,
@@ -242,8 +257,11 @@ def ctr_run(tmp_path_factory):
         f"run.output_dir={out}",
         "run.name=p",
         "data.format=generic",
-        f"data.src={src / 'inter.csv'}",
-        f"data.items={src / 'items.csv'}",
+        f"data.src={src / 'reviews.csv'}",
+        f"data.items={src / 'meta.csv'}",
+        "data.columns.user=reviewerID",
+        "data.columns.item=asin",
+        "data.columns.item_id=asin",
         "data.dataset_url=datasets/syn",
         "trainer.num_workers=1",
         "trainer.micro_batch_size=8",
@@ -256,7 +274,8 @@ def ctr_run(tmp_path_factory):
     ]
     job = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-    return {"root": root, "run": str(out / "p")}
+    assert "string ids mapped" in job.stdout + job.stderr  # the ingest summary says so
+    return {"root": root, "run": str(out / "p"), "users": set(inter["user_id"]), "items": set(items["item_id"])}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -359,6 +378,40 @@ def test_predict_ctr_end_to_end(ctr_run, ray_local, tmp_path):
         atol=1e-6,
         equal_nan=True,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_requests_in_source_keys(ctr_run, tmp_path):
+    run = ctr_run["run"]
+    p = paths(load_run_config(run))
+    ds = Dataset.open(p.dataset)
+    umap = dict(zip(ds.id_map("user_id")["user_id"].to_pylist(), ds.id_map("user_id")["key"].to_pylist()))
+    imap = dict(zip(ds.id_map("item_id")["item_id"].to_pylist(), ds.id_map("item_id")["key"].to_pylist()))
+    assert set(umap.values()) == ctr_run["users"] and set(imap.values()) == ctr_run["items"]
+    test = SampleSet.open(p.samples).read("test").slice(0, 6)
+    ids = test.select(["user_id", "item_id", "timestamp"])
+    keys = pa.table(
+        {
+            "user_id": [umap[u] for u in test["user_id"].to_pylist()] + ["ANOSUCHUSER", umap[1]],
+            "item_id": [imap[i] for i in test["item_id"].to_pylist()] + [imap[1], "B0NOSUCHITEM"],
+            "timestamp": test["timestamp"].to_pylist() + [10**9, 10**9],
+        }
+    )
+    pq.write_table(keys, tmp_path / "keys.parquet")
+    pq.write_table(ids, tmp_path / "ids.parquet")
+    m = predict(run, str(tmp_path / "keys.parquet"), str(tmp_path / "k"))
+    assert m["reasons"] == {"unknown_item_key": 1, "unknown_user_key": 1}
+    by_key = read_predictions(str(tmp_path / "k")).to_pylist()
+    # Requests in the source's keys equal the same requests in integer ids (string keys come back beside them).
+    predict(run, str(tmp_path / "ids.parquet"), str(tmp_path / "i"))
+    by_id = read_predictions(str(tmp_path / "i")).to_pylist()
+    for a, b in zip(by_key[:6], by_id):
+        assert a["reason"] is None and a["user_id"] == b["user_id"] and a["item_id"] == b["item_id"]
+        assert a["user_key"] == umap[a["user_id"]] and a["item_key"] == imap[a["item_id"]]
+        assert abs(a["p_yes"] - b["p_yes"]) < 1e-6
+    assert [r["reason"] for r in by_key[6:]] == ["unknown_user_key", "unknown_item_key"]
+    assert np.isfinite([r["p_yes"] for r in by_key[:6]]).all()
 
 
 def _teacher_scores(teacher_url: str, samples: SampleSet, ids: list[int]) -> dict[int, float]:

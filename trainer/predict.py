@@ -196,8 +196,11 @@ def predict(
     cfg = load_run_config(run_url)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
     inputs = run_inputs(cfg, run_url)
-    req, req_digest = read_requests(requests_url, cfg.data.task)
-    num_shards = len(Dataset.open(inputs["dataset"]).shards)
+    dataset = Dataset.open(inputs["dataset"])
+    # A dataset ingested from string ids: requests speak the source's keys, outputs carry them back.
+    id_maps = {c: m for c in ("user_id", "item_id") if (m := dataset.id_map(c)) is not None}
+    req, req_digest = read_requests(requests_url, cfg.data.task, id_maps)
+    num_shards = len(dataset.shards)
     tasks = plan_tasks(req, num_shards, rows_per_task)
 
     teacher_sha = storage.read_json(storage.join(inputs["teacher"], META_FILE))["sha256"]
@@ -279,6 +282,9 @@ def predict(
         "inputs": {k: str(v) for k, v in inputs.items() if k != "options"},
         "options": inputs["options"],
         "columns": output_schema(cfg.data.task).names,
+        "id_maps": {
+            c: storage.join(inputs["dataset"], dataset.manifest["id_maps"][c]["path"]) for c in sorted(id_maps)
+        },
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if sum(p["rows"] for p in manifest["parts"]) != req["rows"]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from configs.errors import RecloraError
@@ -34,6 +35,9 @@ ROW_REASONS = {
     "malformed_item_id": "item_id is not an integer",
     "malformed_timestamp": "timestamp is not an integer number of seconds or a date/time",
     "malformed_candidates": "the candidate list holds a null or non-integer id",
+    # Datasets ingested from string ids (recdata.readers.IdMap): requests give the source's own keys.
+    "unknown_user_key": "user_id is not a user id of the source (not in the dataset's id map)",
+    "unknown_item_key": "item_id is not an item id of the source (not in the dataset's id map)",
 }
 
 
@@ -72,11 +76,13 @@ def output_schema(task: str) -> pa.Schema:
     return pa.schema(fields)
 
 
-def read_requests(url: str, task: str) -> tuple[dict[str, Any], str]:
+def read_requests(url: str, task: str, id_maps: dict[str, pa.Table] | None = None) -> tuple[dict[str, Any], str]:
     """Requests file -> normalized columns and a per-row reason (or None); plus a digest of the content.
 
     Missing required columns and unusable column types raise PredictInputError naming the file and
-    column; unusable values in a row only give that row a reason."""
+    column; unusable values in a row only give that row a reason. With `id_maps` (a dataset ingested from
+    string ids: column -> (id, key) table), text columns user_id / item_id / candidates hold the source's own
+    keys, integer columns the dataset's ids."""
     fs, path = storage.get_fs(url)
     with storage.storage_errors(url):
         if not fs.exists(path):
@@ -93,9 +99,10 @@ def read_requests(url: str, task: str) -> tuple[dict[str, Any], str]:
                 + (", candidates" if task == "next_item" else "")
             )
     n = table.num_rows
+    id_maps = id_maps or {}
     reasons: list[str | None] = [None] * n
-    users, u_ok, u_present = _ints(table.column("user_id"), url, "user_id")
-    items, i_ok, i_present = _ints(table.column("item_id"), url, "item_id")
+    users, u_ok, u_present = _ids(table.column("user_id"), url, "user_id", id_maps.get("user_id"))
+    items, i_ok, i_present = _ids(table.column("item_id"), url, "item_id", id_maps.get("item_id"))
     if "timestamp" in table.column_names:
         ts, t_ok, t_present = _ints(table.column("timestamp"), url, "timestamp", times=True)
         t_ok |= ~t_present  # a null timestamp is "no time given": every interaction is history
@@ -104,18 +111,18 @@ def read_requests(url: str, task: str) -> tuple[dict[str, Any], str]:
     cands: list[list[int] | None] = [None] * n
     c_ok = np.ones(n, bool)
     if task == "next_item" and "candidates" in table.column_names:
-        cands, c_ok = _candidate_lists(table.column("candidates"), url)
+        cands, c_ok = _candidate_lists(table.column("candidates"), url, id_maps.get("item_id"))
     elif "candidates" in table.column_names:
         print(f"note: {url}: column 'candidates' is ignored for the ctr task", file=sys.stderr)
     for j in range(n):
         if not u_present[j]:
             reasons[j] = "missing_user_id"
         elif not u_ok[j]:
-            reasons[j] = "malformed_user_id"
+            reasons[j] = "unknown_user_key" if "user_id" in id_maps else "malformed_user_id"
         elif not i_present[j]:
             reasons[j] = "missing_item_id"
         elif not i_ok[j]:
-            reasons[j] = "malformed_item_id"
+            reasons[j] = "unknown_item_key" if "item_id" in id_maps else "malformed_item_id"
         elif not t_ok[j]:
             reasons[j] = "malformed_timestamp"
         elif not c_ok[j]:
@@ -136,6 +143,25 @@ def read_requests(url: str, task: str) -> tuple[dict[str, Any], str]:
         "rows": n,
     }
     return cols, h.hexdigest()
+
+
+def _keys_to_ids(values: pa.Array, id_map: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The source's own keys (any type; compared as text) -> (int64 ids, found mask)."""
+    index = pc.index_in(pc.cast(values, pa.string()), value_set=id_map["key"].combine_chunks())
+    found = index.is_valid().to_numpy(zero_copy_only=False)
+    ids = id_map[id_map.column_names[0]].to_numpy()
+    return np.where(found, ids[index.fill_null(0).to_numpy(zero_copy_only=False)], 0).astype(np.int64), found
+
+
+def _ids(col, url: str, name: str, id_map: pa.Table | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(int64 ids, usable mask, non-null mask) of user_id / item_id: integers, or keys through the id map.
+    With a map, a text column holds the source's keys and an integer column the dataset's own ids."""
+    if id_map is None or pa.types.is_integer(col.type):
+        return _ints(col, url, name)
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    present = col.is_valid().to_numpy(zero_copy_only=False) if len(col) else np.zeros(0, bool)
+    ids, found = _keys_to_ids(col, id_map)
+    return ids, found & present, present
 
 
 def _ints(col: pa.ChunkedArray, url: str, name: str, times: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,7 +194,9 @@ def _ints(col: pa.ChunkedArray, url: str, name: str, times: bool = False) -> tup
     )
 
 
-def _candidate_lists(col: pa.ChunkedArray, url: str) -> tuple[list[list[int] | None], np.ndarray]:
+def _candidate_lists(
+    col: pa.ChunkedArray, url: str, id_map: pa.Table | None = None
+) -> tuple[list[list[int] | None], np.ndarray]:
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
         raise PredictInputError(f"{url}: column 'candidates' has type {col.type}; expected a list of item ids")
@@ -177,6 +205,11 @@ def _candidate_lists(col: pa.ChunkedArray, url: str) -> tuple[list[list[int] | N
     for j, v in enumerate(col.to_pylist()):
         if v is None:
             out.append(None)  # sampled like retrieval.build does
+            continue
+        if id_map is not None and not pa.types.is_integer(col.type.value_type):
+            ids, found = _keys_to_ids(pa.array(v, pa.string()) if v else pa.array([], pa.string()), id_map)
+            out.append(ids.tolist() if found.all() else None)
+            ok[j] = bool(found.all())
             continue
         try:
             vals = [int(x) for x in v]
@@ -243,4 +276,36 @@ def read_predictions(out_url: str) -> pa.Table:
     if not tables:
         return output_schema(m["task"]).empty_table()
     t = pa.concat_tables(tables)
-    return t.take(pa.array(np.argsort(t["request_index"].to_numpy(), kind="stable")))
+    t = t.take(pa.array(np.argsort(t["request_index"].to_numpy(), kind="stable")))
+    for column, map_url in sorted((m.get("id_maps") or {}).items()):
+        t = with_keys(t, column, read_id_map(map_url))
+    return t
+
+
+def read_id_map(url: str) -> pa.Table:
+    fs, path = storage.get_fs(url)
+    with storage.storage_errors(url):
+        return pq.read_table(path, filesystem=storage.arrow_fs(fs))
+
+
+def with_keys(t: pa.Table, column: str, id_map: pa.Table) -> pa.Table:
+    """Add the source's own keys beside the integer ids: user_key; item_key, predicted_item_key, ranking_keys."""
+    ids = id_map[column].to_numpy()
+    keys = id_map["key"].combine_chunks()
+    order = np.argsort(ids, kind="stable")
+
+    def decode(values: pa.Array) -> pa.Array:
+        v = values.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        pos = np.clip(np.searchsorted(ids[order], v), 0, len(ids) - 1)
+        hit = (ids[order][pos] == v) & values.is_valid().to_numpy(zero_copy_only=False)
+        return pa.array([keys[int(order[p])].as_py() if h else None for p, h in zip(pos, hit)], pa.string())
+
+    if column == "user_id":
+        return t.append_column("user_key", decode(t["user_id"].combine_chunks()))
+    t = t.append_column("item_key", decode(t["item_id"].combine_chunks()))
+    if "predicted_item" in t.column_names:
+        t = t.append_column("predicted_item_key", decode(t["predicted_item"].combine_chunks()))
+        ranking = t["ranking"].combine_chunks()
+        flat = decode(ranking.flatten())
+        t = t.append_column("ranking_keys", pa.ListArray.from_arrays(ranking.offsets, flat, mask=ranking.is_null()))
+    return t
