@@ -145,8 +145,10 @@ def rnd(x: float | None, n: int = 4) -> float | None:
 def install_wheels(folder: str) -> dict[str, Any]:
     """pip install (from `folder` only, no index) every package of WHEEL_MODULES whose module is missing;
     where pip itself is missing or fails, a wheel of the folder is unpacked onto sys.path instead."""
-    missing = [pkg for pkg, mod in WHEEL_MODULES.items() if importlib.util.find_spec(mod) is None]
-    out: dict[str, Any] = {"folder": folder, "missing_before": missing}
+    have = {w.name.split("-")[0].lower().replace("_", "-") for w in Path(folder).glob("*.whl")}
+    absent = [pkg for pkg, mod in WHEEL_MODULES.items() if importlib.util.find_spec(mod) is None]
+    missing = [pkg for pkg in absent if pkg in have]
+    out: dict[str, Any] = {"folder": folder, "missing_before": absent, "not_in_folder": sorted(set(absent) - have)}
     if not missing:
         return out
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", folder, *missing]
@@ -174,6 +176,42 @@ def install_wheels(folder: str) -> dict[str, Any]:
     return out
 
 
+class _Stub:
+    """Stands in for every attribute of a missing module: callable, indexable, iterable (empty)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> "_Stub":
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Stub(f"{self._name}.{attr}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Stub":
+        return _Stub(f"{self._name}()")
+
+    def __getitem__(self, key: Any) -> "_Stub":
+        return _Stub(f"{self._name}[]")
+
+    def __iter__(self):
+        return iter(())
+
+
+def stub_if_missing(package: str, submodules: tuple[str, ...]) -> bool:
+    """Make `import package[.sub]` succeed with stubs when the package is absent. recdata's storage and streams
+    import pyarrow (and build Arrow schemas) at import time; gpu_check reads no Parquet, so on a machine without
+    pyarrow the trainer's modules still import. Returns whether stubs were installed."""
+    import types
+
+    if importlib.util.find_spec(package) is not None:
+        return False
+    for name in (package, *(f"{package}.{s}" for s in submodules)):
+        mod = types.ModuleType(name)
+        mod.__getattr__ = lambda attr, _n=name: getattr(_Stub(_n), attr)  # type: ignore[method-assign]
+        sys.modules[name] = mod
+    return True
+
+
 # --------------------------------------------------------------------------------------------------- runner
 class Check:
     """Runs the phases: one device, one process group, a time budget."""
@@ -193,6 +231,19 @@ class Check:
         self.peaks: dict[str, float | None] = {"spec": None, "measured": None}
         self.kept: dict[str, Any] = {}  # phase 2's RecLoRA-16 engine, for phase 3
         self.tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+
+    def ensure_peaks(self, spec: float | None = None) -> float:
+        """The measured matmul peak (trainer.telemetry.measured_peak_flops), once per run."""
+        from trainer.telemetry import measured_peak_flops, spec_peak_flops
+
+        if self.peaks["measured"] is None:
+            if spec is None and self.gpu:
+                spec = spec_peak_flops(self.torch.cuda.get_device_name(0))
+            if self.args.peak_tflops:
+                spec = self.args.peak_tflops * 1e12
+            dev = "cuda" if self.gpu else "cpu"
+            self.peaks = {"spec": spec, "measured": measured_peak_flops(dev, None, 20 if self.gpu else 3)}
+        return self.peaks["measured"]
 
     # ---- time
     def elapsed(self) -> float:
@@ -401,6 +452,7 @@ class Check:
             "cuda_available": torch.cuda.is_available(),
             "device_requested": self.args.device,
             "quick": bool(self.args.quick),
+            "stubbed_modules": getattr(self, "stubbed", []),  # absent here; gpu_check does not need them
         }
         try:
             import deepspeed
@@ -418,10 +470,7 @@ class Check:
         spec = spec_peak_flops(torch.cuda.get_device_name(0)) if self.gpu else None
         if self.args.peak_tflops:
             spec = self.args.peak_tflops * 1e12
-        from trainer.telemetry import measured_peak_flops
-
-        measured = measured_peak_flops(dev, None, 20 if self.gpu else 3)
-        self.peaks = {"spec": spec, "measured": measured}
+        measured = self.ensure_peaks(spec)
         info.update(device_name=device_name(dev), spec_peak_tflops=rnd(spec and spec / 1e12, 1),
                     measured_peak_tflops=rnd(measured / 1e12, 2),
                     measured_peak_dtype="bfloat16" if self.gpu else "float32")  # fmt: skip
@@ -517,6 +566,7 @@ class Check:
     # ================================================================================================ phase 2
     def phase_throughput(self) -> None:
         t0, p, s = time.perf_counter(), "throughput", self.shape
+        self.ensure_peaks()
         lcfg = self.llama()
         est = 60 if not self.args.quick else 5
         for adapter in ADAPTERS:
@@ -576,6 +626,7 @@ class Check:
     # ================================================================================================ phase 3
     def phase_eval(self) -> None:
         t0, p = time.perf_counter(), "eval"
+        self.ensure_peaks()
         if not self.kept:
             est = 60 if not self.args.quick else 5
             self.item(p, "build_reclora16", lambda: self.build_for_eval(), est)
@@ -642,6 +693,7 @@ class Check:
     # ================================================================================================ phase 4
     def phase_zero3(self) -> None:
         t0, p, s = time.perf_counter(), "zero3", self.shape
+        self.ensure_peaks()
         lcfg = self.llama(layers=s["zero3_layers"])
         est = 40 if not self.args.quick else 5
         variants = [("zero3_trainer_config", 3, None), ("zero3_tuned", 3, ZERO3_TUNED), ("zero2_reference", 2, None)]
@@ -842,6 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations of torch/transformers: noise here
     wheels = install_wheels(args.install_wheels) if args.install_wheels else None
+    stubbed = [p for p in ("pyarrow",) if stub_if_missing(p, ("fs", "parquet", "compute", "csv", "ipc"))]
 
     import torch
 
@@ -852,12 +905,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        # One thread for the quick code-path check: on a shared box, OpenMP barriers of several threads stall.
+        torch.set_num_threads(1 if args.quick else max(1, min(4, os.cpu_count() or 1)))
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     results = Results(Path(args.out) if args.out else REPO / "bench" / "results" / "gpu_check", stamp)
     print(f"results: {results.path}", flush=True)
     args._elapsed_before = time.perf_counter() - t_start
     check = Check(args, results)
+    check.stubbed = stubbed
     if wheels is not None:
         results.write({"phase": "first_contact", "kind": "item", "name": "install_wheels",
                        "ok": not wheels.get("missing_after"), **wheels})  # fmt: skip
