@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import posixpath
+import socket
 import tempfile
+import urllib.parse
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -56,12 +58,41 @@ def _s3_options() -> dict[str, Any]:
     env_endpoint = next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
     if env_endpoint and "endpoint_url" not in opts:
         opts["endpoint_url"] = env_endpoint
-    # Fail fast on a dead endpoint instead of botocore's long default retry loop.
-    opts.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}})
+    # Throttling (503 SlowDown) at 64 shards needs retries: botocore's adaptive mode (backoff plus a client-side
+    # rate limiter) with 10 attempts, or what AWS_RETRY_MODE / AWS_MAX_ATTEMPTS say (botocore's own variables).
+    # A dead endpoint still fails in seconds: probe_endpoint checks it once before the first request.
+    retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "adaptive", "max_attempts": _max_attempts()}
+    opts.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 60, "retries": retries})
     # One client per set of options (fsspec caches instances; creating an S3 client costs 0.1-0.5 s), but
     # no cached listings: objects written by other workers must be visible at once.
     opts.setdefault("use_listings_cache", False)
     return opts
+
+
+def _max_attempts() -> int:
+    raw = os.environ.get("AWS_MAX_ATTEMPTS") or "10"
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise StorageError(f"AWS_MAX_ATTEMPTS={raw!r}: expected a whole number of attempts, e.g. 10") from None
+
+
+_PROBED: set[str] = set()
+
+
+def probe_endpoint(url: str, endpoint: str | None) -> None:
+    """One TCP connect to an explicit S3 endpoint per process, so a wrong or dead endpoint fails in seconds
+    rather than after every retry's backoff; AWS's own endpoints are not probed."""
+    if not endpoint or endpoint in _PROBED:
+        return
+    parsed = urllib.parse.urlsplit(endpoint)
+    host = parsed.hostname or ""
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        raise StorageError(f"{url}: storage unreachable (endpoint {endpoint}): {type(e).__name__}: {e}") from None
+    _PROBED.add(endpoint)
 
 
 def s3_endpoint() -> str | None:
@@ -92,7 +123,9 @@ def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise StorageError(f"storage URL must be a non-empty string, got {url!r}")
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol in ("s3", "s3a"):
-        fs, path = fsspec.core.url_to_fs(url.replace("s3a://", "s3://"), **_s3_options())
+        opts = _s3_options()
+        probe_endpoint(url, opts.get("endpoint_url"))
+        fs, path = fsspec.core.url_to_fs(url.replace("s3a://", "s3://"), **opts)
     elif protocol == "file":
         fs, path = fsspec.core.url_to_fs(url)
         path = os.path.abspath(path)
