@@ -151,11 +151,13 @@ def test_adapter_saved_with_per_module_gates_still_loads_and_exports(tmp_path):
 # ---- one gate forward per step, also when activation checkpointing recomputes the layers ----------------------------
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("mode", ["reclora", "ilora"])
-def test_gates_run_once_per_step_under_activation_checkpointing(mode, use_reentrant):
+def test_gates_run_once_per_step_under_activation_checkpointing(mode, use_reentrant, monkeypatch):
     model = build_personalized_model(tiny_llama(seed=0), config(mode, gate_dropout=0.1)).train()
     randomize_bank(model)
     model.activation_checkpointing_enable(use_reentrant=use_reentrant)
     calls = {"gates": 0, "layers": 0, "gate_modules": 0}
+    step_gates: list[torch.Tensor] = []
+    gates_per_checkpoint: list[int] = []
 
     def count(key):
         def hook(*_):
@@ -163,7 +165,17 @@ def test_gates_run_once_per_step_under_activation_checkpointing(mode, use_reentr
 
         return hook
 
+    def record_gates(_module, _args, output):
+        step_gates[:] = list(output.values())
+
+    def counting_checkpoint(function, *args, **kwargs):
+        gates_per_checkpoint.append(sum(any(a is g for g in step_gates) for a in args))
+        return checkpoint(function, *args, **kwargs)
+
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     model.gates.register_forward_hook(count("gates"))
+    model.gates.register_forward_hook(record_gates)
     for module in model.gates.modules():  # every module holding gate parameters (ilora: shared.proj)
         if any(True for _ in module.parameters(recurse=False)):
             module.register_forward_hook(count("gate_modules"))
@@ -179,6 +191,8 @@ def test_gates_run_once_per_step_under_activation_checkpointing(mode, use_reentr
         assert calls["gates"] == 2 * step and calls["gate_modules"] == 2 * step
         # The layers did run again in backward (non-reentrant recompute may stop early, after the last saved tensor).
         assert calls["layers"] > 2 * step * len(model._layers)
+    # Each decoder layer's checkpoint carries only its own layers' gates (reclora: q and v; ilora: the shared one).
+    assert gates_per_checkpoint == [2 if mode == "reclora" else 1] * (2 * 2 * 2)
     assert all(p.grad is None for p in model.gates.parameters())  # zero_grad ran; gates did get grads above
 
 

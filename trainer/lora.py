@@ -458,7 +458,9 @@ class PersonalizedLM(nn.Module):
         # inputs and hands their gradients back to autograd, so a gate shared by many layers (iLoRA) collects
         # every layer's gradient and its own graph is walked once. A captured gate would be backpropagated into
         # once per checkpointed layer ("Trying to backward through the graph a second time").
-        names = list(self._layers)
+        # Only the gates of the mixture layers inside the checkpointed module travel (2 of 64 for RecLoRA q,v at 7B,
+        # not all 64 per layer); when that module cannot be told, all of them. The gates themselves never rerun.
+        names = self._layers_inside(function)
         unique: list[torch.Tensor] = []
         slot: dict[str, int] = {}
         for name in names:
@@ -474,11 +476,24 @@ class PersonalizedLM(nn.Module):
 
         def replayable(*inner: Any, **inner_kwargs: Any) -> Any:
             gates = inner[n_args:]
-            snapshot = {name: gates[slot[name]] if name in slot else None for name in names}
+            snapshot = {name: gates[slot[name]] if name in slot else None for name in self._layers}
             with self.gates_set(snapshot):
                 return function(*inner[:n_args], **inner_kwargs)
 
         return torch.utils.checkpoint.checkpoint(replayable, *args, *unique, use_reentrant=use_reentrant, **kwargs)
+
+    def _layers_inside(self, function: Any) -> list[str]:
+        """Mixture layers inside the module a checkpoint function replays: HF's GradientCheckpointingLayer passes
+        partial(forward, layer, ...) (older versions partial(layer.__call__, ...)); anything else -> all layers."""
+        owner = None
+        if isinstance(function, functools.partial):
+            owner = getattr(function.func, "__self__", None)
+            if owner is None and function.args:
+                owner = function.args[0]
+        if not isinstance(owner, nn.Module):
+            return list(self._layers)
+        inside = {id(module) for module in owner.modules()}
+        return [name for name, layer in self._layers.items() if id(layer) in inside]
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.activation_checkpointing_enable(use_reentrant=(gradient_checkpointing_kwargs or {}).get("use_reentrant"))
