@@ -421,7 +421,8 @@ def llara(src: str, items_src: str | None = None) -> Source:
     if not found:
         if _find(src, "train_data.df", "Val_data.df", "Test_data.df", required=False):
             raise IngestError(
-                f"{src}: only pandas pickles (*.df) found; convert them to JSONL (pickles are never loaded)"
+                f"{src}: only pandas pickles (*.df) found, and pickles are never loaded; convert them once with "
+                f"`python -m recdata.convert llara-pickles --src {src} --out JSONL_DIR --trust-pickle`"
             )
         raise IngestError(f"{src}: no LLaRA JSONL files (train_data.jsonl / val_data.jsonl / test_data.jsonl)")
     items_f = (
