@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ENV := source scripts/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test test-fast test-cpu-baseline bench-quick clean
+.PHONY: setup demo lint test test-fast test-cpu-baseline bench-quick gpu-wheels clean
 
 setup:
 	bash scripts/setup_env.sh
@@ -34,6 +34,10 @@ test-cpu-baseline: setup
 
 bench-quick: setup
 	$(ENV) for b in bench/*.py; do $(PY) $$b --quick || exit 1; done
+
+# Wheels for bench/gpu_check.py on a GPU machine without DeepSpeed or a registry (docs/trainer.md, GPU settings).
+gpu-wheels: setup
+	bash scripts/gpu_wheels.sh
 
 clean:
 	rm -rf runs .cache/ray .pytest_cache
