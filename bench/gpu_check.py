@@ -269,10 +269,14 @@ class Check:
             rec.update(ok=bool(ok), **detail)
         except Exception as e:  # a failed check is a result, not the end of the run
             rec.update(ok=False, error=err_text(e), traceback=traceback.format_exc()[-2500:])
-            if self.gpu:
-                with contextlib.suppress(Exception):
-                    self.torch.cuda.empty_cache()
         rec["seconds"] = round(time.perf_counter() - t0, 2)
+        # The item's frames are gone: collect the engines' reference cycles and report what stays allocated
+        # (phase 2 keeps one engine for phase 3; anything else is a leak into the next item).
+        gc.collect()
+        if self.gpu:
+            with contextlib.suppress(Exception):
+                self.torch.cuda.empty_cache()
+                rec["allocated_after_gib"] = round(self.torch.cuda.memory_allocated() / 2**30, 2)
         print(f"[{phase}] {name}: {'ok' if rec['ok'] else 'FAILED'} ({rec['seconds']}s)"
               + (f" {rec['error'].splitlines()[0][:200]}" if rec.get("error") else ""), flush=True)  # fmt: skip
         return self.results.write(rec)
@@ -590,7 +594,7 @@ class Check:
         micros = s["micros"]
         # One engine for both micro-batch sizes (accumulation 1: every engine.step is an optimizer step).
         ctx = self.build(adapter, 2, max(micros), lcfg)
-        keep = adapter == "reclora16"
+        keep = adapter == "reclora16"  # phase 3 evaluates on this engine
         try:
             engine, pm = ctx["engine"], ctx["pm"]
             trainable = trainable_count(pm)
@@ -620,7 +624,7 @@ class Check:
                 self.kept = ctx
             return out
         finally:
-            if not keep:
+            if self.kept is not ctx:  # kept only after a successful run
                 self.release(ctx)
 
     # ================================================================================================ phase 3
