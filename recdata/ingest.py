@@ -111,6 +111,8 @@ def ingest(
         source = readers.generic(src, items, users, columns or ColumnsConfig(), encoding)
     elif fmt == "llara":
         source = readers.llara(src, items)
+    elif fmt == "sequences":
+        source = readers.sequences(src, items, columns or ColumnsConfig(), encoding)
     else:
         source = readers.READERS[fmt](src)
     split_method = opts.resolved_split(source.given_split)
@@ -778,6 +780,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rating-col", default="rating", help="empty string when the data has no ratings")
     p.add_argument("--item-id-col", default="item_id", help="id column of the items file")
     p.add_argument("--title-col", default="title")
+    p.add_argument("--history-col", default="history", help="sequences: the history list column")
+    p.add_argument("--target-col", default="target", help="sequences: the target item column")
+    p.add_argument(
+        "--list-format",
+        default="json",
+        choices=sorted(readers.LIST_FORMATS),
+        help="sequences: how a CSV history cell encodes its list: json [1, 2], python ['a', 'b'], or separated",
+    )
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument(
@@ -823,6 +833,9 @@ def main(argv: list[str] | None = None) -> int:
         rating=a.rating_col or None,
         item_id=a.item_id_col,
         title=a.title_col,
+        history=a.history_col,
+        target=a.target_col,
+        list_format=a.list_format,
     )
     try:
         manifest = ingest(a.format, a.src, a.out, opts, items=a.items, users=a.users, columns=cols, encoding=a.encoding)

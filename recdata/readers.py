@@ -8,6 +8,7 @@ null when the source has none) and, for sources with their own splits, a `split`
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -28,8 +29,11 @@ class Batch:
 
     # The source's own values of id columns that were mapped from strings to integers (IdMap), for messages.
     keys: dict[str, pa.Array] = field(default_factory=dict)
+    lines: np.ndarray | None = None  # the source line of each row, where rows are not lines (sequence files)
 
     def where(self, row: int) -> str:
+        if self.lines is not None:
+            return f"{self.file}:{int(self.lines[row])}"
         return f"{self.file}:{self.first_line + row}" if self.first_line is not None else f"{self.file} row {row}"
 
     def show(self, column: str, row: int, value: object) -> str:
@@ -551,6 +555,183 @@ def _llara_rows(url: str, split: str, pad: int, user_offset: int) -> pa.Table:
     )
 
 
+# --------------------------------------------------------------------------------------------- sequences
+LIST_FORMATS = {"json": None, "python": None, "space": " ", "comma": ",", "semicolon": ";", "pipe": "|"}
+_SEQUENCE_SPLITS = (("train", ("train",)), ("valid", ("valid", "val", "eval", "dev")), ("test", ("test",)))
+
+
+def sequences(src: str, items_src: str | None, columns, encoding: str = "utf-8") -> Source:
+    """Sequence files: one row per sample with the user's history (a list) and the target item, as
+    MiniOneRec's CSVs or LLaRA-style JSONL (`.jsonl`, `.csv`, `.tsv`, `.parquet`). Each row becomes one
+    pseudo-user (its history as `context` rows in list order, the target after them), as LLaRA does. The split
+    is the row's `split` column when the file has one, else the file's name (train* / val* / valid* / test*).
+    In CSV the list column's encoding is declared (`list_format`); item ids may be strings (IdMap)."""
+    if items_src is None:
+        raise IngestError("sequences format needs an items file with titles: pass --items PATH")
+    if columns.list_format not in LIST_FORMATS:
+        raise IngestError(f"list format {columns.list_format!r}: choose one of {sorted(LIST_FORMATS)}")
+    # The items file may sit in the same folder: it is not a sequence file.
+    suffixes = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".pq")
+    files = [f for f in _ls(src) if f.endswith(suffixes) and posixpath.normpath(f) != posixpath.normpath(items_src)]
+    if not files:
+        raise IngestError(f"{src}: no .jsonl/.csv/.tsv/.parquet sequence files")
+    tables = [(f, _sequence_file(f, columns, encoding)) for f in files]
+    item_need = {"item_id": columns.item_id, "title": columns.title}
+    items_raw, items_csv = _read_side(items_src, item_need, encoding, (columns.item_id,))
+    keys = [items_raw[columns.item_id]] + [t["target"] for _, t in tables] + [t["history"] for _, t in tables]
+    strings = set() if all(_numeric(k) for k in keys) else {"item_id"}
+    if not strings and items_csv:
+        items_raw, _ = _read_side(items_src, item_need, encoding)
+    items = _side_table(items_src, items_raw, item_need, items_csv, strings)
+    id_maps = {"item_id": IdMap.from_values("item_id", [items["item_id"]])} if strings else {}
+    if strings:
+        items = items.set_column(0, "item_id", id_maps["item_id"].encode(items["item_id"]))
+
+    def batches():
+        offset = 0
+        for f, t in tables:
+            table, shown = _sequence_rows(f, t, offset, id_maps.get("item_id"))
+            offset += len(t)
+            lines = np.repeat(t["line"].to_numpy(), np.array([len(h) + 1 for h in t["history"].to_pylist()]))
+            parquet = f.endswith((".parquet", ".pq"))
+            yield Batch(table, f, None, shown, None if parquet else lines)
+
+    return Source(
+        f"sequence files at {src}",
+        batches,
+        items,
+        items_src,
+        None,
+        has_ratings=any(t["rating"].null_count < len(t) for _, t in tables),
+        given_split=True,
+        notes={"files": files, "list_format": columns.list_format},
+        id_maps=id_maps,
+    )
+
+
+def _split_of_file(url: str) -> str | None:
+    name = url.rsplit("/", 1)[-1].lower()
+    for split, prefixes in _SEQUENCE_SPLITS:
+        if name.startswith(prefixes):
+            return split
+    return None
+
+
+def _sequence_file(url: str, columns, encoding: str) -> pa.Table:
+    """history (list of id text), target (id text), rating (float or null), split (str) of one file's rows."""
+    need = {"history": columns.history, "target": columns.target}
+    if url.endswith((".jsonl", ".json")):
+        rows = []
+        for lineno, line in enumerate(open_bytes(url).decode(encoding).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise IngestError(f"{url}:{lineno}: not valid JSON ({e.msg}); one object per line") from None
+        if not rows:
+            raise IngestError(f"{url}: file is empty (expected one JSON object per line)")
+        names = list(rows[0][1]) if isinstance(rows[0][1], dict) else []
+        _check_columns(url, names, need, _SEQUENCE_FLAGS)
+        get = {k: [r.get(v) if isinstance(r, dict) else None for _, r in rows] for k, v in need.items()}
+        extra = {c: [r.get(c) for _, r in rows] for c in (columns.rating, "split") if c and c in names}
+        lines = [n for n, _ in rows]
+    else:
+        t, is_csv = _read_side(url, need, encoding, (columns.history, columns.target), _SEQUENCE_FLAGS)
+        get = {k: t[v].to_pylist() for k, v in need.items()}
+        extra = {c: t[c].to_pylist() for c in (columns.rating, "split") if c and c in t.column_names}
+        lines = [i + 2 if is_csv else i for i in range(t.num_rows)]
+    split_col = extra.get("split")
+    file_split = _split_of_file(url)
+    if split_col is None and file_split is None:
+        raise IngestError(
+            f"{url}: no split: add a 'split' column (train/valid/test) or name the file train*, val*/valid* or test*"
+        )
+    hist, target, splits = [], [], []
+    for j, (h, tgt) in enumerate(zip(get["history"], get["target"])):
+        where = f"{url}:{lines[j]}" if not url.endswith((".parquet", ".pq")) else f"{url} row {j}"
+        hist.append(_history_list(h, columns.list_format, where, columns.history))
+        if tgt is None or str(tgt).strip() == "":
+            raise IngestError(f"{where}: column {columns.target!r} (the target item) is empty")
+        target.append(str(tgt).strip())
+        split = split_col[j] if split_col is not None else file_split
+        split = {"val": "valid", "eval": "valid", "dev": "valid"}.get(split, split)
+        if split not in ("train", "valid", "test"):
+            raise IngestError(f"{where}: split {split!r}: expected train, valid or test")
+        splits.append(split)
+    rating = extra.get(columns.rating) if columns.rating else None
+    return pa.table(
+        {
+            "history": pa.array(hist, pa.list_(pa.string())),
+            "target": pa.array(target, pa.string()),
+            "rating": pa.array(
+                [None if r is None else float(r) for r in rating] if rating else [None] * len(target), pa.float32()
+            ),
+            "split": pa.array(splits),
+            "line": pa.array(lines, pa.int64()),
+        }
+    )
+
+
+_SEQUENCE_FLAGS = {"history": "--history-col", "target": "--target-col"}
+
+
+def _history_list(value, list_format: str, where: str, column: str) -> list[str]:
+    """A history cell -> item ids as text: a native list (JSONL, Parquet) or text in the declared encoding."""
+    import ast
+
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value]
+    text = str(value).strip()
+    if not text:
+        return []
+    if list_format in ("json", "python"):
+        try:
+            parsed = json.loads(text) if list_format == "json" else ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            hint = " (single quotes? use --list-format python)" if "'" in text and list_format == "json" else ""
+            raise IngestError(
+                f"{where}: column {column!r} is not a {list_format} list: {text[:60]!r}{hint}; set the encoding "
+                f"with --list-format ({', '.join(LIST_FORMATS)})"
+            ) from None
+        if not isinstance(parsed, (list, tuple)):
+            raise IngestError(f"{where}: column {column!r} holds {text[:60]!r}, not a list")
+        return [str(v).strip() for v in parsed]
+    return [v.strip() for v in text.split(LIST_FORMATS[list_format]) if v.strip()]
+
+
+def _sequence_rows(url: str, t: pa.Table, user_offset: int, id_map: IdMap | None) -> tuple[pa.Table, dict]:
+    """One file's samples -> interaction rows: pseudo-user per row, history at times 0..n-1, target at n."""
+    lengths = np.array([len(h) for h in t["history"].to_pylist()], np.int64)
+    n = len(lengths)
+    users = np.repeat(np.arange(user_offset, user_offset + n, dtype=np.int64), lengths + 1)
+    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    times = np.arange(len(users), dtype=np.int64) - np.repeat(starts, lengths + 1)
+    keys, ratings, splits = [], [], []
+    rating = t["rating"].to_pylist()
+    for h, tgt, r, sp in zip(t["history"].to_pylist(), t["target"].to_pylist(), rating, t["split"].to_pylist()):
+        keys.extend(h + [tgt])
+        ratings.extend([None] * len(h) + [r])
+        splits.extend(["context"] * len(h) + [sp])
+    key_array = pa.array(keys, pa.string())
+    if id_map is not None:
+        items = id_map.encode(key_array)
+    else:
+        items = _as_int(url, key_array, "history/target", 0, False)
+    table = pa.table(
+        {
+            "user_id": pa.array(users),
+            "item_id": items,
+            "timestamp": pa.array(times),
+            "rating": pa.array(ratings, pa.float32()),
+            "split": pa.array(splits),
+        }
+    )
+    return table, {"item_id": key_array}
+
+
 # ----------------------------------------------------------------------------------------------- generic
 def generic(
     src: str, items_src: str | None, users_src: str | None, columns, encoding: str = "utf-8", batch_rows: int = 1 << 20
@@ -883,7 +1064,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _read_side(
-    url: str, need: dict[str, str], encoding: str, text_columns: tuple[str, ...] = ()
+    url: str, need: dict[str, str], encoding: str, text_columns: tuple[str, ...] = (), flags: dict | None = None
 ) -> tuple[pa.Table, bool]:
     """An items or users file as read (types inferred, `text_columns` kept as strings); and whether it is CSV."""
     fs, path = storage.get_fs(url)
@@ -897,7 +1078,7 @@ def _read_side(
                 raise IngestError(
                     f"{url}: not a readable Parquet file ({_first_line(e)}); truncated or corrupt? write it again"
                 ) from None
-        _check_columns(url, t.column_names, need, _ITEM_FILE_FLAGS if "title" in need else None)
+        _check_columns(url, t.column_names, need, flags or (_ITEM_FILE_FLAGS if "title" in need else None))
         return t, False
     import io
 
@@ -924,7 +1105,7 @@ def _read_side(
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
         header = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").split(delim)
         raise _csv_problem(url, raw, delim, len(header), encoding, e) from None
-    _check_columns(url, t.column_names, need, _ITEM_FILE_FLAGS if "title" in need else None)
+    _check_columns(url, t.column_names, need, flags or (_ITEM_FILE_FLAGS if "title" in need else None))
     return t, True
 
 
@@ -949,4 +1130,4 @@ def _generic_table(url: str, need: dict[str, str], encoding: str, string_ids: se
     return _side_table(url, t, need, is_csv, string_ids)
 
 
-READERS = {"movielens": movielens, "recbole": recbole, "llara": llara, "generic": generic}
+READERS = {"movielens": movielens, "recbole": recbole, "llara": llara, "generic": generic, "sequences": sequences}

@@ -39,7 +39,7 @@ def preference_dataset(root: Path, n_users: int = 120, n_items: int = 60, per_us
 
 
 # ------------------------------------------------------------------------------ raw files in every format
-FORMATS = ("movielens", "recbole", "llara", "generic")
+FORMATS = ("movielens", "recbole", "llara", "generic", "sequences")
 _GENRES = ["Comedy", "Drama", "Horror", "Sci-Fi"]
 
 
@@ -110,7 +110,7 @@ def write_source(
         raise ValueError(f"ratings {ratings!r}: choose all, none or some")
     if fmt == "movielens" and (ratings == "none" or not timestamps):
         raise ValueError("MovieLens files always carry ratings and timestamps")
-    if fmt == "llara" and timestamps:
+    if fmt in ("llara", "sequences") and timestamps:
         timestamps = False  # LLaRA sequences carry only the order
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -122,6 +122,7 @@ def write_source(
         "recbole": _write_recbole,
         "llara": _write_llara,
         "generic": _write_generic,
+        "sequences": _write_sequences,
     }
     overrides, rows, missing = writer[fmt](root, log, item_genre, titles, ratings, timestamps, layout, missing)
     return RawSource(fmt, root, [f"data.format={fmt}", *overrides], rows, ratings != "none", missing, timestamps)
@@ -216,6 +217,50 @@ def _write_llara(root, log, item_genre, titles, ratings, timestamps, layout, mis
         (root / f"{split}_data.jsonl").write_text("\n".join(lines) + "\n")
     (root / "id2name.txt").write_text("".join(f"{i + 1}::{t}\n" for i, t in enumerate(titles)))
     return [f"data.src={root}"], rows, missing
+
+
+def _asin(item: int) -> str:
+    """An Amazon-style item id: ASINs, and every fifth one all digits with leading zeros (old ISBN ones)."""
+    return f"{item:010d}" if item % 5 == 0 else f"B0{item * 104729 % 65536:04X}{item:02d}"
+
+
+def _write_sequences(root, log, item_genre, titles, ratings, timestamps, layout, missing, window: int = 10):
+    """MiniOneRec-style CSVs (train.csv, valid.csv, test.csv): one row per (user, target) with the history as a
+    Python list of ASIN strings (`list_format: python`), the target ASIN and its rating; items.csv by ASIN."""
+    by_user: dict[int, list[int]] = {}
+    for row, u in enumerate(log.users):
+        by_user.setdefault(u, []).append(row)
+    files: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
+    rows = missing = 0
+    for u, idx in by_user.items():
+        for pos in range(2, len(idx)):
+            hist = idx[max(0, pos - window) : pos]
+            rec = {
+                "user_id": f"A{u:05d}",
+                "history_item_id": repr([_asin(log.items[r]) for r in hist]),
+                "item_id": _asin(log.items[idx[pos]]),
+            }
+            if ratings != "none":
+                rec["rating"] = log.ratings[idx[pos]]
+                missing += len(hist) + (log.ratings[idx[pos]] is None)
+            else:
+                missing += 0
+            split = "test" if pos == len(idx) - 1 else "valid" if pos == len(idx) - 2 else "train"
+            files[split].append(rec)
+            rows += len(hist) + 1
+    for split, recs in files.items():
+        pd.DataFrame(recs).to_csv(root / f"{split}.csv", index=False)
+    items = pd.DataFrame({"item_id": [_asin(i) for i in range(1, len(titles) + 1)], "title": titles})
+    items.to_csv(root / "items.csv", index=False)
+    overrides = [
+        f"data.src={root}",
+        f"data.items={root / 'items.csv'}",
+        "data.columns.history=history_item_id",
+        "data.columns.target=item_id",
+        "data.columns.list_format=python",
+        f"data.columns.rating={'rating' if ratings != 'none' else ''}",
+    ]
+    return overrides, rows, missing
 
 
 def _write_generic(root, log, item_genre, titles, ratings, timestamps, layout, missing):
