@@ -18,8 +18,9 @@ bench/results/gpu_check/) and flushing after every item, so a run killed by a ti
                    peaks), collectives (all_reduce / all_gather of device tensors over the process group: world
                    size 1, nccl on CUDA, gloo on CPU), ZeRO-3 forward/backward through trainer.engine for the
                    hybrid model (trainer.hybrid), RecLoRA and iLoRA with activation checkpointing, and the dtypes
-                   and devices of gates, bank and buffers after deepspeed.initialize (gates are meant to stay
-                   fp32 under bf16). Every check records pass/fail and the error; the run goes on after a failure.
+                   and devices of gates, bank and buffers after deepspeed.initialize (gates are meant to compute in
+                   fp32 and return fp32 gates under bf16, whatever their storage dtype). Every check records
+                   pass/fail and the error; the run goes on after a failure.
   2 throughput     a 7B-shaped Llama (hidden 4096, 32 heads, intermediate 11008, vocab 32000, `--layers`, default
                    32; random bf16 weights built directly on the GPU by trainer.engine.build_model, no CPU copy)
                    with plain LoRA on q,v; RecLoRA 16 experts (q,v); plain LoRA on all 7 linears; iLoRA 4 experts
@@ -542,7 +543,14 @@ class Check:
             base_p = [where(q) for q in inner.lm.get_base_model().parameters() if not q.requires_grad]
             bufs = {n: str(b.device) for n, b in pm.named_buffers()}
             want_dev = str(engine.device)
-            gate_dtypes = sorted({d for _, d in gate_p})
+            # Gates compute and return float32 whatever their parameters' storage (bf16 after deepspeed.initialize
+            # casts the module): the check is on the gates' output, the storage dtype is reported beside it.
+            was_training = inner.gates.training
+            inner.gates.eval()
+            with torch.no_grad():
+                gate_out = inner.compute_gates(batch["cond"])
+            inner.gates.train(was_training)
+            gate_dtypes = sorted({str(v.dtype) for v in gate_out.values()})
             checks = {
                 "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
                 "grad_norm_positive": grad_norm > 0,
@@ -557,6 +565,7 @@ class Check:
                 "loss": loss,
                 "grad_norm": grad_norm,
                 "gate_dtypes": gate_dtypes,
+                "gate_param_dtypes": sorted({d for _, d in gate_p}),
                 "bank_dtypes": sorted({d for _, d in bank_p}),
                 "base_dtypes": sorted({d for _, d in base_p}),
                 "engine_device": want_dev,
@@ -844,7 +853,8 @@ def table(records: list[dict]) -> list[str]:
             if r.get("checkpoint"):
                 figs += f"; checkpoint save {r['checkpoint']['save_s']}s ({r['checkpoint']['bytes']:,} B)"
         elif r["phase"] == "first_contact" and r.get("checks"):
-            figs = ", ".join(f"{k}={v}" for k, v in r["checks"].items()) + f"; gates {r.get('gate_dtypes')}"
+            figs = ", ".join(f"{k}={v}" for k, v in r["checks"].items())
+            figs += f"; gate output {r.get('gate_dtypes')}, gate params {r.get('gate_param_dtypes')}"
         elif r["name"] == "environment":
             figs = (f"{r.get('device_name')}, torch {r.get('torch')}, deepspeed {r.get('deepspeed')}, spec "
                     f"{r.get('spec_peak_tflops')} / measured {r.get('measured_peak_tflops')} TFLOP/s")  # fmt: skip
