@@ -8,9 +8,11 @@ the last checkpoint left off, on a fresh cluster as well as on the same one.
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any, Callable
 
 from cluster.runtime import init_ray
+from configs.errors import RecloraError
 
 
 def _entry(loop_config: dict[str, Any]) -> None:
@@ -25,7 +27,16 @@ def _entry(loop_config: dict[str, Any]) -> None:
         with open(_os.path.join(loop_config["node_report_dir"], f"rank-{ctx.get_world_rank()}.json"), "w") as f:
             _json.dump({"node_id": ray.get_runtime_context().get_node_id(), "pid": _os.getpid()}, f)
     fn = loop_config["fn"]
-    result = fn(loop_config["params"], ctx.get_world_rank(), ctx.get_world_size(), lambda m: ray.train.report(m))
+    try:
+        result = fn(loop_config["params"], ctx.get_world_rank(), ctx.get_world_size(), lambda m: ray.train.report(m))
+    except RecloraError as e:
+        if ctx.get_world_size() > 1:
+            raise
+        # One worker (the teacher by default): hand an error the user can act on back as a value, so the driver
+        # prints its one line instead of Ray Train logging the worker's traceback and restarting the worker for
+        # a data or config error that would only repeat.
+        ray.get(ray.get_actor(loop_config["error_box"]).put.remote(e))
+        return
     if ctx.get_world_rank() == 0 and loop_config.get("result_path"):
         import json
 
@@ -51,7 +62,9 @@ def run_training(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    init_ray()
+    ray = init_ray()
+    box_name = f"reclora-errors-{uuid.uuid4().hex}"
+    box = ray.remote(num_cpus=0)(_ErrorBox).options(name=box_name).remote()
     resources = {"CPU": cpus_per_worker, **(worker_resources or {})}
     if use_gpu:
         resources["GPU"] = 1
@@ -60,7 +73,13 @@ def run_training(
     )
     trainer = TorchTrainer(
         _entry,
-        train_loop_config={"fn": fn, "params": params, "result_path": result_path, "node_report_dir": node_report_dir},
+        train_loop_config={
+            "fn": fn,
+            "params": params,
+            "result_path": result_path,
+            "node_report_dir": node_report_dir,
+            "error_box": box_name,
+        },
         # A dead peer must surface as an error (then a restart), not as a hang in a collective.
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s),
         scaling_config=ScalingConfig(
@@ -70,4 +89,49 @@ def run_training(
             name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures)
         ),
     )
-    return trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        # An error the user can act on (a RecloraError raised by a worker: bad data, a refused checkpoint) comes
+        # back as itself, so the pipeline and the CLIs print its one line instead of Ray Train's wrapping.
+        cause = worker_error(e)
+        if cause is not None:
+            raise cause from e
+        raise
+    finally:
+        error = ray.get(box.get.remote())
+        ray.kill(box)
+    if error is not None:
+        raise error
+    return result
+
+
+class _ErrorBox:
+    """Holds the RecloraError a one-worker run hands back (Ray Train keeps no return values)."""
+
+    def __init__(self):
+        self.error = None
+
+    def put(self, error: BaseException) -> None:
+        self.error = error
+
+    def get(self) -> BaseException | None:
+        return self.error
+
+
+def worker_error(e: BaseException) -> RecloraError | None:
+    """The first RecloraError a Ray Train failure carries (lowest rank first), unwrapped from Ray's wrappers."""
+    found: list[BaseException] = []
+    failures = getattr(e, "worker_failures", None)
+    if isinstance(failures, dict):
+        found += [failures[rank] for rank in sorted(failures)]
+    found.append(e)
+    seen: set[int] = set()
+    for err in found:
+        while err is not None and id(err) not in seen:
+            seen.add(id(err))
+            if isinstance(err, RecloraError):
+                return err
+            # RayTaskError.cause; Ray Train's UserExceptionWithTraceback keeps the worker's exception in _base_exc
+            err = getattr(err, "cause", None) or getattr(err, "_base_exc", None) or err.__cause__
+    return None

@@ -157,3 +157,29 @@ def test_pipeline_embeds_and_trains_the_teacher_on_ray_workers(ray_local, tmp_pa
     teacher = json.loads((reports / "teacher" / "rank-0.json").read_text())
     assert teacher["pid"] != os.getpid() and teacher["pid"] != embed[0]["pid"]
     assert os.path.exists(os.path.join(pipe.paths.teacher, "teacher.json"))
+
+
+@pytest.mark.slow  # a real local Ray Train run
+def test_one_worker_hands_back_an_actionable_error_without_restarts(ray_local, tmp_path, capfd):
+    """A RecloraError on the only Ray Train worker (the teacher's default) comes back to the driver as itself,
+    after one attempt, with no worker traceback forwarded to the driver's terminal."""
+    from cluster.launch import run_training
+    from configs.loader import ConfigError
+
+    def refuse(params, rank, world, report):
+        with open(os.path.join(params["dir"], f"attempt-{os.getpid()}"), "w"):
+            pass
+        raise ConfigError("teacher.lr: expected > 0, got -1")
+
+    with pytest.raises(ConfigError, match=r"^teacher.lr: expected > 0, got -1$"):
+        run_training(
+            refuse,
+            {"dir": str(tmp_path)},
+            num_workers=1,
+            use_gpu=False,
+            cpus_per_worker=1,
+            name="refuse",
+            max_failures=2,
+        )
+    assert len(list(tmp_path.glob("attempt-*"))) == 1
+    assert "ConfigError" not in capfd.readouterr().err
