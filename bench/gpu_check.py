@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py                              # the GPU run (the device when CUDA is there)
     python bench/gpu_check.py --device cpu --quick         # the same phases on tiny shapes: a CPU code-path check
+    python bench/gpu_check.py --device cpu --quick --bf16  # ... with DeepSpeed's bf16 engine: the GPU's dtype path
 
 On the project's device machine (torch, transformers and peft, but no DeepSpeed and no package registry), build
 the wheels here first, carry them along and install them there before anything imports DeepSpeed:
@@ -359,6 +360,8 @@ class Check:
 
         cfg = self.run_config(adapter, stage, micro)
         ds_cfg = ds_config(cfg.trainer, self.gpu, cfg.model.dtype, 1)
+        if self.args.bf16 and not self.gpu:  # the GPU's dtype path on a CPU: DeepSpeed's bf16 engine, gloo
+            ds_cfg = merge_config(ds_cfg, {"bf16": {"enabled": True}})
         if ds_override:
             ds_cfg = merge_config(ds_cfg, ds_override)
         t0 = time.perf_counter()
@@ -457,6 +460,7 @@ class Check:
             "cuda_available": torch.cuda.is_available(),
             "device_requested": self.args.device,
             "quick": bool(self.args.quick),
+            "bf16_engine": bool(self.gpu or self.args.bf16),
             "stubbed_modules": getattr(self, "stubbed", []),  # absent here; gpu_check does not need them
         }
         try:
@@ -905,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, help="layers of the 7B-shaped model in phases 2-3 (default 32)")
     ap.add_argument("--zero3-layers", type=int, help="layers of the ZeRO-3 model in phase 4 (default 4)")
     ap.add_argument("--peak-tflops", type=float, help="spec peak override (TFLOP/s), as trainer.peak_tflops")
+    ap.add_argument("--bf16", action="store_true", help="CPU: DeepSpeed's bf16 engine, as on a GPU (dtype path check)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations of torch/transformers: noise here
     wheels = install_wheels(args.install_wheels) if args.install_wheels else None

@@ -62,3 +62,20 @@ def test_cpu_quick_run(tmp_path):
     assert summary["reclora16_mfu_spec"] is None  # no spec peak on a CPU: MFU is against the measured one
     assert 0 < summary["reclora16_mfu_measured"]
     assert summary["phases_done"] == list(PHASES)
+
+
+def test_cpu_bf16_first_contact(tmp_path):
+    """The GPU's dtype path on the CPU (--bf16: DeepSpeed's bf16 engine): ZeRO-3 with the hybrid model, RecLoRA and
+    iLoRA under activation checkpointing pass, and the gates return float32 while their storage is bfloat16."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--quick", "--bf16"]
+    cmd += ["--phases", "first_contact", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in next(tmp_path.glob("*.jsonl")).read_text().splitlines()]
+    checks = [r for r in records if r["kind"] == "item" and r["name"].startswith("zero3_")]
+    assert len(checks) == 3 and all(r["ok"] for r in checks), [(r["name"], r.get("error")) for r in checks]
+    for r in checks:
+        assert r["gate_dtypes"] == ["torch.float32"] and r["gate_param_dtypes"] == ["torch.bfloat16"], r
+        assert r["base_dtypes"] == ["torch.bfloat16"], r
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["first_contact_failures"] == 0
