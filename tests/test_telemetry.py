@@ -98,3 +98,13 @@ def test_device_peaks_override_and_cpu():
 def test_mfu():
     assert telemetry.mfu(5e14, 1e15, world=2) == 0.25
     assert telemetry.mfu(5e14, None) is None
+
+
+def test_measuring_the_peak_leaves_the_training_rng_alone():
+    # It runs after the seed (or the restored RNG state) on every worker: a draw from the global generator
+    # would make a resumed run differ from the uninterrupted one.
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    telemetry.measured_peak_flops("cpu", n=64, reps=1)
+    assert torch.equal(torch.rand(4), expected)

@@ -9,9 +9,8 @@ optimizer-state surgery those need and the distributed setup. Knows nothing of R
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -127,20 +126,30 @@ def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def lr_lambda(t, total_steps: int) -> Callable[[int], float]:
+def lr_scheduler(optimizer: torch.optim.Optimizer, t, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule from transformers.get_scheduler (what HF Trainer, LLaMA-Factory and axolotl users know):
+    linear warmup over `warmup_ratio` of the steps, then linear / cosine decay to `min_lr_ratio` x lr over
+    `total_steps` (RecLoRA stretches it over `schedule_epochs`), or constant. Linear decay to a floor above 0 is
+    transformers' warmup-stable-decay schedule with no stable phase."""
+    from transformers import get_scheduler
+
     warm = int(round(t.warmup_ratio * total_steps))
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if t.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        if t.schedule == "cosine":
-            return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * (1 - progress)
-
-    return f
+    if t.schedule == "constant":
+        name, extra = "constant_with_warmup", {}
+    elif t.schedule == "cosine":
+        name, extra = "cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}
+    elif t.min_lr_ratio > 0:
+        name = "warmup_stable_decay"
+        extra = {"num_decay_steps": max(1, total_steps - warm), "decay_type": "linear", "min_lr_ratio": t.min_lr_ratio}
+    else:
+        name, extra = "linear", {}
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warm,
+        num_training_steps=max(1, total_steps),
+        scheduler_specific_kwargs=extra,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -185,7 +194,7 @@ def build_model(cfg, model_dir: str | None, ds_cfg: dict, use_gpu: bool, hybrid:
 def build_engine(pm: nn.Module, ds_cfg: dict, t, schedule_steps: int):
     """AdamW over the model's parameter groups and the LR schedule in deepspeed.initialize.
 
-    Returns (engine, scheduler, lam) with lam the schedule's multiplier function. Buffers the forward reads
+    Returns (engine, scheduler, lam) with lam the schedule's multiplier of step. Buffers the forward reads
     (the hybrid model's item table) are moved to the engine's device: deepspeed.initialize moves only
     parameters when the model was built under zero.Init.
     """
@@ -194,15 +203,11 @@ def build_engine(pm: nn.Module, ds_cfg: dict, t, schedule_steps: int):
     optimizer = torch.optim.AdamW(
         pm.optimizer_param_groups(t.lr, t.weight_decay), lr=t.lr, betas=(0.9, 0.999), eps=1e-8
     )
-    lam = lr_lambda(t, schedule_steps)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=pm,
-        optimizer=optimizer,
-        config=ds_cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, [lam] * len(opt.param_groups)),
+        model=pm, optimizer=optimizer, config=ds_cfg, lr_scheduler=lambda opt: lr_scheduler(opt, t, schedule_steps)
     )
     move_buffers(pm, engine.device)
-    return engine, scheduler, lam
+    return engine, scheduler, scheduler.lr_lambdas[0]
 
 
 def move_buffers(model: nn.Module, device: torch.device | str) -> None:

@@ -79,8 +79,11 @@ def measured_peak_flops(device, n: int | None = None, reps: int | None = None, d
     n = n or (8192 if gpu else 1024)
     reps = reps or (10 if gpu else 3)
     dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: drawing from the global one would shift the training RNG stream (gate dropout) and
+    # break "a resumed run reproduces the uninterrupted one" (it runs after the seed or the restored RNG).
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
 
     def sync() -> None:
         if gpu:
