@@ -156,7 +156,9 @@ class Run:
 
 def run_args(preset: str, task: str, raw: RawSource, out: Path, name: str, extra=()) -> list[str]:
     """The command line of one run: the preset with the model, sizes, data source and output replaced."""
-    split = "given" if raw.format in ("llara", "sequences") else "leave_last_out" if task == "next_item" else "global_time"
+    split = (
+        "given" if raw.format in ("llara", "sequences") else "leave_last_out" if task == "next_item" else "global_time"
+    )
     teacher = "sasrec" if task == "next_item" else "din"
     task_keys = [f"data.task={task}", f"data.split={split}", f"teacher.model={teacher}"]
     return [
