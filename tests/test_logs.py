@@ -1,0 +1,30 @@
+"""One logging format for every process: level, timestamp, rank, module."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+
+from configs.logs import get_logger, progress_enabled, setup_logging
+
+
+def test_format_has_time_level_rank_and_module(capsys):
+    setup_logging("INFO", rank=3)
+    get_logger("trainer.loop").info("step 1 loss 0.5")
+    get_logger("trainer.loop").debug("hidden at INFO")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO \[rank 3\] trainer\.loop: step 1 loss 0\.5", err[0])
+    setup_logging("INFO")  # a second call replaces the handler: lines are never printed twice
+    get_logger("x").warning("once")
+    assert capsys.readouterr().err.count("once") == 1
+    logging.getLogger().handlers = [h for h in logging.getLogger().handlers if not getattr(h, "reclora", False)]
+
+
+def test_progress_bars_only_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert progress_enabled(Tty()) and not progress_enabled(io.StringIO())
