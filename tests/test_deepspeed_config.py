@@ -17,7 +17,7 @@ def _t(*overrides: str):
 
 def test_gpu_zero3_defaults_keep_small_parameters_resident():
     z = ds_config(_t(), use_gpu=True, dtype="bfloat16", world=2)["zero_optimization"]
-    assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == 1e5
+    assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == 1e6
     assert z["stage3_max_live_parameters"] == 1e9 and z["overlap_comm"] is True
     assert "zero_quantized_weights" not in z
     t = _t("trainer.zero_quantized_weights=true", "trainer.zero_hpz_partition_size=8", "trainer.batch_size=64")

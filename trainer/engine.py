@@ -63,11 +63,12 @@ def ds_config(t, use_gpu: bool, dtype: str, world: int) -> dict[str, Any]:
     if t.zero_stage == 3:
         z = cfg["zero_optimization"]
         if use_gpu:
-            # DeepSpeed's documented ZeRO-3 settings for a large frozen base: small parameters (norms, gate
-            # MLPs, LoRA factors) stay resident instead of being gathered per use, a 50M-element prefetch
-            # bucket overlaps the next layer's all-gather with compute, and 1e9 live/reused elements keep a
-            # 7B layer's weights resident through its forward and recomputation.
-            z.update({"stage3_param_persistence_threshold": 1e5, "stage3_prefetch_bucket_size": 5e7,
+            # DeepSpeed's documented ZeRO-3 settings for a large frozen base: small parameters stay resident
+            # instead of being gathered per use (1e6 elements: at 7B every norm, LoRA factor bank (16 experts x
+            # r 8 x 4096 = 524k) and the stacked gate MLP (983k) stays whole, every base linear (>= 16.7M) is
+            # partitioned), a 50M-element prefetch bucket overlaps the next layer's all-gather with compute, and
+            # 1e9 live/reused elements keep a 7B layer's weights resident through its forward and recomputation.
+            z.update({"stage3_param_persistence_threshold": 1e6, "stage3_prefetch_bucket_size": 5e7,
                       "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
                       "overlap_comm": True, "contiguous_gradients": True})  # fmt: skip
             if t.zero_quantized_weights:
