@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import functools
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +39,15 @@ RECLORA_PATHS = ("auto", "per_sample", "rank_space")
 MIXTURE_CONFIG_FILE = "mixture_config.json"
 GATES_FILE = "gates.safetensors"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-FORMAT_VERSION = "reclora-mixture-lora/1"
+FORMAT_VERSION = "reclora-mixture-lora/2"  # /2: a gated bank's adapter_config.json is marked (PERSONALIZED_PEFT_TYPE)
+READABLE_FORMATS = ("reclora-mixture-lora/1", FORMAT_VERSION)
+# peft_type of a gated (reclora / ilora) adapter folder's adapter_config.json. Not a PEFT type: stock
+# PeftModel.from_pretrained / PeftConfig.from_pretrained fail on it (KeyError naming it) instead of loading the bank as
+# an ungated rank-N*r LoRA; the LoRA layout (r, lora_alpha, target_modules) sits under "reclora", not at the top
+# level, so LoRA servers that read those keys directly (vLLM's PEFTHelper) fail too. The servable form is the
+# per-user / per-request export (trainer.export), a stock PEFT LoRA folder.
+PERSONALIZED_PEFT_TYPE = "RECLORA_GATED_MIXTURE_NEEDS_GATE"
+PEFT_CONFIG_FILE = "adapter_config.json"
 # Static reclora cost rule, in units of r*(d_in + d_out) MACs per sample (d cancels out):
 #   rank space  (z = sum_k g_k A_k x, then B (g (x) z)): N*T
 #   per sample  (materialize A_u, B_u, then rank r per token): MIX_COST*N + TOKEN_COST*T
@@ -552,6 +561,7 @@ class PersonalizedLM(nn.Module):
         if self.gates is not None:
             gates = {name.removeprefix("gates."): t for name, t in state.items() if name.startswith("gates.")}
             save_file(gates, str(out / GATES_FILE), metadata={"format": "pt"})
+            mark_personalized(out, self.config)
         meta = {
             "format": FORMAT_VERSION,
             "adapter_name": self.adapter_name,
@@ -582,13 +592,48 @@ class PersonalizedLM(nn.Module):
                 self.gates.load_state_dict(load_file(str(adapter_dir / GATES_FILE)), strict=True)
 
 
+def mark_personalized(adapter_dir: str | Path, config: MixtureLoraConfig) -> None:
+    """Rewrite a gated bank's adapter_config.json so stock PEFT refuses it (PERSONALIZED_PEFT_TYPE; the LoRA layout
+    moves under "reclora"). Idempotent; also upgrades a folder written before the marking (format /1)."""
+    path = Path(adapter_dir) / PEFT_CONFIG_FILE
+    stock = json.loads(path.read_text()) if path.is_file() else {}
+    if stock.get("peft_type") == PERSONALIZED_PEFT_TYPE:
+        return
+    layout = {k: stock.pop(k) for k in ("r", "lora_alpha", "target_modules", "lora_dropout") if k in stock}
+    marked = {
+        "peft_type": PERSONALIZED_PEFT_TYPE,
+        "base_model_name_or_path": stock.get("base_model_name_or_path"),
+        "task_type": stock.get("task_type", "CAUSAL_LM"),
+        "reclora": {
+            "requires_gate": True,
+            "mode": config.mode,
+            "num_experts": config.num_experts,
+            "rank_per_expert": config.rank_per_expert,
+            "cond_dim": config.cond_dim,
+            "bank": layout,
+            "load_with": "trainer.lora.load_personalized(base_model, adapter_dir)",
+            "servable_export": "python -m trainer.export --adapter DIR --cond V.npy --out OUT  (or --run RUN --users)",
+            "note": "a bank of per-sample gated LoRA experts, not a stock LoRA: without the gate it is meaningless",
+        },
+    }
+    path.write_text(json.dumps(marked, indent=2, sort_keys=True) + "\n")
+
+
+def is_marked_personalized(adapter_dir: str | Path) -> bool:
+    path = Path(adapter_dir) / PEFT_CONFIG_FILE
+    return path.is_file() and json.loads(path.read_text()).get("peft_type") == PERSONALIZED_PEFT_TYPE
+
+
 def read_mixture_config(adapter_dir: str | Path) -> MixtureLoraConfig:
     path = Path(adapter_dir) / MIXTURE_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a mixture-LoRA adapter folder")
     meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT_VERSION!r}")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r}, this code reads {list(READABLE_FORMATS)}; re-save the adapter "
+            "(PersonalizedLM.save_adapter) with the code that trained it"
+        )
     return MixtureLoraConfig(**meta["config"])
 
 
@@ -615,8 +660,16 @@ def build_personalized_model(
 def load_personalized(
     model: nn.Module, adapter_dir: str | Path, *, adapter_name: str = "default", is_trainable: bool = False
 ) -> PersonalizedLM:
-    """Rebuild a PersonalizedLM on a fresh base model from a save_adapter folder."""
+    """Rebuild a PersonalizedLM on a fresh base model from a save_adapter folder (format /1 or /2)."""
     config = read_mixture_config(adapter_dir)
+    if config.mode != "plain" and not is_marked_personalized(adapter_dir):
+        logging.getLogger(__name__).warning(
+            "%s: a gated adapter whose adapter_config.json looks like a stock LoRA (written before format /2): stock "
+            "PEFT would load it silently without the gate; mark it with `python -m trainer.export --adapter %s "
+            "--mark-personalized`",
+            adapter_dir,
+            adapter_dir,
+        )
     personalized = build_personalized_model(model, config, adapter_name=adapter_name, seed=None)
     personalized.load_adapter_weights(adapter_dir)
     if not is_trainable:
@@ -647,6 +700,7 @@ __all__ = [
     "build_personalized_model",
     "count_parameters",
     "load_personalized",
+    "mark_personalized",
     "read_mixture_config",
     "use_per_sample_weights",
 ]
