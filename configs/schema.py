@@ -44,6 +44,39 @@ class RunConfig(Strict):
     # A base model over 1B parameters that would run in float32 on CPU (embed without GPUs, or train with
     # trainer.use_gpu=false) is refused before the stage starts; true runs it anyway.
     allow_large_on_cpu: bool = False
+    # Experiment tracking (trainer/tracking.py, docs/tracking.md), the HF convention: a list (or a comma-separated
+    # string) of tensorboard, mlflow, wandb; "all"; "none" or [] for none. Credentials: environment only.
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    tracking_flush_s: float = Field(60.0, ge=0)  # TensorBoard files reach {run}/tensorboard this often; 0: saves only
+    # Default: MLFLOW_TRACKING_URI, else file:{run.output_dir}/mlruns (a local output_dir only).
+    mlflow_tracking_uri: Optional[str] = Field(None, min_length=1)
+    mlflow_experiment: Optional[str] = Field(None, min_length=1)  # default: MLFLOW_EXPERIMENT_NAME, else run.name
+    wandb_project: Optional[str] = Field(None, min_length=1)  # default: WANDB_PROJECT, else reclora
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v):
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = v.split(",")
+        if not isinstance(v, (list, tuple)):
+            return v  # the list check names the key
+        names = [s.strip() if isinstance(s, str) else s for s in v]
+        if "all" in names:
+            return ["tensorboard", "mlflow", "wandb"]
+        return list(dict.fromkeys(s for s in names if s not in ("", "none")))
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_credentials(cls, v: Optional[str]) -> Optional[str]:
+        # Saved with every run; the message must not repeat the URL.
+        if v is not None and has_credentials(v):
+            raise ValueError(
+                "holds credentials (user:password@); give the URL without them and set MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN in the environment"
+            )
+        return v
 
 
 class StorageConfig(Strict):
