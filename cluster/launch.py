@@ -11,7 +11,7 @@ import os
 import uuid
 from typing import Any, Callable
 
-from cluster.runtime import init_ray
+from cluster.runtime import init_ray, setup_worker_logging
 from configs.errors import RecloraError
 
 
@@ -19,6 +19,7 @@ def _entry(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     ctx = ray.train.get_context()
+    setup_worker_logging(rank=ctx.get_world_rank())
     if loop_config.get("node_report_dir"):  # which node each rank ran on (multi-node tests, debugging)
         import json as _json
         import os as _os

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from cluster.runtime import init_ray
+from cluster.runtime import init_ray, setup_worker_logging
+from configs.logs import progress_enabled
 
 
 def run_sharded(
@@ -44,7 +45,9 @@ def run_sharded(
     results: list[dict[str, Any] | None] = [None] * len(tasks)
     pending: dict[Any, tuple[int, Any]] = {}
     next_task = finished = 0
-    bar = tqdm(total=len(tasks), desc=desc or worker_cls.__name__, unit="shard", disable=_quiet())
+    bar = tqdm(
+        total=len(tasks), desc=desc or worker_cls.__name__, unit="shard", disable=_quiet() or not progress_enabled()
+    )
     try:
         for actor in actors:
             if next_task < len(tasks):
@@ -74,6 +77,7 @@ class _Host:
     """Actor shell that owns one worker instance for its lifetime (model loaded once per actor)."""
 
     def __init__(self, worker_cls: type, worker_kwargs: dict[str, Any], report: dict[str, str] | None = None):
+        setup_worker_logging()
         if report:
             _write_actor_report(report["dir"], report["desc"] or worker_cls.__name__)
         self.worker = worker_cls(**worker_kwargs)

@@ -2,22 +2,48 @@
 
 Under `ray job submit` (or with RAY_ADDRESS set) we join that cluster; otherwise we start a private
 local Ray bound to 127.0.0.1. The environment switches below are the known traps for loopback Ray.
+
+The private Ray runs its API server with the State API (`include_dashboard=True`, on 127.0.0.1 and a free
+port), and its workers are told where it is (RAY_API_SERVER_ADDRESS): Ray Train's PlacementGroupCleaner asks
+the State API once a second whether the TrainController is alive. Without the State API (include_dashboard
+=False loads none of its modules) every question fails and it logs "Failed to query Ray Train Controller actor
+state" each second, and at the end the controller's stop call times out (a GetTimeoutError traceback). Without
+the address it looks for "the" Ray on the machine and, with several (other users, other test runs), takes the
+newest one, which may be another user's.
+
+`setup_worker_logging` is the logging set-up of every Ray worker this project starts (Ray Train workers in
+cluster.launch, actors in cluster.pool): configs.logs' one format, once per line.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+
+from configs.logs import setup_logging
 
 _LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+# Ray Train v2 replaces `print` on its workers with a version that logs the text to the root logger and, when
+# sys.stdout/stderr is not the original stream (as in a Ray worker), prints it as well: every printed line
+# reached the driver twice. Prints stay prints; log records go through configs.logs' handler.
+_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# A worker's stderr is never a terminal (a file, forwarded to the driver line by line): no Hugging Face progress
+# bars there ("Loading weights" would arrive as one line per refresh).
+_WORKER_ENV = {**_RAY_TRAIN_ENV, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+# Ray Train's worker context logs "Reporting training result N: ..." at INFO on every ray.train.report (every
+# logged step here). Its logger is named after the module's file path (logging.getLogger(__file__)).
+_RAY_TRAIN_CONTEXT_MODULE = "ray.train.v2._internal.execution.context"
 
 
 def ray_env() -> dict[str, str]:
     """Environment every Ray worker needs (also passed to runtime_env so remote workers get it)."""
-    env = dict(_LOOPBACK_ENV)
+    env = {**_LOOPBACK_ENV, **_WORKER_ENV}
     for key in (
         "DS_ACCELERATOR",
         "DS_BUILD_OPS",
@@ -36,7 +62,7 @@ def ray_env() -> dict[str, str]:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True):
     """Connect to RAY_ADDRESS / `address` if given, else start a local single-node Ray on 127.0.0.1."""
-    for k, v in _LOOPBACK_ENV.items():
+    for k, v in {**_LOOPBACK_ENV, **_RAY_TRAIN_ENV}.items():
         os.environ.setdefault(k, v)
     import ray
 
@@ -49,15 +75,46 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
+        port = _free_port()
+        runtime_env["env_vars"][API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
+            include_dashboard=True,  # the State API, which Ray Train's placement-group cleaner polls
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
             runtime_env=runtime_env,
             log_to_driver=log_to_driver,
             _node_ip_address="127.0.0.1",
         )
     return ray
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_worker_logging(rank: int | None = None) -> None:
+    """In a Ray worker: configs.logs' handler as the only console handler of the root logger, and Ray Train's
+    per-report INFO line silenced. Ray Train configures the root logger of its workers with a console handler
+    of its own (ray._private.log.PlainRayHandler): with ours beside it every record would print twice. Its
+    file handlers (Ray Train's log files) stay."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler).__name__ == "PlainRayHandler":
+            root.removeHandler(handler)
+    setup_logging(rank=rank)
+    silence_ray_train_reports()
+
+
+def silence_ray_train_reports() -> None:
+    import importlib.util
+
+    spec = importlib.util.find_spec(_RAY_TRAIN_CONTEXT_MODULE)
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
 def shutdown_ray() -> None:
