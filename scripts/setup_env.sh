@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One install path for README, demo, tests and CI.
 # Order matters: torch is pinned first (a local CPU build; an unpinned torch pulls GBs of CUDA wheels),
-# then DeepSpeed without compiled ops, then the project with its test extras.
+# then DeepSpeed without compiled ops, then the project with its test and tracking extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -20,5 +20,5 @@ fi
 "$VPY" -m pip install --upgrade pip wheel setuptools >/dev/null
 "$VPY" -m pip install "torch==${TORCH_VERSION:-2.13.0}"
 DS_BUILD_OPS=0 "$VPY" -m pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION:-0.18.9}"
-"$VPY" -m pip install -e ".[test]" "torch==${TORCH_VERSION:-2.13.0}"
+"$VPY" -m pip install -e ".[test,tracking]" "torch==${TORCH_VERSION:-2.13.0}"
 echo "$HASH" > "$STAMP"
