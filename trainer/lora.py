@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -570,6 +571,11 @@ class PersonalizedLM(nn.Module):
             "base_model_name_or_path": lora_config.base_model_name_or_path,
         }
         (out / MIXTURE_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        mask = os.umask(0)
+        os.umask(mask)
+        for name in (PEFT_WEIGHTS_FILE, GATES_FILE):  # safetensors' save_file creates 0600 files; the umask decides
+            if (out / name).is_file():
+                os.chmod(out / name, 0o666 & ~mask)
 
     def load_adapter_weights(self, adapter_dir: str | Path) -> None:
         """Load a save_adapter folder into this model in place (ZeRO-3 aware: call on every rank)."""

@@ -1,7 +1,7 @@
 """Batch prediction with a trained run: requests Parquet in, predictions Parquet out.
 
     python -m trainer.predict --run URL --requests URL --out URL [--num-workers N] [--batch-size B]
-        [--rows-per-task R] [--device auto|cpu|cuda] [--cpus-per-worker C] [--overwrite]
+        [--rows-per-task R] [--device auto|cpu|cuda] [--cpus-per-worker C] [--overwrite] [--return-cond]
 
 Every request (user_id, item_id, optional timestamp; next_item: optional candidates) goes through the
 path the run was trained and evaluated on: sample record by the samples' own retrieval options
@@ -182,8 +182,10 @@ def predict(
     cpus_per_worker: float = 1.0,
     overwrite: bool = False,
     runner: Runner | None = None,
+    return_cond: bool = False,
 ) -> dict[str, Any]:
-    """Score every request; returns the manifest (also written to {out}/_manifest.json)."""
+    """Score every request; returns the manifest (also written to {out}/_manifest.json). `return_cond` adds the
+    gate input of each request (column `cond`), which `trainer.export` folds into a standard LoRA adapter."""
 
     if rows_per_task < 1 or batch_size < 1 or num_workers < 0:
         raise PredictInputError(
@@ -216,6 +218,7 @@ def predict(
             "teacher": teacher_sha,
             "inputs": {k: str(v) for k, v in inputs.items()},
             "rows_per_task": rows_per_task,
+            **({"return_cond": True} if return_cond else {}),  # without it: the fingerprint of earlier versions
         }
     )
 
@@ -239,6 +242,7 @@ def predict(
         "device": device,
         "num_threads": max(1, int(cpus_per_worker)),
         "s3_endpoint": storage.s3_endpoint(),
+        "return_cond": return_cond,
     }
     # Committed parts are answered from their markers: a finished rerun loads no model and starts no actor.
     todo = [t for t in tasks if t["part"] not in committed]
@@ -281,7 +285,7 @@ def predict(
         "prompt_truncated": sum(r.get("prompt_truncated", 0) for r in results),
         "inputs": {k: str(v) for k, v in inputs.items() if k != "options"},
         "options": inputs["options"],
-        "columns": output_schema(cfg.data.task).names,
+        "columns": output_schema(cfg.data.task, return_cond=return_cond).names,
         "id_maps": {
             c: storage.join(inputs["dataset"], dataset.manifest["id_maps"][c]["path"]) for c in sorted(id_maps)
         },
@@ -349,6 +353,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (also its torch threads)")
     p.add_argument("--overwrite", action="store_true", help="delete --out first")
+    p.add_argument(
+        "--return-cond",
+        action="store_true",
+        help="add column `cond`: each request's gate input (the teacher representation; see trainer.export)",
+    )
     return p.parse_args(argv)
 
 
@@ -369,6 +378,7 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
             device=a.device,
             cpus_per_worker=a.cpus_per_worker,
             overwrite=a.overwrite,
+            return_cond=a.return_cond,
         )
     except (
         PredictInputError,

@@ -54,9 +54,10 @@ class PredictWorker:
         device: str = "auto",
         num_threads: int = 1,
         s3_endpoint: str | None = None,
+        return_cond: bool = False,
     ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         cfg = validate(config)
         storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
@@ -66,17 +67,7 @@ class PredictWorker:
         self.cfg, self.out_url, self.fingerprint, self.batch_size = cfg, out_url, fingerprint, int(batch_size)
         self.task_kind = cfg.data.task
         self.device = pick_device(device)
-        opts = BuildOptions.from_dict(inputs["options"])
-        vectors = (
-            load_item_vectors(inputs["embeddings"], normalize=opts.metric == "cosine")
-            if opts.needs_embeddings
-            else None
-        )
-        self.retriever = RequestRetriever(inputs["dataset"], opts, vectors)
-
-        self.teacher = load_teacher(inputs["teacher"], self.device)
-        check_rep_dim(self.teacher.rep_dim, cfg.teacher.rep_dim, inputs["teacher"])
-        self.encoder_t = Encoder(self.teacher.space, self.teacher.cfg.max_hist, self.teacher.cfg.task)
+        self.retriever, self.teacher, self.encoder_t = load_teacher_side(cfg, inputs, self.device)
 
         # The model reference, resolved on this actor's node (tokenizer files only).
         tok_dir = tokenizer_dir(inputs["model_dir"], tiny=cfg.model.tiny is not None, model_cfg=cfg.model)
@@ -102,34 +93,11 @@ class PredictWorker:
         if cfg.data.task == "ctr":
             self.budget_label = 1 if len(self.encoder.answer_ids("Yes.")) >= len(self.encoder.answer_ids("No.")) else 0
 
-        use_gpu = self.device.type == "cuda"
-        dtype = getattr(torch, cfg.model.dtype) if use_gpu else torch.float32  # as in training: fp32 on CPU
-        base = AutoModelForCausalLM.from_pretrained(
-            worker_model_dir(inputs["model_dir"], cfg.model), dtype=dtype, **load_kwargs(cfg.model)
-        )
-        base.config.use_cache = False
-        with tempfile.TemporaryDirectory() as tmp:
-            _download(inputs["adapter"], tmp)
-            model = load_personalized(base, tmp)
-            if hybrid:
-                from safetensors.torch import load as st_load
-                from safetensors.torch import load_file
-
-                fs, path = storage.get_fs(inputs["item_emb"])
-                with storage.storage_errors(inputs["item_emb"]):
-                    table = st_load(fs.cat_file(path))
-                model = HybridLM(
-                    model,
-                    table["item_ids"].numpy(),
-                    table["emb"],
-                    list(self.slot_ids),
-                    tok(TEXT_FALLBACK, add_special_tokens=False)["input_ids"][0],
-                )
-                model.projector.load_state_dict(load_file(str(Path(tmp) / "projector.safetensors")), strict=True)
-                model.hybrid = True  # evaluation uses the full hybrid prompt
-        self.model = model.to(self.device).eval()
+        fallback = tok(TEXT_FALLBACK, add_special_tokens=False)["input_ids"][0] if hybrid else None
+        self.model = load_model(cfg, inputs, self.device, slot_ids=self.slot_ids, fallback_id=fallback)
         self.fs, self.root = storage.get_fs(out_url)
-        self.schema = output_schema(cfg.data.task)
+        self.return_cond = bool(return_cond)
+        self.schema = output_schema(cfg.data.task, return_cond=self.return_cond)
 
     # ---- one task
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
@@ -209,6 +177,8 @@ class PredictWorker:
                     out["cold_user"][j] = bool(unk_u[q]) if self.task_kind == "ctr" else None
                     out["cold_item"][j] = bool(unk_i[q])
                     out["teacher_score"][j] = float(scores[q])
+                    if self.return_cond:
+                        out["cond"][j] = reps[q].tolist()
                     if self.task_kind == "ctr":
                         out["p_yes"][j] = float(preds[q])
                     else:
@@ -229,36 +199,7 @@ class PredictWorker:
         return table, counts
 
     def _teacher(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray, list | None]:
-        """Representation, score (and next item: candidate scores) of each record, in record order."""
-        import torch
-
-        n = table.num_rows
-        # The encoder needs equal-length candidate lists in one batch: group next-item rows by length.
-        if self.task_kind == "next_item":
-            lens = np.array([len(c) for c in table["candidates"].to_pylist()])
-            groups = [np.flatnonzero(lens == L) for L in np.unique(lens)]
-        else:
-            groups = [np.arange(n)]
-        reps = np.zeros((n, self.teacher.rep_dim), np.float32)
-        scores = np.zeros(n, np.float32)
-        cand: list | None = [None] * n if self.task_kind == "next_item" else None
-        with torch.inference_mode():
-            for g in groups:
-                enc = self.encoder_t.encode(table.take(pa.array(g)), Counter(), where="requests")
-                b = to_tensors(enc, self.device)
-                o = self.teacher.model(b)
-                pred = self.teacher.model.predict(b, o)
-                reps[g] = o["rep"].float().cpu().numpy()
-                scores[g] = pred["teacher_score"].float().cpu().numpy()
-                if cand is not None and "candidate_scores" in pred:
-                    cs = pred["candidate_scores"].float().cpu().numpy()
-                    for q, i in enumerate(g):
-                        cand[i] = cs[q].tolist()
-        bad = ~np.isfinite(reps).all(axis=1) | ~np.isfinite(scores)
-        if bad.any():
-            key = table["sample_id"][int(np.flatnonzero(bad)[0])].as_py()
-            raise RepsError(f"non-finite teacher output for the request with sample key {key}")
-        return reps, scores, cand
+        return teacher_outputs(self.teacher, self.encoder_t, table, self.task_kind, self.device)
 
     def _llm(self, srows: list[dict[str, Any]]) -> list:
         """evaluate()'s computation, batched by prompt length (less padding); results in row order."""
@@ -290,6 +231,93 @@ class PredictWorker:
         if item_id not in self._answers:
             self._answers[item_id] = self.encoder.answer_ids(self.renderer.title(int(item_id)))
         return self._answers[item_id]
+
+
+def load_teacher_side(cfg: Any, inputs: dict[str, Any], device: Any) -> tuple[RequestRetriever, Any, Encoder]:
+    """What turns a (user, item, time) request into the gate input: the request retriever with the samples' own
+    options, the frozen teacher and its feature encoder."""
+    opts = BuildOptions.from_dict(inputs["options"])
+    vectors = (
+        load_item_vectors(inputs["embeddings"], normalize=opts.metric == "cosine") if opts.needs_embeddings else None
+    )
+    retriever = RequestRetriever(inputs["dataset"], opts, vectors)
+    teacher = load_teacher(inputs["teacher"], device)
+    check_rep_dim(teacher.rep_dim, cfg.teacher.rep_dim, inputs["teacher"])
+    return retriever, teacher, Encoder(teacher.space, teacher.cfg.max_hist, teacher.cfg.task)
+
+
+def teacher_outputs(teacher, encoder, table: pa.Table, task: str, device) -> tuple[np.ndarray, np.ndarray, list | None]:
+    """The frozen teacher's representation (the gate input: `cond`), score and (next item) candidate scores of each
+    record, in record order."""
+    import torch
+
+    n = table.num_rows
+    # The encoder needs equal-length candidate lists in one batch: group next-item rows by length.
+    if task == "next_item":
+        lens = np.array([len(c) for c in table["candidates"].to_pylist()])
+        groups = [np.flatnonzero(lens == L) for L in np.unique(lens)]
+    else:
+        groups = [np.arange(n)]
+    reps = np.zeros((n, teacher.rep_dim), np.float32)
+    scores = np.zeros(n, np.float32)
+    cand: list | None = [None] * n if task == "next_item" else None
+    with torch.inference_mode():
+        for g in groups:
+            enc = encoder.encode(table.take(pa.array(g)), Counter(), where="requests")
+            b = to_tensors(enc, device)
+            o = teacher.model(b)
+            pred = teacher.model.predict(b, o)
+            reps[g] = o["rep"].float().cpu().numpy()
+            scores[g] = pred["teacher_score"].float().cpu().numpy()
+            if cand is not None and "candidate_scores" in pred:
+                cs = pred["candidate_scores"].float().cpu().numpy()
+                for q, i in enumerate(g):
+                    cand[i] = cs[q].tolist()
+    bad = ~np.isfinite(reps).all(axis=1) | ~np.isfinite(scores)
+    if bad.any():
+        key = table["sample_id"][int(np.flatnonzero(bad)[0])].as_py()
+        raise RepsError(f"non-finite teacher output for the request with sample key {key}")
+    return reps, scores, cand
+
+
+def load_model(
+    cfg: Any,
+    inputs: dict[str, Any],
+    device: Any,
+    *,
+    dtype: Any = None,
+    slot_ids: tuple[int, ...] = (),
+    fallback_id: int | None = None,
+) -> Any:
+    """The run's base LLM with its personalized adapter (and hybrid projector), ready for inference on `device`.
+
+    dtype None = as in training: `model.dtype` on a GPU, float32 on CPU. The whole model is cast to it after the
+    adapter is loaded, as DeepSpeed does (`module.bfloat16()`): PEFT upcasts the adapter to fp32 on a bf16 base
+    (autocast_adapter_dtype), which would compute the LoRA path in fp32 where training computed it in bf16. The
+    gates still compute in fp32 (trainer/gates.py). A CPU caller may ask for bf16 (tests)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype is None:
+        dtype = getattr(torch, cfg.model.dtype) if torch.device(device).type == "cuda" else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(
+        worker_model_dir(inputs["model_dir"], cfg.model), dtype=dtype, **load_kwargs(cfg.model)
+    )
+    base.config.use_cache = False
+    with tempfile.TemporaryDirectory() as tmp:
+        _download(inputs["adapter"], tmp)
+        model = load_personalized(base, tmp)
+        if cfg.trainer.hybrid_item_emb:
+            from safetensors.torch import load as st_load
+            from safetensors.torch import load_file
+
+            fs, path = storage.get_fs(inputs["item_emb"])
+            with storage.storage_errors(inputs["item_emb"]):
+                table = st_load(fs.cat_file(path))
+            model = HybridLM(model, table["item_ids"].numpy(), table["emb"], list(slot_ids), fallback_id)
+            model.projector.load_state_dict(load_file(str(Path(tmp) / "projector.safetensors")), strict=True)
+            model.hybrid = True  # evaluation uses the full hybrid prompt
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _download(url: str, dest: str) -> None:

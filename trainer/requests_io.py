@@ -45,7 +45,9 @@ class PredictInputError(RecloraError, ValueError):
     """A requests file, run folder or output folder that cannot be used; the message names it."""
 
 
-def output_schema(task: str) -> pa.Schema:
+def output_schema(task: str, return_cond: bool = False) -> pa.Schema:
+    """The columns of a prediction part; `return_cond` adds `cond`, the gate input (the frozen teacher's
+    representation of the request) that trainer.export turns into a standard LoRA adapter."""
     fields = [
         ("request_index", pa.int64()),  # row of the request in the requests file
         ("user_id", pa.int64()),
@@ -73,6 +75,8 @@ def output_schema(task: str) -> pa.Schema:
             ("target_rank", pa.int32()),  # 1-based rank of item_id among the candidates
             ("teacher_candidate_scores", pa.list_(pa.float32())),
         ]
+    if return_cond:
+        fields.append(("cond", pa.list_(pa.float32())))
     return pa.schema(fields)
 
 
@@ -274,7 +278,7 @@ def read_predictions(out_url: str) -> pa.Table:
         with storage.storage_errors(out_url):
             tables.append(pq.read_table(posixpath.join(root, p["path"]), filesystem=storage.arrow_fs(fs)))
     if not tables:
-        return output_schema(m["task"]).empty_table()
+        return output_schema(m["task"], return_cond="cond" in m.get("columns", [])).empty_table()
     t = pa.concat_tables(tables)
     t = t.take(pa.array(np.argsort(t["request_index"].to_numpy(), kind="stable")))
     for column, map_url in sorted((m.get("id_maps") or {}).items()):
