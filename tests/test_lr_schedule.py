@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,3 +44,25 @@ def test_cosine_to_a_floor_after_warmup():
 def test_constant_after_warmup():
     m = _multipliers("constant", 0.2, 0.0)
     assert m[10] == pytest.approx(0.5) and all(x == pytest.approx(1.0) for x in m[20:])
+
+
+def test_weight_decay_reaches_router_and_projector_only():
+    """trainer.weight_decay decays the gates (router) and the hybrid projector, never the LoRA bank."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.hybrid import HybridLM
+    from trainer.lora import MixtureLoraConfig, build_personalized_model
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    )
+    cfg = MixtureLoraConfig(
+        mode="ilora", target_modules=["q_proj", "v_proj"], r=4, alpha=8, num_experts=2, cond_dim=8, gate_lr_mult=0.3
+    )
+    pm = build_personalized_model(base, cfg)
+    groups = pm.optimizer_param_groups(1e-3, weight_decay=0.0, gate_weight_decay=1e-5)
+    assert [g["weight_decay"] for g in groups] == [0.0, 1e-5] and groups[1]["lr"] == pytest.approx(3e-4)
+    hybrid = HybridLM(pm, np.arange(5), torch.zeros(5, 8), slot_token_ids=[1, 2], text_token_id=3)
+    groups = hybrid.optimizer_param_groups(1e-3, weight_decay=0.0, gate_weight_decay=1e-5)
+    assert [g["weight_decay"] for g in groups] == [0.0, 1e-5, 1e-5] and groups[2]["name"] == "projector"

@@ -202,7 +202,12 @@ def build_engine(pm: nn.Module, ds_cfg: dict, t, schedule_steps: int):
     import deepspeed
 
     optimizer = torch.optim.AdamW(
-        pm.optimizer_param_groups(t.lr, t.weight_decay), lr=t.lr, betas=(0.9, 0.999), eps=1e-8
+        # trainer.weight_decay decays the router/gates and the projector only; the LoRA bank never (both papers'
+        # code: iLoRA decays projector and router, RecLoRA nothing).
+        pm.optimizer_param_groups(t.lr, weight_decay=0.0, gate_weight_decay=t.weight_decay),
+        lr=t.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
     )
     engine, _, _, scheduler = deepspeed.initialize(
         model=pm, optimizer=optimizer, config=ds_cfg, lr_scheduler=lambda opt: lr_scheduler(opt, t, schedule_steps)

@@ -68,10 +68,15 @@ class HybridLM(nn.Module):
         params = dict(self.named_parameters())
         return {n: params[n] for n in self.trainable_parameter_names()}
 
-    def optimizer_param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        groups = self.pm.optimizer_param_groups(lr, weight_decay)
+    def optimizer_param_groups(
+        self, lr: float, weight_decay: float = 0.0, gate_weight_decay: float | None = None
+    ) -> list[dict[str, Any]]:
+        """The personalized model's groups, plus the projector, decayed like the router (iLoRA's code decays the
+        projector and the router only)."""
+        groups = self.pm.optimizer_param_groups(lr, weight_decay, gate_weight_decay)
+        decay = weight_decay if gate_weight_decay is None else gate_weight_decay
         groups.append(
-            {"params": list(self.projector.parameters()), "lr": lr, "weight_decay": weight_decay, "name": "projector"}
+            {"params": list(self.projector.parameters()), "lr": lr, "weight_decay": decay, "name": "projector"}
         )
         return groups
 
