@@ -414,6 +414,68 @@ def test_requests_in_source_keys(ctr_run, tmp_path):
     assert np.isfinite([r["p_yes"] for r in by_key[:6]]).all()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_return_cond_user_level_adapters_and_gap(ctr_run, tmp_path, capsys):
+    """predict --return-cond gives each request's gate input (the test stream's rep for known samples); per-user
+    adapters for users given by their source keys are stock PEFT folders equal to the gated model at the user-level
+    vector; the per-request vs user-level test AUC gap is measured (recorded in docs/adapter.md)."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer import export as export_mod
+
+    run = ctr_run["run"]
+    p = paths(load_run_config(run))
+    reader = StreamReader(storage.join(run, "data", "test"))
+    rows = reader.rows_at(np.arange(4))
+    reader.close()
+    sids = np.asarray([r["sample_id"] for r in rows], dtype=np.int64)
+    test = SampleSet.open(p.samples).read("test", sample_ids=sids)
+    pq.write_table(test.select(["user_id", "item_id", "timestamp"]), tmp_path / "req.parquet")
+    args = ("--run", run, "--requests", str(tmp_path / "req.parquet"), "--num-workers", "0")
+    r = _cli(*args, "--out", str(tmp_path / "c"), "--return-cond")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "cond" in storage.read_json(str(tmp_path / "c" / MANIFEST))["columns"]
+    got = read_predictions(str(tmp_path / "c")).to_pylist()
+    for row, want in zip(got, rows):
+        assert row["sample_id"] == want["sample_id"]
+        assert np.allclose(row["cond"], want["rep"], atol=1e-5)
+
+    ds = Dataset.open(p.dataset)
+    umap = dict(zip(ds.id_map("user_id")["user_id"].to_pylist(), ds.id_map("user_id")["key"].to_pylist()))
+    users = sorted(set(test["user_id"].to_pylist()))[:2]
+    out = tmp_path / "users"
+    rc = export_mod.main(
+        ["--run", run, "--users", ",".join(umap[u] for u in users), "--out", str(out), "--recent", "5"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    index = pq.read_table(out / export_mod.USERS_INDEX).to_pylist()
+    assert {i["user_key"] for i in index} == {umap[u] for u in users} and all(1 <= i["targets"] <= 5 for i in index)
+    first = index[0]
+    folder = out / first["path"]
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == storage.join(run, "base_model")
+    assert "mean over the user's recent targets" in (folder / "README.md").read_text()
+    base = f"{run}/base_model"
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder).eval()
+    gated = load_personalized(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), f"{run}/adapter")
+    ids = torch.as_tensor([rows[0]["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = gated(ids, mask, torch.as_tensor([first["cond"]])).logits
+        assert (stock(input_ids=ids, attention_mask=mask).logits - want).abs().max() < 1e-4
+
+    gap = export_mod.user_level_gap(run, recent=5)
+    print("per-request vs user-level:", json.dumps(gap))
+    assert gap["covered_samples"] > 0 and gap["users_with_vector"] > 0
+    for key in ("auc_per_request_all", "auc_per_request", "auc_user_level"):
+        assert 0.0 <= gap[key] <= 1.0
+
+
 def _teacher_scores(teacher_url: str, samples: SampleSet, ids: list[int]) -> dict[int, float]:
     """The frozen teacher's score of the stored sample records (the score stage's computation)."""
     from collections import Counter
