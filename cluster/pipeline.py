@@ -18,7 +18,6 @@ teacher trains on a Ray Train worker (a GPU one when there are GPUs), the traine
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from cluster.pool import run_sharded
 from cluster.runtime import init_ray
 from configs.errors import RecloraError
 from configs.loader import to_yaml
+from configs.logs import get_logger, progress_enabled
 from recdata import layout, storage
 from recdata.ingest import ingest, summary
 from recdata.ingest import options_from_config as ingest_options
@@ -53,6 +53,8 @@ from trainer.loop import fingerprint_parts, train_worker
 from trainer.prepare import base_model_dir, plan_training
 from trainer.report import write_report
 
+log = get_logger(__name__)
+
 
 class SetupError(RecloraError, RuntimeError):
     """A stage cannot start: its inputs are missing or inconsistent (the message says which)."""
@@ -64,7 +66,9 @@ class StageError(RecloraError, RuntimeError):
 
 class Pipeline:
     """One run: `setup` resolves the config and where every stage's output lives; `run` builds what is
-    missing, stage by stage; `report` prints the final table and writes results.json and report.md."""
+    missing, stage by stage; `report` prints the final table and writes results.json and report.md.
+    Status lines are log records (stderr); the dataset summary, the final table and the report's path are the
+    run's results and go to stdout."""
 
     def __init__(self, cfg, stages: list[str]):
         self.cfg = cfg
@@ -126,11 +130,11 @@ class Pipeline:
         for stage in self.stages:
             t0 = time.perf_counter()
             if layout.done(stage, cfg, p) and stage != "embed":
-                print(f"[{stage}] reusing {p.where()[stage]}")
+                log.info("[%s] reusing %s", stage, p.where()[stage])
                 if stage == "ingest":
                     print(summary(Dataset.open(p.dataset).manifest))
                 continue
-            print(f"[{stage}] -> {p.where()[stage]}", flush=True)
+            log.info("[%s] -> %s", stage, p.where()[stage])
             if stage == "train":
                 layout.record_inputs(cfg, p, stage)  # first: a rerun with another config must not resume this run
             try:
@@ -185,11 +189,11 @@ class Pipeline:
         if "train" in self.stages and cfg.trainer.use_gpu and not layout.done("train", cfg, p):
             gpus = stage_placement("teacher", device="auto").cluster_gpus
             if gpus < cfg.trainer.num_workers:
-                print(
-                    f"warning: trainer.use_gpu=true with {cfg.trainer.num_workers} workers, but the Ray cluster has "
-                    f"{gpus:g} GPUs now; Ray Train waits until GPU workers join (autoscaling)",
-                    file=sys.stderr,
-                    flush=True,
+                log.warning(
+                    "trainer.use_gpu=true with %d workers, but the Ray cluster has %g GPUs now; Ray Train waits until "
+                    "GPU workers join (autoscaling)",
+                    cfg.trainer.num_workers,
+                    gpus,
                 )
 
     # ------------------------------------------------------------------------------------------ stages
@@ -224,7 +228,7 @@ class Pipeline:
         def runner(worker_cls, worker_kwargs, tasks, **kw):
             if tasks:  # the LLM runs only for parts not cached yet
                 self.refuse_large_on_cpu("embed")
-                print(place.describe(), flush=True)
+                log.info("%s", place.describe())
             return run_sharded(worker_cls, worker_kwargs, tasks, **kw)
 
         self.embeddings = embed_items(
@@ -254,7 +258,7 @@ class Pipeline:
         # The same settings `reclora teacher --config` uses (teacher.train_workers > 1: data-parallel), on Ray
         # Train workers (one by default), never in the driver; with a GPU each when the cluster has GPUs.
         place = self.placement("teacher")
-        print(place.describe(), flush=True)
+        log.info("%s", place.describe())
         res = train_teacher(
             self.paths.samples,
             self.paths.teacher,
@@ -263,7 +267,7 @@ class Pipeline:
             launch=run_training,
             use_gpu=place.use_gpu,
         )
-        print(f"[teacher] valid: {res.get('valid')}  test: {res.get('test')}")
+        log.info("[teacher] valid: %s  test: %s", res.get("valid"), res.get("test"))
 
     def run_score(self) -> None:
         score_samples(
@@ -277,7 +281,7 @@ class Pipeline:
 
     def run_train(self) -> None:
         metrics = train(self.cfg, self.paths.run)
-        print("[train] final: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        log.info("[train] final: %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     # ------------------------------------------------------------------------------------------ report
     def report(self) -> None:
@@ -340,7 +344,7 @@ def train(cfg, run_url: str) -> dict:
         params, feed = plan_training(cfg, run_url, zero_shot_first=zero_shot)
     except FileNotFoundError as e:
         raise SetupError(str(e)) from None
-    params["interactive"] = sys.stderr.isatty()
+    params["interactive"] = progress_enabled()
     params["eval_zero_shot"] = zero_shot
     feed.runner = run_sharded
     t = cfg.trainer
@@ -358,13 +362,12 @@ def train(cfg, run_url: str) -> dict:
     if feed.num_workers:
         init_ray()  # here, before the feed thread and Ray Train could both try to start it
     if t.overlap:
-        print(
-            f"[feed] building {parts} parts on {feed.num_workers or 'the driver'} worker(s) while training starts",
-            flush=True,
+        log.info(
+            "[feed] building %d parts on %s worker(s) while training starts", parts, feed.num_workers or "the driver"
         )
         feed.start()
     else:
-        print(f"[feed] building {parts} parts before training", flush=True)
+        log.info("[feed] building %d parts before training", parts)
         _print_summaries(feed.run())
     try:
         run_training(
@@ -393,11 +396,14 @@ def train(cfg, run_url: str) -> dict:
     out = storage.read_json(storage.join(run_url, "metrics.json"))
     timing = out.get("timing", {})
     if timing:
-        print(
-            f"[train] {timing['steps_run']} steps in {timing['train_seconds']:.1f}s after {timing['setup_seconds']:.1f}s of "
-            f"setup; data wait {100 * timing['data_wait_fraction']:.2f}% of the step loop "
-            f"(feed: {feed.seconds:.1f}s, {'overlapped' if t.overlap else 'before training'})",
-            flush=True,
+        log.info(
+            "[train] %d steps in %.1fs after %.1fs of setup; data wait %.2f%% of the step loop (feed: %.1fs, %s)",
+            timing["steps_run"],
+            timing["train_seconds"],
+            timing["setup_seconds"],
+            100 * timing["data_wait_fraction"],
+            feed.seconds,
+            "overlapped" if t.overlap else "before training",
         )
         storage.write_json_atomic(
             storage.join(run_url, "feed.json"),
@@ -408,8 +414,12 @@ def train(cfg, run_url: str) -> dict:
 
 def _print_summaries(summaries: dict) -> None:
     for split, s in summaries.items():
-        print(
-            f"[data] {split}: {s['rows']} samples, {s['tokens']} tokens, mean length {s['mean_len']:.0f}, "
-            f"{s['history_truncated']} with history truncated, {s['prompt_truncated']} prompts cut to fit",
-            flush=True,
+        log.info(
+            "[data] %s: %d samples, %d tokens, mean length %.0f, %d with history truncated, %d prompts cut to fit",
+            split,
+            s["rows"],
+            s["tokens"],
+            s["mean_len"],
+            s["history_truncated"],
+            s["prompt_truncated"],
         )

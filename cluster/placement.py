@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from configs.errors import RecloraError
+from configs.logs import get_logger
+
+log = get_logger(__name__)
 
 LARGE_MODEL_PARAMS = 1_000_000_000  # above this, float32 on CPU takes hours for what a GPU does in minutes
 
@@ -140,7 +143,7 @@ def place_embed(
     cluster, refusing a large model on CPU unless run.allow_large_on_cpu."""
     device = getattr(run_cfg, "stage_device", "auto")
     p = stage_placement("embed", device=device, workers=workers, dtype=dtype)
-    print(p.describe(), flush=True)
+    log.info("%s", p.describe())
     if not p.use_gpu and not getattr(run_cfg, "allow_large_on_cpu", False):
         refuse_large_on_cpu(p, base_model_params(model, model_cfg), model, *cpu_reason(p, device))
     return p.num_workers, p.gpus_per_worker, p.dtype
@@ -149,5 +152,5 @@ def place_embed(
 def teacher_uses_gpu(device: str = "auto") -> bool:
     """For `reclora teacher` (teacher.train.main's `place`): whether its Ray Train workers get a GPU."""
     p = stage_placement("teacher", device=device)
-    print(p.describe(), flush=True)
+    log.info("%s", p.describe())
     return p.use_gpu

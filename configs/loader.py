@@ -6,6 +6,7 @@ Errors name the key path and what was expected, e.g.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 import typing
@@ -196,3 +197,34 @@ def _expected(loc: list[str]) -> str | None:
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` of every command: each option with its default ("(default: 8)"), unless its help already says
+    what the default is; descriptions keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)".strip()
+        return text
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The `dest` of every option given on this command line (`--epochs 3`, `--epochs=3`, an abbreviation):
+    with `--config`, these override the config's values and the others come from the config. Parses `argv`
+    once more with every default suppressed, so only what was given lands in the namespace."""
+    saved = [(action, action.default) for action in parser._actions]
+    saved_defaults = dict(parser._defaults)
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        parser._defaults.clear()
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+        parser._defaults.update(saved_defaults)
+    return {dest for dest in vars(given) if dest != "help"}

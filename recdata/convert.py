@@ -17,8 +17,11 @@ import sys
 from typing import Any
 
 from configs.errors import RecloraError
+from configs.logs import get_logger, setup_logging
 from recdata import storage
 from recdata.textfiles import IngestError
+
+log = get_logger(__name__)
 
 # (pickle, JSONL) names, as LLaRA's repository spells them (Val/Test capitalised).
 LLARA_FILES = (
@@ -76,7 +79,7 @@ def convert_llara_pickles(src: str, out: str, trust_pickle: bool = False) -> dic
     todo = [(next(p for p in pickles if p in names), jsonl) for pickles, jsonl in LLARA_FILES if names & set(pickles)]
     if not todo:
         raise IngestError(f"{src}: no LLaRA pickles (train_data.df, Val_data.df, Test_data.df)")
-    print(PICKLE_WARNING, file=sys.stderr)
+    log.warning("%s", PICKLE_WARNING)
     written: dict[str, int] = {}
     for pickle_name, jsonl_name in todo:
         url = storage.join(src, pickle_name)
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     lp.add_argument("--out", required=True, help="folder for the JSONL files (local path or s3://)")
     lp.add_argument("--trust-pickle", action="store_true", help="allow unpickling (runs code from the files)")
     a = p.parse_args(argv)
+    setup_logging()
     try:
         written = convert_llara_pickles(a.src, a.out, a.trust_pickle)
     except RecloraError as e:

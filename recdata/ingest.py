@@ -33,6 +33,7 @@ import pyarrow.ipc as ipc
 from tqdm.auto import tqdm
 
 from configs.errors import RecloraError
+from configs.logs import progress_enabled, setup_logging
 from configs.schema import ColumnsConfig
 from recdata import readers, storage
 from recdata.fetch import resolve_source
@@ -275,7 +276,7 @@ def _pass1_spill(
     writers: dict[int, ipc.RecordBatchFileWriter] = {}
     schema = None
     total = 0
-    bar = tqdm(desc="ingest: read", unit="row", unit_scale=True, disable=not opts.progress)
+    bar = tqdm(desc="ingest: read", unit="row", unit_scale=True, disable=not opts.progress or not progress_enabled())
     try:
         for batch in source.batches():
             t = batch.table
@@ -598,7 +599,9 @@ def _pass2_write(
     files = _spill_files(spill_dir)
     present = {b for b, _ in files}
     stats = []
-    bar = tqdm(total=len(files), desc="ingest: write shards", unit="shard", disable=not opts.progress)
+    bar = tqdm(
+        total=len(files), desc="ingest: write shards", unit="shard", disable=not opts.progress or not progress_enabled()
+    )
     with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
         futs = [
             pool.submit(_write_shard, b, f, staging, opts, method, cut, keep_users, keep_items, presorted)
@@ -795,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    setup_logging()
     try:
         ratios = tuple(float(x) for x in a.split_ratios.split(","))
         if len(ratios) != 3 or abs(sum(ratios) - 1) > 1e-6 or min(ratios) < 0:
@@ -824,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         on_bad_rows=a.on_bad_rows,
         missing_title=a.missing_title,
         overwrite=a.overwrite,
-        progress=not a.quiet and sys.stderr.isatty(),
+        progress=not a.quiet,
     )
     cols = ColumnsConfig(
         user=a.user_col,

@@ -8,6 +8,7 @@ stage command lines, the pipeline driver and batch prediction all resolve addres
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,8 +155,30 @@ def _mtime(fs: Any, path: str) -> float:
     return t.timestamp() if hasattr(t, "timestamp") else float(t or 0)
 
 
+def dataset_url(cfg: Any) -> str:
+    """data.dataset_url; left at the schema's default (the demo's `datasets/ml-100k-ctr`), the managed folder is
+    named after the run's own data instead (`datasets/{source name}-{task}`: the same name for the demo's
+    MovieLens-100K CTR), so a run on another dataset never writes under, or shows, the demo dataset's name."""
+    from configs.schema import DataConfig
+
+    url = cfg.data.dataset_url
+    if url == DataConfig.model_fields["dataset_url"].default:
+        return f"datasets/{source_name(cfg.data)}"
+    return url
+
+
+def source_name(data: Any) -> str:
+    """`ml-100k-ctr` for `pypi:recbole==1.2.1/ml-100k` with task ctr, `llara-lastfm-next` for a next-item run
+    on `../shared/data/llara-lastfm`: the source's last path part (without a file suffix) and the task."""
+    base = data.src.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    if "." in base.lstrip("."):
+        base = base[: base.rindex(".")] or base
+    base = re.sub(r"[^A-Za-z0-9_.\-]+", "-", base).strip("-.") or "dataset"
+    return f"{base}-{'next' if data.task == 'next_item' else data.task}"
+
+
 def dataset_name(cfg: Any) -> str:
-    return cfg.data.dataset_url.rstrip("/").rsplit("/", 1)[-1]
+    return dataset_url(cfg).rstrip("/").rsplit("/", 1)[-1]
 
 
 def default_names(cfg: Any) -> dict[str, str]:
@@ -173,7 +196,7 @@ def paths(cfg: Any) -> Paths:
     keys = {s: _key(v) for s, v in stage_inputs(cfg).items()}
     names = default_names(cfg)
     return Paths(
-        dataset=addressed(cfg.data.dataset_url, root, keys["ingest"]),
+        dataset=addressed(dataset_url(cfg), root, keys["ingest"]),
         embeddings=embeddings_root(cfg),
         samples=addressed(names["samples"], root, keys["samples"]),
         teacher=addressed(names["teacher"], root, keys["teacher"]),

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import time
 import zipfile
@@ -41,8 +40,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from configs.errors import RecloraError
+from configs.logs import get_logger
 from recdata import storage
 from recdata.fetch import download_wheel
+
+log = get_logger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).resolve().parent / "assets" / "smollm2-135m-instruct"
@@ -331,7 +333,7 @@ def node_lock(key: str, what: str) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
-        print(f"[model] waiting for another process on this node to fetch {what}", file=sys.stderr, flush=True)
+        log.info("[model] waiting for another process on this node to fetch %s", what)
         lock.acquire()
     try:
         yield
@@ -544,7 +546,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
         LlamaForCausalLM,
     )
 
-    print(f"[model] converting {gguf_path.name} to a Hugging Face folder (once; about a minute on 2 cores)", flush=True)
+    log.info("[model] converting %s to a Hugging Face folder (once; about a minute on 2 cores)", gguf_path.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     cfg = loaded.config.to_dict()
     cfg.pop("quantization_config", None)

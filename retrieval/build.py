@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
 from configs.loader import ConfigError, load_config
+from configs.logs import get_logger, setup_logging
 from recdata import storage
 from recdata.layout import (
     embeddings_root,
@@ -62,6 +63,8 @@ from retrieval.history import (
     recent,
     top_similar,
 )
+
+log = get_logger(__name__)
 
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "rating", "split", "label"]
 _TARGET_CODES = np.array([SPLITS.index(s) for s in TARGET_SPLITS], dtype=np.int8)
@@ -354,7 +357,7 @@ def _discard(writer: pq.ParquetWriter, fh: Any) -> None:
     try:
         writer.close()
     except (OSError, ValueError, pa.ArrowException) as e:
-        print(f"note: closing an abandoned temporary sample file failed: {type(e).__name__}: {e}", file=sys.stderr)
+        log.warning("closing an abandoned temporary sample file failed: %s: %s", type(e).__name__, e)
     finally:
         fh.close()
 
@@ -497,6 +500,7 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
     """Ray workers come from `runner` (the `reclora` command passes cluster.pool.run_sharded); without one,
     every task runs in this process."""
     a = parse_args(argv)
+    setup_logging()
     if a.config:
         return _main_from_config(a, runner)
     if not a.dataset or not a.out:

@@ -41,6 +41,7 @@ import torch
 
 from configs.errors import RecloraError
 from configs.loader import ConfigError, load_config
+from configs.logs import get_logger, setup_logging
 from recdata import storage
 from recdata.layout import embeddings_root, paths  # the pipeline's layout: this CLI and trainer/main.py agree
 from recdata.model_source import load_kwargs, model_reference, resolve_model, source_kind, tokenizer_kwargs
@@ -48,6 +49,8 @@ from recdata.model_source import model_fingerprint as source_fingerprint
 from recdata.runner import Runner, run_in_process
 from recdata.schema import Dataset, read_parquet
 from retrieval.prompts import VICUNA_SYSTEM
+
+log = get_logger(__name__)
 
 DEFAULT_TEMPLATE = ("Here is a {domain}.", "Its title is {title}.", "Its genre is {genres}.")
 
@@ -282,10 +285,13 @@ def embed_items(
     )
     truncated = sum(_part_truncated(t["part_url"]) for t in tasks)
     if truncated:
-        print(
-            f"warning: {truncated} of {len(ids)} item texts were cut at max_length={opts.max_length} tokens "
-            f"(wrap={opts.wrap}); raise --max-length if the cut reaches the title",
-            file=sys.stderr,
+        log.warning(
+            "%d of %d item texts were cut at max_length=%d tokens (wrap=%s); raise --max-length if the cut reaches "
+            "the title",
+            truncated,
+            len(ids),
+            opts.max_length,
+            opts.wrap,
         )
     raw = pa.concat_tables([read_parquet(t["part_url"]) for t in tasks])
     if not np.array_equal(raw.column("item_id").to_numpy(), ids):
@@ -348,6 +354,7 @@ def main(argv: list[str] | None = None, runner: Runner | None = None, place: Cal
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    setup_logging()
     if a.config:
         try:
             cfg = load_config(a.config, a.overrides)

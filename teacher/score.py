@@ -32,6 +32,7 @@ import torch
 
 from configs.errors import RecloraError
 from configs.loader import ConfigError, load_config
+from configs.logs import setup_logging
 from recdata import storage
 from recdata.layout import paths
 from recdata.runner import Runner, run_in_process
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--expected-rep-dim", type=int, default=None)
     a = p.parse_args(argv)
+    setup_logging()
 
     try:
         if a.config:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from configs.loader import ConfigError, load_config
+from configs.logs import get_logger, progress_enabled, setup_logging
 from recdata import metrics as M
 from recdata import storage
 from recdata.layout import paths
@@ -56,7 +57,7 @@ from teacher.model_io import (
     to_tensors,
 )
 
-log = logging.getLogger("teacher.train")
+log = get_logger("teacher.train")
 
 
 def _quiet() -> bool:
@@ -312,7 +313,7 @@ def _fit(
         bar = tqdm(
             desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}",
             unit="sample",
-            disable=not show,
+            disable=not show or not progress_enabled(),
             file=sys.stderr,
             mininterval=5,
         )
@@ -360,10 +361,7 @@ def _fit(
             msg = f"[teacher] {cfg.model} epoch {epoch + 1}: loss {row['train_loss']:.4f} valid " + " ".join(
                 f"{k}={v:.4f}" for k, v in m.items() if k != "n"
             )
-            if show:
-                print(msg, file=sys.stderr, flush=True)
-            else:
-                log.debug(msg)
+            log.log(logging.INFO if show else logging.DEBUG, "%s", msg)
             if m[key] > best_value:
                 best_value, best_epoch, bad = m[key], epoch + 1, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -501,7 +499,7 @@ def main(argv: list[str] | None = None, launch: Launcher | None = None, place: C
     """Data-parallel training (train_workers > 1) needs `launch` (the `reclora` command passes
     cluster.launch.run_training, and `place`: whether its workers get a GPU, asked from the Ray cluster)."""
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     a = _parse(argv)
     try:
         samples, out, dataset, cfg = _resolve(a)
