@@ -488,7 +488,7 @@ def read_user_list(spec: str, id_map: Any = None) -> tuple[np.ndarray, list[str 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from trainer.requests_io import _ids
+    from trainer.requests_io import ids_from_column
 
     if spec.endswith(".parquet") or "://" in spec or os.path.exists(spec):
         fs, path = storage.get_fs(spec)
@@ -497,7 +497,7 @@ def read_user_list(spec: str, id_map: Any = None) -> tuple[np.ndarray, list[str 
     else:
         values = [v.strip() for v in spec.split(",") if v.strip()]
         column = pa.chunked_array([pa.array(values, pa.string())])
-    ids, ok, present = _ids(column, spec, "user_id", id_map)
+    ids, ok, present = ids_from_column(column, spec, "user_id", id_map)
     if not (ok & present).all():
         bad = [v for v, good in zip(column.to_pylist(), ok & present) if not good][:5]
         raise ExportError(f"--users {spec}: unknown or malformed user ids {bad}")

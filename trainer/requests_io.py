@@ -157,6 +157,12 @@ def _keys_to_ids(values: pa.Array, id_map: pa.Table) -> tuple[np.ndarray, np.nda
     return np.where(found, ids[index.fill_null(0).to_numpy(zero_copy_only=False)], 0).astype(np.int64), found
 
 
+def ids_from_column(col, url: str, name: str, id_map: pa.Table | None = None):
+    """(int64 ids, usable mask, non-null mask) of an id column as requests read it (integers, or with an id map
+    the source's own keys in a text column); trainer.export's --users list reads user ids this way."""
+    return _ids(col, url, name, id_map)
+
+
 def _ids(col, url: str, name: str, id_map: pa.Table | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(int64 ids, usable mask, non-null mask) of user_id / item_id: integers, or keys through the id map.
     With a map, a text column holds the source's keys and an integer column the dataset's own ids."""
