@@ -113,6 +113,56 @@ class ColumnsConfig(Strict):
     list_format: Literal["json", "python", "space", "comma", "semicolon", "pipe"] = "json"
 
 
+# Prompt template placeholders (Python format fields), one definition for the config check and the renderer.
+CTR_FIELDS = ("profile", "subject", "pronoun", "history", "target", "item", "items", "verb_past", "verb", "rating_unit")
+CTR_REQUIRED = ("history", "target")
+NEXT_ITEM_FIELDS = ("history", "candidates", "n_candidates", "item", "items", "verb_past", "verb")
+NEXT_ITEM_REQUIRED = ("history", "candidates")
+
+
+def template_problem(template: str, fields: tuple[str, ...], required: tuple[str, ...]) -> str | None:
+    """What is wrong with a prompt template (a Python format string), or None."""
+    import string
+
+    try:
+        used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        return f"not a valid format string ({e}); write literal braces as {{{{ and }}}}"
+    unknown = sorted(n for n in used if n.split(".")[0].split("[")[0] not in fields)
+    if unknown:
+        return f"unknown placeholder {{{unknown[0]}}}; placeholders are {{" + "}, {".join(fields) + "}"
+    missing = [n for n in required if n not in used]
+    if missing:
+        return f"missing placeholder {{{missing[0]}}} (required: {{" + "}, {".join(required) + "})"
+    return None
+
+
+class PromptConfig(Strict):
+    """Prompt wording: the domain's words and, optionally, whole templates (Python format strings)."""
+
+    items: Optional[str] = None  # plural of data.domain ("products"); default: the known word or domain + "s"
+    verb_past: Optional[str] = None  # "watched", "bought"
+    verb: Optional[str] = None  # "watch", "buy"
+    rating_unit: Optional[str] = None  # "stars"
+    # CTR placeholders: {profile} {subject} {pronoun} {history} {target} {item} {items} {verb_past} {verb}
+    # {rating_unit}; {history} and {target} required. Next item: {history} {candidates} {n_candidates} {item}
+    # {items} {verb_past} {verb}; {history} and {candidates} required. None: the ReLLa / LLaRA wording.
+    ctr_template: Optional[str] = None
+    next_item_template: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _templates(self) -> "PromptConfig":
+        for key, fields, required in (
+            ("ctr_template", CTR_FIELDS, CTR_REQUIRED),
+            ("next_item_template", NEXT_ITEM_FIELDS, NEXT_ITEM_REQUIRED),
+        ):
+            template = getattr(self, key)
+            problem = template_problem(template, fields, required) if template is not None else None
+            if problem:
+                raise ValueError(f"{key}: {problem}")
+        return self
+
+
 class DataConfig(Strict):
     format: Literal["movielens", "recbole", "llara", "generic", "sequences"] = "movielens"
     # Source files: a folder/file path or URL, or `pypi:recbole==1.2.1/ml-100k` to fetch the MovieLens-100K
@@ -123,7 +173,10 @@ class DataConfig(Strict):
     # Where the canonical Parquet dataset lives (URL). Relative names resolve under run.output_dir/datasets.
     dataset_url: str = Field("datasets/ml-100k-ctr", min_length=1)
     task: Literal["ctr", "next_item"] = "ctr"
-    domain: Literal["movie", "book", "song", "artist", "game"] = "movie"  # words used in prompts
+    # What an item is, in the prompts' words: free text ("movie", "product", "podcast episode"); movie, book,
+    # song, artist and game come with their verbs, anything else takes data.prompt's (or neutral ones).
+    domain: str = Field("movie", min_length=1)
+    prompt: PromptConfig = PromptConfig()
     # CTR: global time order 8:1:1 (ReLLa/RecLoRA); next item: per-user leave-last-out, or the source's splits.
     split: Literal["auto", "global_time", "leave_last_out", "given"] = "auto"
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pyarrow as pa
 
 from configs.errors import RecloraError
+from configs.schema import CTR_FIELDS, CTR_REQUIRED, NEXT_ITEM_FIELDS, NEXT_ITEM_REQUIRED, template_problem
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -44,6 +45,9 @@ class PromptStyle:
     history_token: str | None = None
     candidate_token: str | None = None
     age_labels: Mapping[int, str] = field(default_factory=dict)
+    # Whole-prompt templates (data.prompt.*_template, Python format strings); None: the papers' wording below.
+    ctr_template: str | None = None
+    next_item_template: str | None = None
 
 
 DOMAINS: dict[str, PromptStyle] = {
@@ -55,10 +59,32 @@ DOMAINS: dict[str, PromptStyle] = {
 }
 
 
-def style_for(domain: str, **overrides: Any) -> PromptStyle:
-    if domain not in DOMAINS:
-        raise PromptError(f"unknown prompt domain {domain!r}; known: {sorted(DOMAINS)}")
-    return replace(DOMAINS[domain], **overrides)
+# data.prompt keys -> PromptStyle fields.
+_PROMPT_KEYS = {
+    "items": "domain_plural",
+    "verb_past": "verb_past",
+    "verb": "verb",
+    "rating_unit": "rating_unit",
+    "ctr_template": "ctr_template",
+    "next_item_template": "next_item_template",
+}
+
+
+def style_for(domain: str, prompt: Mapping[str, Any] | None = None, **overrides: Any) -> PromptStyle:
+    """The style of `data.domain` (free text) with `data.prompt`'s words and templates, then `overrides`.
+    A domain without built-in words gets neutral verbs ("interacted with") unless data.prompt says otherwise."""
+    if not domain or not str(domain).strip():
+        raise PromptError("data.domain: empty; say what an item is (movie, book, product, ...)")
+    base = DOMAINS.get(domain) or PromptStyle(domain, f"{domain}s", "interacted with", "interact with")
+    chosen = {_PROMPT_KEYS[k]: v for k, v in (prompt or {}).items() if k in _PROMPT_KEYS and v is not None}
+    for key, fields, required in (
+        ("ctr_template", CTR_FIELDS, CTR_REQUIRED),
+        ("next_item_template", NEXT_ITEM_FIELDS, NEXT_ITEM_REQUIRED),
+    ):
+        problem = template_problem(chosen[key], fields, required) if key in chosen else None
+        if problem:
+            raise PromptError(f"data.prompt.{key}: {problem}")
+    return replace(base, **{**chosen, **overrides})
 
 
 @dataclass(frozen=True)
@@ -124,6 +150,19 @@ def ctr_prompt(
         for i, (t, r) in enumerate(zip(hist_titles, hist_ratings))
     ]
     listing = "[" + ", ".join(repr(e) for e in entries) + "]"  # ReLLa prints str(list)
+    if style.ctr_template is not None:
+        return style.ctr_template.format(
+            profile=head,
+            subject=person.subject,
+            pronoun=person.pronoun,
+            history=listing,
+            target=target_title,
+            item=style.domain,
+            items=style.domain_plural,
+            verb_past=style.verb_past,
+            verb=style.verb,
+            rating_unit=style.rating_unit,
+        )
     if head:
         lines = [
             head,
@@ -145,6 +184,16 @@ def next_item_prompt(hist_titles: Sequence[str], cand_titles: Sequence[str], sty
     """LLaRA next-item prompt; the answer is one candidate title."""
     hist = ", ".join(_with_token(t, style.history_token) for t in hist_titles)
     cans = ", ".join(_with_token(t, style.candidate_token) for t in cand_titles)
+    if style.next_item_template is not None:
+        return style.next_item_template.format(
+            history=hist,
+            candidates=cans,
+            n_candidates=len(cand_titles),
+            item=style.domain,
+            items=style.domain_plural,
+            verb_past=style.verb_past,
+            verb=style.verb,
+        )
     return (
         f"This user has {style.verb_past} {hist} in the previous. Please predict the next {style.domain} this user will "
         f"{style.verb}. Choose the answer from the following {len(cand_titles)} {style.domain} titles: {cans}. Answer:"

@@ -178,6 +178,7 @@ class FeedWorker:
         num_threads: int = 1,
         tiny: bool = False,
         model_cfg: dict[str, Any] | None = None,
+        prompt: dict[str, Any] | None = None,
     ):
         if s3_endpoint:
             storage.configure(endpoint_url=s3_endpoint)
@@ -198,7 +199,7 @@ class FeedWorker:
             overrides = {"history_token": slot_tokens[0], "candidate_token": slot_tokens[1]}
         ds = Dataset.open(dataset_url)
         self.samples = SampleSet.open(samples_url)
-        self.renderer = PromptRenderer(ds.read_items(), task, style_for(domain, **overrides), ds.read_users())
+        self.renderer = PromptRenderer(ds.read_items(), task, style_for(domain, prompt, **overrides), ds.read_users())
         self.encoder = PromptEncoder(tok, max_length)
         self.rep_dim, self.reps_url = rep_dim, reps_url
         self._reps: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}

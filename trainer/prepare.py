@@ -112,6 +112,7 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
     t = cfg.trainer
     order = [s for s in (["test"] if zero_shot_first else []) + ["train", "valid", "test"] if s in splits]
     tasks, plans = [], {}
+    prompt_words = cfg.data.prompt.model_dump(mode="json", exclude_none=True)
     for split in dict.fromkeys(order):
         if split not in samples.manifest["splits"]:
             continue
@@ -130,6 +131,8 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
                 hybrid,
                 t.feed_part_rows,
             ]
+            # Custom wording changes the prompts; the default wording keeps the streams' earlier keys.
+            + ([prompt_words] if prompt_words else [])
         )
         plans[split], split_tasks = plan_split(data_url, split, ids, t.feed_part_rows, key)
         tasks += split_tasks
@@ -150,6 +153,7 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
             "max_length": cfg.model.max_length,
             "task": cfg.data.task,
             "domain": cfg.data.domain,
+            "prompt": cfg.data.prompt.model_dump(mode="json"),
             "rep_dim": cfg.teacher.rep_dim,
             "teacher_url": p.teacher,
             "reps_url": reps_url,
