@@ -85,6 +85,15 @@ SIZES = [
 BASE_PRESET = {"ctr": "tiny", "next_item": "lastfm-ilora"}
 
 
+# data.domain is free text; data.prompt holds the domain's words and whole templates (format strings).
+PRODUCT_TEMPLATE = "Shopper bought: {history}. Which {item} next? Options ({n_candidates}): {candidates}. Answer:"
+PRODUCT_WORDING = (
+    "data.domain=product",
+    "data.prompt.verb_past=bought",
+    f"data.prompt.next_item_template={PRODUCT_TEMPLATE}",
+)
+
+
 @dataclass(frozen=True)
 class Case:
     fmt: str
@@ -112,7 +121,8 @@ CASES = [
     Case("generic", "ctr", "all", True, subprocess=True),
     Case("generic", "next_item", "some", False),
     Case("recbole", "next_item", "none", False),
-    Case("sequences", "next_item", "all", False),  # MiniOneRec-style CSV: python lists of ASIN strings
+    # MiniOneRec-style CSV (python lists of ASIN strings), a product catalogue in its own prompt wording.
+    Case("sequences", "next_item", "all", False, extra=PRODUCT_WORDING),
     # slow: the rest of the matrix
     Case("movielens", "ctr", "all", True, "csv", slow=True),
     Case("movielens", "next_item", "all", True, "1m", slow=True),
@@ -303,6 +313,7 @@ def check_prompts(run: Run) -> None:
     prompts = [tok.decode(ids[:n]) for ids, n in zip(t["input_ids"].to_pylist(), t["prompt_len"].to_pylist())]
     for p in prompts:
         assert not re.search(r"\bnan\b", p, re.IGNORECASE), p
+        assert run.expect.get("prompt_has", "") in p and run.expect.get("prompt_has_too", "") in p, p
     stars = sum("stars)" in p for p in prompts)
     if run.task == "ctr" and run.raw.has_ratings:
         assert stars == len(prompts), prompts[0]  # every CTR history here has rated items
@@ -324,7 +335,11 @@ def _case_run(case: Case, tmp: Path, preset: str | None = None) -> tuple[Run, li
     extra = [f"retrieval.text_mode={case.text_mode}", *case.extra]
     args = run_args(preset, case.task, raw, tmp / "out", name, extra)
     hybrid = load_config(preset).trainer.hybrid_item_emb
-    return Run(tmp / "out", name, case.task, raw, hybrid=hybrid), args
+    run = Run(tmp / "out", name, case.task, raw, hybrid=hybrid)
+    if case.extra == PRODUCT_WORDING:
+        run.expect["prompt_has"] = "user\nShopper bought: Film "  # inside the model's chat template
+        run.expect["prompt_has_too"] = ". Which product next? Options (10): "
+    return run, args
 
 
 # ------------------------------------------------------------------------------------------------ matrix
