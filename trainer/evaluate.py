@@ -37,15 +37,17 @@ def all_gather_rows(x: torch.Tensor, world: int, device: torch.device | str | No
 
 class Evaluator:
     """evaluator(split) -> metrics of `split`; `waited` sums the seconds evaluations spent waiting for feed
-    parts (a zero-shot evaluation may run while the feed is still building the test split)."""
+    parts (a zero-shot evaluation may run while the feed is still building the test split). With `trackers`
+    (trainer.tracking.Trackers) and a `step`, the metrics also go to the trackers as `{tag or split}/{name}`."""
 
-    def __init__(self, engine, pm, params: dict, rank: int, world: int, device: torch.device):
+    def __init__(self, engine, pm, params: dict, rank: int, world: int, device: torch.device, trackers=None):
         self.engine, self.pm, self.params = engine, pm, params
         self.rank, self.world, self.device = rank, world, device
+        self.trackers = trackers
         self.waited = 0.0
         self.calls: dict[str, int] = {}
 
-    def __call__(self, split: str) -> dict[str, float]:
+    def __call__(self, split: str, step: int | None = None, tag: str | None = None) -> dict[str, float]:
         reader = StreamReader(self.params["streams"][split], timeout_s=self.params.get("feed_timeout_s", 3600.0))
         try:
             out, rows = self.score(reader)
@@ -60,6 +62,8 @@ class Evaluator:
             storage.write_json_atomic(
                 storage.join(self.params["run_url"], "eval", f"{split}-{k}.json"), {"metrics": out, **rows}
             )
+        if self.trackers is not None and step is not None:
+            self.trackers.log_metrics({f"{tag or split}/{name}": v for name, v in out.items()}, step)
         return out
 
     def score(self, reader: StreamReader) -> tuple[dict[str, float], dict[str, list]]:

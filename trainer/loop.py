@@ -24,11 +24,12 @@ from recdata import storage
 from recdata.streams import Schedule, StreamReader, collate
 from trainer import checkpoint as ckpt
 from trainer import engine as eng
-from trainer import telemetry
-from trainer.evaluate import Evaluator, all_reduce_sum
+from trainer import telemetry, tracking
+from trainer.evaluate import Evaluator
 from trainer.hybrid import HybridLM, use_hybrid
 from trainer.objective import answer_loss, gate_input
-from trainer.telemetry import TensorBoard, base_config, gate_stats, log_line
+from trainer.telemetry import StepMeter, gate_stats, log_line
+from trainer.tracking import Trackers, train_scalars
 
 
 def fingerprint_parts(cfg) -> dict[str, Any]:
@@ -104,6 +105,7 @@ def micro_batches(
 def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable[[dict], None]) -> dict[str, Any]:
     cfg = validate(params["config"])
     t = cfg.trainer
+    tracking.require(cfg)  # every rank, before any work: a tracker's missing package is one line, at once
     use_gpu = t.use_gpu and torch.cuda.is_available()
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
     run_url = params["run_url"]
@@ -127,132 +129,120 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     resume_url, state = ckpt.load_latest(run_url, rank, world, parts, resume=params.get("resume"))
     if state is not None:
         eng.load_params_before_engine(pm, state.tensors)
-    engine, scheduler, lam = eng.build_engine(pm, ds_cfg, t, schedule_steps)
-    start = 0
-    if state is not None:
-        start = eng.restore(engine, pm, scheduler, lam, state, rank, cfg.run.seed)
-        if rank == 0:
-            print(f"[train] resumed from {resume_url} at step {start}", flush=True)
-    else:
-        torch.manual_seed(cfg.run.seed * 1000 + rank)
-
-    log_path = storage.join(run_url, "logs", "train.jsonl")
-    history: list[dict] = (
-        storage.read_json(log_path + ".json") if (start and storage.exists(log_path + ".json")) else []
-    )
-    history = [h for h in history if h["step"] <= start]
-    tb = TensorBoard(run_url) if rank == 0 else None
-    saver = Saver(engine, pm, run_url, rank, world, sched, reader, parts, t, tb)
-    # MFU: against the GPU's spec peak (trainer.peak_tflops overrides the table) and the measured matmul peak.
-    peaks = telemetry.device_peaks(device, t.peak_tflops, params.get("peak_flops"))
-    trainable = telemetry.trainable_count(pm)
-    bar = None
-    if rank == 0 and params.get("interactive"):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=start, desc="train", unit="step")
-    engine.train()
-    evaluate = Evaluator(engine, pm, params, rank, world, device)
-
-    zero_shot = {}
-    if start == 0 and params.get("eval_zero_shot") and "test" in params["streams"]:
-        # B = 0 at step 0, so the personalized model is exactly the base LLM: its zero-shot score.
-        zero_shot = {f"zeroshot_test_{k}": v for k, v in evaluate("test").items()}
-    elif state is not None:  # measured before step 1 of this run: every checkpoint carries it (metrics)
-        zero_shot = {k: v for k, v in state.meta.get("metrics", {}).items() if k.startswith("zeroshot_")}
-
-    # ---- train
-    t_train, wait_total = time.perf_counter(), 0.0
-    for step in range(start, total_steps):
-        t_step = time.perf_counter()
-        log_now = (step + 1) % t.log_every == 0
-        hybrid_step = curriculum(engine, pm, cfg.run.seed, step, total_steps)
-        batches = micro_batches(reader, sched, step, rank, params["pad_id"], device, t.lora.gate_input)
-        res = train_step(engine, pm, batches, with_gate_stats=log_now)
-        counts = all_reduce_sum(
-            torch.tensor(
-                [res.loss_sum, res.tokens, res.padded_tokens, res.seq_sq, res.head_tokens], dtype=torch.float64
-            ),
-            device,
-        ).cpu()
-        dt = time.perf_counter() - t_step
-        wait_total += res.wait
-        rec = {
-            "step": step + 1,
-            "epoch": sched.cursor(step)["epoch"],
-            "loss": float(counts[0] / t.batch_size),
-            "lr": float(engine.optimizer.param_groups[0]["lr"]),
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-            "tokens_per_s": float(counts[1] / dt),
-            "padding_fraction": float(1.0 - counts[1] / counts[2].clamp(min=1.0)),
-            "samples_per_s": t.batch_size / dt,
-            "data_wait_fraction": res.wait / dt,
-            "step_seconds": dt,
-            **res.gate_stats,
-        }
-        if hybrid_step is not None:
-            rec["hybrid_prompt"] = float(hybrid_step)
-        flops_per_s = telemetry.step_flops(base_config(pm), *counts[[1, 3, 4]].tolist(), trainable) / dt
-        rec["mfu"] = telemetry.mfu(flops_per_s, peaks["spec"] or peaks["measured"], world)
-        rec["mfu_measured"] = telemetry.mfu(flops_per_s, peaks["measured"], world)
-        history.append(rec)
-        if rank == 0 and log_now:
-            print(log_line("train", rec), flush=True)
-            tb.add(rec)
-        report(dict(rec))
-        if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < total_steps and "valid" in params["streams"]:
-            # Every rank evaluates (ZeRO-3 forwards are collective); rank 0 logs.
-            ev = {f"valid_{k}": v for k, v in evaluate("valid").items()}
-            rec.update(ev)
+    # run.report_to's trackers on rank 0 (no-ops elsewhere); an exception leaving the block marks their runs failed.
+    with Trackers.from_config(cfg, run_url, rank, start_step=state.step if state is not None else 0) as trackers:
+        engine, scheduler, lam = eng.build_engine(pm, ds_cfg, t, schedule_steps)
+        start = 0
+        if state is not None:
+            start = eng.restore(engine, pm, scheduler, lam, state, rank, cfg.run.seed)
             if rank == 0:
-                print(f"[eval] step {step + 1} " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True)
-                tb.add({"step": rec["step"], **ev})
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps:
-            saver.save(step + 1, history, metrics=zero_shot)
-        maybe_fail(params.get("fail_at"), step + 1, rank)
-        if params.get("pause_after_checkpoint") and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
-            time.sleep(params["pause_after_checkpoint"])  # tests: a window in which to preempt a node
+                print(f"[train] resumed from {resume_url} at step {start}", flush=True)
+        else:
+            torch.manual_seed(cfg.run.seed * 1000 + rank)
 
-    if bar is not None:
-        bar.close()
-    train_seconds = time.perf_counter() - t_train
-
-    # ---- evaluate and save
-    metrics = {}
-    for split in ("valid", "test"):
-        if split in params["streams"]:
-            metrics.update({f"{split}_{k}": v for k, v in evaluate(split).items()})
-    metrics.update(zero_shot)
-    if rank == 0 and metrics:
-        print("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
-    final = saver.save(total_steps, history, metrics=metrics)
-    export_adapter(pm, run_url, rank)
-    if rank == 0:
-        # Data wait: time the step loop spent on batches, including waiting for feed parts still being built.
-        worker_seconds = time.perf_counter() - t_setup
-        timing = {
-            "setup_seconds": t_train - t_setup,
-            "train_seconds": train_seconds,
-            "data_wait_seconds": wait_total,
-            "data_wait_fraction": wait_total / train_seconds if train_seconds > 0 else 0.0,
-            "eval_wait_seconds": evaluate.waited,
-            "worker_seconds": worker_seconds,
-            # every wait for data (steps and evaluations) over the worker's whole life
-            "total_wait_fraction": (wait_total + evaluate.waited) / worker_seconds,
-            "steps_run": total_steps - start,
-        }
-        storage.write_json_atomic(
-            storage.join(run_url, "metrics.json"),
-            {"final": metrics, "steps": total_steps, "checkpoint": final, "timing": timing},
+        log_path = storage.join(run_url, "logs", "train.jsonl")
+        history: list[dict] = (
+            storage.read_json(log_path + ".json") if (start and storage.exists(log_path + ".json")) else []
         )
-        tb.close()
-    report({"step": total_steps, **metrics, "done": 1})
+        history = [h for h in history if h["step"] <= start]
+        saver = Saver(engine, pm, run_url, rank, world, sched, reader, parts, t, trackers)
+        # MFU: against the GPU's spec peak (trainer.peak_tflops overrides the table) and the measured matmul peak.
+        peaks = telemetry.device_peaks(device, t.peak_tflops, params.get("peak_flops"))
+        meter = StepMeter(engine, pm, sched, t.batch_size, world, device, peaks)
+        bar = None
+        if rank == 0 and params.get("interactive"):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total_steps, initial=start, desc="train", unit="step")
+        engine.train()
+        evaluate = Evaluator(engine, pm, params, rank, world, device, trackers)
+
+        zero_shot = {}
+        if start == 0 and params.get("eval_zero_shot") and "test" in params["streams"]:
+            # B = 0 at step 0, so the personalized model is exactly the base LLM: its zero-shot score.
+            zero_shot = {f"zeroshot_test_{k}": v for k, v in evaluate("test", step=0, tag="zeroshot_test").items()}
+        elif state is not None:  # measured before step 1 of this run: every checkpoint carries it (metrics)
+            zero_shot = {k: v for k, v in state.meta.get("metrics", {}).items() if k.startswith("zeroshot_")}
+
+        # ---- train
+        t_train = time.perf_counter()
+        for step in range(start, total_steps):
+            t_step, log_now = time.perf_counter(), (step + 1) % t.log_every == 0
+            hybrid_step = curriculum(engine, pm, cfg.run.seed, step, total_steps)
+            batches = micro_batches(reader, sched, step, rank, params["pad_id"], device, t.lora.gate_input)
+            res = train_step(engine, pm, batches, with_gate_stats=log_now)
+            rec = meter.record(step, res, t_step, hybrid_step)
+            history.append(rec)
+            if rank == 0 and log_now:
+                print(log_line("train", rec), flush=True)
+                trackers.log_metrics(train_scalars(rec), rec["step"])
+            report(dict(rec))
+            if due(t.eval_every, step + 1, total_steps) and "valid" in params["streams"]:
+                rec.update(evaluate_during_training(evaluate, step + 1, rank))
+            progress(bar, rec)
+            if due(t.checkpoint_every, step + 1, total_steps):
+                saver.save(step + 1, history, metrics=zero_shot)
+            maybe_fail(params.get("fail_at"), step + 1, rank)
+            if params.get("pause_after_checkpoint") and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+                time.sleep(params["pause_after_checkpoint"])  # tests: a window in which to preempt a node
+
+        if bar is not None:
+            bar.close()
+        train_seconds, wait_total = time.perf_counter() - t_train, meter.waited
+
+        # ---- evaluate and save
+        metrics = {}
+        for split in ("valid", "test"):
+            if split in params["streams"]:
+                metrics.update({f"{split}_{k}": v for k, v in evaluate(split, step=total_steps).items()})
+        metrics.update(zero_shot)
+        if rank == 0 and metrics:
+            print("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+        trackers.log_hparams(tracking.key_hparams(cfg), metrics)
+        final = saver.save(total_steps, history, metrics=metrics)
+        export_adapter(pm, run_url, rank)
+        if rank == 0:
+            # Data wait: time the step loop spent on batches, including waiting for feed parts still being built.
+            worker_seconds = time.perf_counter() - t_setup
+            timing = {
+                "setup_seconds": t_train - t_setup,
+                "train_seconds": train_seconds,
+                "data_wait_seconds": wait_total,
+                "data_wait_fraction": wait_total / train_seconds if train_seconds > 0 else 0.0,
+                "eval_wait_seconds": evaluate.waited,
+                "worker_seconds": worker_seconds,
+                # every wait for data (steps and evaluations) over the worker's whole life
+                "total_wait_fraction": (wait_total + evaluate.waited) / worker_seconds,
+                "steps_run": total_steps - start,
+            }
+            storage.write_json_atomic(
+                storage.join(run_url, "metrics.json"),
+                {"final": metrics, "steps": total_steps, "checkpoint": final, "timing": timing},
+            )
+        report({"step": total_steps, **metrics, "done": 1})
     reader.close()
     del hf_ds
     return {"metrics": metrics, "history": history if rank == 0 else []}
+
+
+def evaluate_during_training(evaluate: Evaluator, step: int, rank: int) -> dict[str, float]:
+    """The validation split at `step` (every rank: ZeRO-3 forwards are collective; rank 0 prints it, and the
+    evaluator sends it to the trackers)."""
+    ev = {f"valid_{k}": v for k, v in evaluate("valid", step=step).items()}
+    if rank == 0:
+        print(f"[eval] step {step} " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True)
+    return ev
+
+
+def due(every: int, step: int, total: int) -> bool:
+    """An every-N-steps action (evaluation, checkpoint) at 1-based `step`; the last step has its own."""
+    return bool(every) and step % every == 0 and step < total
+
+
+def progress(bar, rec: dict) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
 
 
 def curriculum(engine, model, seed: int, step: int, total: int) -> bool | None:
@@ -278,11 +268,12 @@ def maybe_fail(fail_at: dict | None, step: int, rank: int) -> None:
 
 class Saver:
     """Checkpoints of the run (trainer/checkpoint.py): every rank writes the full state of its share of the
-    trainable tensors (round-robin by name); rank 0 adds the metadata, the logs and TensorBoard files."""
+    trainable tensors (round-robin by name); rank 0 adds the metadata and the logs, and flushes the trackers
+    (TensorBoard files reach the run folder)."""
 
-    def __init__(self, engine, pm, run_url, rank, world, sched, reader, parts, t, tb):
+    def __init__(self, engine, pm, run_url, rank, world, sched, reader, parts, t, trackers):
         self.engine, self.pm, self.run_url, self.rank, self.world = engine, pm, run_url, rank, world
-        self.sched, self.reader, self.parts, self.t, self.tb = sched, reader, parts, t, tb
+        self.sched, self.reader, self.parts, self.t, self.trackers = sched, reader, parts, t, trackers
         self.names = pm.trainable_parameter_names()
         self.my_names = {n for i, n in enumerate(self.names) if i % world == rank}
 
@@ -308,7 +299,7 @@ class Saver:
                 storage.join(self.run_url, "logs", "train.jsonl"),
                 "".join(json.dumps(h) + "\n" for h in history).encode(),
             )
-            self.tb.flush_to(self.run_url)
+            self.trackers.flush()
         url = ckpt.save(self.run_url, step, self.rank, self.world, mine, rank_meta, meta, eng.barrier)
         if self.rank == 0:
             ckpt.prune(self.run_url, self.t.keep_last)

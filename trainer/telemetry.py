@@ -1,5 +1,5 @@
-"""What a training worker reports about itself: the step record (throughput, model FLOPs and MFU, gate
-statistics), its log lines and TensorBoard event files.
+"""What a training worker reports about itself: the step record (`StepMeter`: throughput, model FLOPs and MFU,
+gate statistics) and its log lines; trainer/tracking.py sends the records to TensorBoard, MLflow and W&B.
 
 MFU (model FLOPs utilisation) = model FLOPs per second / peak FLOP/s of the devices. Two peaks are used:
 
@@ -17,14 +17,11 @@ activation checkpointing are not model FLOPs.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from recdata import storage
+from trainer.evaluate import all_reduce_sum
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's spec sheets, matched as case-insensitive
 # substrings of torch.cuda.get_device_name(); first match wins, so specific names come before general ones.
@@ -177,25 +174,41 @@ def log_line(tag: str, rec: dict) -> str:
     )
 
 
-class TensorBoard:
-    """Event files written locally and uploaded beside the run (object stores cannot append)."""
+class StepMeter:
+    """The step record of one optimizer step: the ranks' counts all-reduced (loss, real and padded tokens, the
+    model-FLOPs terms), throughput, padding fraction, MFU against the spec and the measured peak, gate statistics.
+    `waited` sums the steps' data wait."""
 
-    def __init__(self, run_url: str):
-        from tensorboardX import SummaryWriter
+    def __init__(self, engine, pm, sched, batch_size: int, world: int, device, peaks: dict[str, float | None]):
+        self.engine, self.sched, self.batch_size, self.world, self.device = engine, sched, batch_size, world, device
+        self.config, self.trainable, self.peaks = base_config(pm), trainable_count(pm), peaks
+        self.waited = 0.0
 
-        self.dir = tempfile.mkdtemp(prefix="reclora-tb-")
-        self.writer = SummaryWriter(self.dir)
-
-    def add(self, rec: dict) -> None:
-        for k, v in rec.items():
-            if isinstance(v, (int, float)) and k != "step":
-                self.writer.add_scalar(f"train/{k}", v, rec["step"])
-
-    def flush_to(self, run_url: str) -> None:
-        self.writer.flush()
-        for f in Path(self.dir).iterdir():
-            storage.write_bytes_atomic(storage.join(run_url, "tensorboard", f.name), f.read_bytes())
-
-    def close(self) -> None:
-        self.writer.close()
-        shutil.rmtree(self.dir, ignore_errors=True)  # its files are already uploaded beside the run
+    def record(self, step: int, res, t_start: float, hybrid_step: bool | None = None) -> dict:
+        """`res`: this rank's trainer.loop.StepResult of 0-based `step`, begun at `t_start` (perf_counter); the
+        step's time includes the all-reduce of the counts (the ranks meet there)."""
+        totals = torch.tensor(
+            [res.loss_sum, res.tokens, res.padded_tokens, res.seq_sq, res.head_tokens], dtype=torch.float64
+        )
+        counts = all_reduce_sum(totals, self.device).cpu()
+        seconds = time.perf_counter() - t_start
+        self.waited += res.wait
+        rec = {
+            "step": step + 1,
+            "epoch": self.sched.cursor(step)["epoch"],
+            "loss": float(counts[0] / self.batch_size),
+            "lr": float(self.engine.optimizer.param_groups[0]["lr"]),
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": float(counts[1] / seconds),
+            "padding_fraction": float(1.0 - counts[1] / counts[2].clamp(min=1.0)),
+            "samples_per_s": self.batch_size / seconds,
+            "data_wait_fraction": res.wait / seconds,
+            "step_seconds": seconds,
+            **res.gate_stats,
+        }
+        if hybrid_step is not None:
+            rec["hybrid_prompt"] = float(hybrid_step)
+        flops_per_s = step_flops(self.config, *counts[[1, 3, 4]].tolist(), self.trainable) / seconds
+        rec["mfu"] = mfu(flops_per_s, self.peaks["spec"] or self.peaks["measured"], self.world)
+        rec["mfu_measured"] = mfu(flops_per_s, self.peaks["measured"], self.world)
+        return rec
