@@ -82,7 +82,10 @@ class PredictWorker:
             overrides = {"history_token": HISTORY_TOKEN, "candidate_token": CANDIDATE_TOKEN}
         ds = self.retriever.dataset
         self.renderer = PromptRenderer(
-            ds.read_items(), cfg.data.task, style_for(cfg.data.domain, cfg.data.prompt.model_dump(), **overrides), ds.read_users()
+            ds.read_items(),
+            cfg.data.task,
+            style_for(cfg.data.domain, cfg.data.prompt.model_dump(), **overrides),
+            ds.read_users(),
         )
         self.encoder = PromptEncoder(tok, cfg.model.max_length)
         self._answers: dict[int, list[int]] = {}
