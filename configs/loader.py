@@ -7,6 +7,7 @@ Errors name the key path and what was expected, e.g.
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import re
 import typing
@@ -200,14 +201,25 @@ def to_yaml(cfg: Config) -> str:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` of every command: each option with its default ("(default: 8)"), unless its help already says
-    what the default is; descriptions keep their line breaks."""
+    """`--help` of every command: each option with its default ("(default: 8)"), also options without a help
+    text, unless the help already says what the default is; descriptions keep their line breaks."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if (
+            not action.help
+            and action.option_strings
+            and not action.required
+            and action.default is not argparse.SUPPRESS
+        ):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        super().add_argument(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text.lower() or action.default is argparse.SUPPRESS:
+        text = (action.help or "").strip()
+        if "default" in text.lower() or action.required or action.default is argparse.SUPPRESS:
             return text
-        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+        if action.option_strings or action.default not in (None, []):
             return f"{text} (default: %(default)s)".strip()
         return text
 
@@ -228,3 +240,12 @@ def explicit_options(parser: argparse.ArgumentParser, argv: list[str] | None) ->
             action.default = default
         parser._defaults.update(saved_defaults)
     return {dest for dest in vars(given) if dest != "help"}
+
+
+def flag_overrides(args: argparse.Namespace, given: set[str], keys: dict[str, str]) -> list[str]:
+    """`key.path=value` overrides for the options given on the command line that have a config key (`keys`:
+    option dest -> key path), to apply after the user's own overrides: with `--config`, an explicit option wins
+    over the config, and the stage's content-addressed folder follows it."""
+    import json
+
+    return [f"{keys[dest]}={json.dumps(getattr(args, dest))}" for dest in keys if dest in given]

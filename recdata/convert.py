@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from configs.errors import RecloraError
+from configs.loader import HelpFormatter
 from configs.logs import get_logger, setup_logging
 from recdata import storage
 from recdata.textfiles import IngestError
@@ -104,10 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m recdata.convert",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = p.add_subparsers(dest="what", required=True)
-    lp = sub.add_parser("llara-pickles", help="LLaRA/iLoRA *.df pickles -> LLaRA JSONL (needs --trust-pickle)")
+    lp = sub.add_parser(
+        "llara-pickles",
+        help="LLaRA/iLoRA *.df pickles -> LLaRA JSONL (needs --trust-pickle)",
+        formatter_class=HelpFormatter,
+    )
     lp.add_argument("--src", required=True, help="folder with train_data.df / Val_data.df / Test_data.df")
     lp.add_argument("--out", required=True, help="folder for the JSONL files (local path or s3://)")
     lp.add_argument("--trust-pickle", action="store_true", help="allow unpickling (runs code from the files)")

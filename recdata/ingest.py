@@ -33,6 +33,7 @@ import pyarrow.ipc as ipc
 from tqdm.auto import tqdm
 
 from configs.errors import RecloraError
+from configs.loader import HelpFormatter
 from configs.logs import progress_enabled, setup_logging
 from configs.schema import ColumnsConfig
 from recdata import readers, storage
@@ -754,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m recdata.ingest",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("format", choices=sorted(readers.READERS))
     p.add_argument(

@@ -16,6 +16,7 @@ Memory per worker is bounded by one row group plus the longest user, times the p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
-from configs.loader import ConfigError, load_config
+from configs.loader import ConfigError, HelpFormatter, explicit_options, flag_overrides, load_config
 from configs.logs import get_logger, setup_logging
 from recdata import storage
 from recdata.layout import (
@@ -463,12 +464,39 @@ def _quiet() -> bool:
     return os.environ.get("RECLORA_QUIET", "0") == "1"
 
 
+# With --config: option dest -> the config key it overrides.
+CONFIG_KEYS = {
+    **{
+        k: f"retrieval.{k}"
+        for k in (
+            "k_text",
+            "k_id",
+            "text_mode",
+            "id_mode",
+            "subr_pool",
+            "sim_pool",
+            "metric",
+            "num_candidates",
+            "min_history",
+            "empty_history",
+            "missing_text",
+            "max_eval_samples",
+            "max_train_samples",
+            "num_workers",
+        )
+    },
+    "seed": "run.seed",
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m retrieval.build", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m retrieval.build", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument(
         "--config",
-        help="preset or YAML: dataset, output, retrieval options and workers from it "
-        "(the explicit options below are then ignored)",
+        help="preset or YAML: dataset, output, retrieval options and workers from it; an option below given "
+        "explicitly overrides the config's value (--k-text 5 == retrieval.k_text=5)",
     )
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
     p.add_argument("--dataset", help="committed dataset URL (recdata.ingest --out)")
@@ -493,7 +521,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-rows", type=int, default=BuildOptions.chunk_rows)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="delete --out first")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.given = explicit_options(p, argv)
+    return a
 
 
 def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
@@ -536,14 +566,17 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
 def _main_from_config(a: argparse.Namespace, runner: Runner | None) -> int:
 
     try:
-        cfg = load_config(a.config, a.overrides)
+        cfg = load_config(a.config, a.overrides + flag_overrides(a, a.given, CONFIG_KEYS))
         opts = options_from_config(cfg)
+        if "chunk_rows" in a.given:  # not a config key: how many rows a worker holds at once
+            opts = dataclasses.replace(opts, chunk_rows=a.chunk_rows).validate()
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     p = paths(cfg)
-    dataset, out = p.dataset, p.samples
+    dataset = a.dataset if "dataset" in a.given else p.dataset
+    out = a.out if "out" in a.given else p.samples
     embeddings = a.embeddings
     if opts.needs_embeddings and not embeddings:
         embeddings = latest_embeddings(embeddings_root(cfg))

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from configs.errors import RecloraError
-from configs.loader import ConfigError, load_config
+from configs.loader import ConfigError, HelpFormatter, explicit_options, flag_overrides, load_config
 from configs.logs import get_logger, setup_logging
 from recdata import storage
 from recdata.layout import embeddings_root, paths  # the pipeline's layout: this CLI and trainer/main.py agree
@@ -324,16 +324,24 @@ def main(argv: list[str] | None = None, runner: Runner | None = None, place: Cal
     every task runs in this process. `place(workers=, dtype=, model=, model_cfg=, run_cfg=) -> (workers, gpus
     per worker, dtype)` is where the runner's workers go (the `reclora` command asks the Ray cluster, and refuses
     a large model on CPU: cluster.placement); it raises a RecloraError to refuse."""
-    p = argparse.ArgumentParser(prog="python -m retrieval.embed_items", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="preset or YAML: dataset, output folder, PCA size, domain and seed from it")
+    p = argparse.ArgumentParser(
+        prog="python -m retrieval.embed_items", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        help="preset or YAML: dataset, output folder, PCA size, domain, seed, workers and missing-text rule from "
+        "it; an option below given explicitly overrides the config's value (--pca-dims 8 == retrieval.pca_dim=8)",
+    )
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
-    p.add_argument("--dataset")
+    p.add_argument("--dataset", help="committed dataset URL (default: the config's, with --config)")
     p.add_argument(
         "--model",
         help="the model: a Hugging Face folder (config.json + safetensors + tokenizer), an s3:// prefix or a hub "
         "id (org/name[@revision]); with --config, defaults to model.name_or_path",
     )
-    p.add_argument("--out", help="cache root URL; the result goes to {out}/{key}/")
+    p.add_argument(
+        "--out", help="cache root URL; the result goes to {out}/{key}/ (default: the config's, with --config)"
+    )
     p.add_argument("--pca-dims", type=int, default=EmbedOptions.pca_dims)
     p.add_argument("--batch-size", type=int, default=EmbedOptions.batch_size)
     p.add_argument("--max-length", type=int, default=EmbedOptions.max_length)
@@ -356,19 +364,27 @@ def main(argv: list[str] | None = None, runner: Runner | None = None, place: Cal
     a = p.parse_args(argv)
     setup_logging()
     if a.config:
+        keys = {
+            "pca_dims": "retrieval.pca_dim",
+            "domain": "data.domain",
+            "seed": "run.seed",
+            "num_workers": "retrieval.num_workers",
+            "missing_text": "retrieval.missing_text",
+        }
         try:
-            cfg = load_config(a.config, a.overrides)
+            cfg = load_config(a.config, a.overrides + flag_overrides(a, explicit_options(p, argv), keys))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
         a.dataset = a.dataset or paths(cfg).dataset
         a.out = a.out or embeddings_root(cfg)
-        a.pca_dims, a.domain, a.seed, a.num_workers = (
+        a.pca_dims, a.domain, a.seed, a.num_workers, a.missing_text = (
             cfg.retrieval.pca_dim,
             cfg.data.domain,
             cfg.run.seed,
             cfg.retrieval.num_workers,
+            cfg.retrieval.missing_text,
         )
         if not a.model:
             if cfg.model.tiny:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from configs.errors import RecloraError
-from configs.loader import ConfigError, load_config
+from configs.loader import ConfigError, HelpFormatter, explicit_options, flag_overrides, load_config
 from configs.logs import setup_logging
 from recdata import storage
 from recdata.layout import paths
@@ -315,12 +315,14 @@ def pc_flatten(col: pa.ChunkedArray) -> np.ndarray:
 def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
     """Ray workers come from `runner` (the `reclora` command passes cluster.pool.run_sharded); without one,
     every task runs in this process."""
-    p = argparse.ArgumentParser(prog="python -m teacher.score", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m teacher.score", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument(
         "--config",
-        help="preset name or YAML: model, samples and reps URLs (trainer.stages.paths), actors "
-        "(teacher.num_workers) and the expected size (teacher.rep_dim) from it; "
-        "--model/--samples/--out/--num-actors/--expected-rep-dim are then ignored",
+        help="preset name or YAML: model, samples and reps URLs (recdata.layout.paths), actors "
+        "(teacher.num_workers) and the expected size (teacher.rep_dim) from it; an option below given "
+        "explicitly overrides the config's value",
     )
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
     p.add_argument("--model", help="committed teacher URL (teacher.train --out)")
@@ -331,17 +333,19 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
-    p.add_argument("--expected-rep-dim", type=int, default=None)
+    p.add_argument("--expected-rep-dim", type=int, default=None, help="refuse another size (default: any)")
     a = p.parse_args(argv)
+    given = explicit_options(p, argv)
     setup_logging()
 
     try:
         if a.config:
-            cfg = load_config(a.config, a.overrides)
+            cfg = load_config(a.config, a.overrides + flag_overrides(a, given, {"num_actors": "teacher.num_workers"}))
             storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
             pt = paths(cfg)
-            model, samples, out = pt.teacher, pt.samples, pt.reps
-            num_actors, rep_dim = cfg.teacher.num_workers, cfg.teacher.rep_dim
+            model, samples, out = (a.model or pt.teacher), (a.samples or pt.samples), (a.out or pt.reps)
+            num_actors = cfg.teacher.num_workers
+            rep_dim = a.expected_rep_dim if "expected_rep_dim" in given else cfg.teacher.rep_dim
             if not storage.exists(storage.join(model, META_FILE)):
                 cmd = " ".join(["python -m teacher.train --config", a.config, *a.overrides])
                 raise RepsError(f"{model}: no committed teacher ({META_FILE} missing); run `{cmd}` first")

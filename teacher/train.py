@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from configs.loader import ConfigError, load_config
+from configs.loader import ConfigError, HelpFormatter, explicit_options, flag_overrides, load_config
 from configs.logs import get_logger, progress_enabled, setup_logging
 from recdata import metrics as M
 from recdata import storage
@@ -404,16 +404,19 @@ def _fit(
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m teacher.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m teacher.train", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument(
         "--config",
         help="preset name or YAML: samples, dataset, model URL and teacher settings from it "
-        "(trainer.stages.paths); the explicit options below are then ignored",
+        "(recdata.layout.paths); an option below given explicitly overrides the config's value "
+        "(--epochs 3 == teacher.epochs=3)",
     )
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for --config")
     p.add_argument("--samples", help="samples URL ({samples}/{split}/shard-*.parquet)")
     p.add_argument("--out", help="model URL to commit to")
-    p.add_argument("--model", choices=["din", "sasrec"])
+    p.add_argument("--model", choices=["din", "sasrec"], help="the teacher (default: teacher.model with --config)")
     p.add_argument("--dataset", default=None, help="canonical dataset URL for item/user attributes")
     for name, typ in (
         ("epochs", int),
@@ -428,16 +431,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         ("num-threads", int),
         ("weight-decay", float),
     ):
-        p.add_argument(f"--{name}", type=typ, default=None)
-    p.add_argument("--mlp-hidden", default=None, help="comma-separated, e.g. 256,256,256 (DIN)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+        p.add_argument(
+            f"--{name}", type=typ, default=None, help="default: the config's value with --config, else the model's"
+        )
+    p.add_argument("--mlp-hidden", default=None, help="comma-separated, e.g. 256,256,256 (DIN); default: as --epochs")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: auto")
     p.add_argument(
         "--num-workers",
         type=int,
         default=None,
-        help="data-parallel Ray Train workers (each takes --num-threads CPUs); default 1: this process",
+        help="data-parallel Ray Train workers (each takes --num-threads CPUs); default: teacher.train_workers with "
+        "--config, else 1 (this process)",
     )
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.given = explicit_options(p, argv)
+    return a
 
 
 def _config_from_args(a: argparse.Namespace) -> TeacherConfig:
@@ -489,10 +497,51 @@ def _resolve(a: argparse.Namespace) -> tuple[str, str, str | None, TeacherConfig
             raise TeacherConfigError(f"key=value overrides {a.overrides} need --config")
         return a.samples, a.out, a.dataset, _config_from_args(a)
 
-    cfg = load_config(a.config, a.overrides)
+    cfg = load_config(a.config, a.overrides + config_overrides(a))
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
     p = paths(cfg)
-    return p.samples, p.teacher, p.dataset, TeacherConfig.from_run_config(cfg)
+    # Not config keys (how the teacher runs, not what it learns): straight into the teacher's settings.
+    runtime = {k: getattr(a, k) for k in ("num_threads", "device") if k in a.given}
+    samples = a.samples if "samples" in a.given else p.samples
+    out = a.out if "out" in a.given else p.teacher
+    dataset = a.dataset if "dataset" in a.given else p.dataset
+    return samples, out, dataset, TeacherConfig.from_run_config(cfg, **runtime)
+
+
+# With --config: option dest -> the config key it overrides (the history length is the samples' K_id).
+CONFIG_KEYS = {
+    "model": "teacher.model",
+    **{
+        k: f"teacher.{k}"
+        for k in ("epochs", "batch_size", "lr", "embed_dim", "attn_layers", "dropout", "patience", "weight_decay")
+    },
+    "mlp_hidden": "teacher.mlp_hidden",
+    "num_workers": "teacher.train_workers",
+    "seed": "run.seed",
+    "max_hist": "retrieval.k_id",
+}
+
+
+def config_overrides(a: argparse.Namespace) -> list[str]:
+    """The explicit options as key=value overrides of the run config (applied after the user's own)."""
+    given = set(a.given)
+    if "mlp_hidden" in given and isinstance(a.mlp_hidden, str):
+        try:
+            a.mlp_hidden = [int(x) for x in a.mlp_hidden.split(",")]
+        except ValueError:
+            raise TeacherConfigError(
+                f"--mlp-hidden: expected comma-separated layer widths like 256,256,256, got {a.mlp_hidden!r}"
+            ) from None
+    over = flag_overrides(a, given, CONFIG_KEYS)
+    if given & {"model", "mlp_hidden", "embed_dim"}:
+        # As without --config: the representation is the last MLP layer (DIN) or the embedding (SASRec).
+        t = load_config(a.config, a.overrides).teacher
+        model = a.model if "model" in given else t.model
+        if model == "sasrec":
+            over.append(f"teacher.rep_dim={a.embed_dim if 'embed_dim' in given else t.embed_dim}")
+        else:
+            over.append(f"teacher.rep_dim={(a.mlp_hidden if 'mlp_hidden' in given else t.mlp_hidden)[-1]}")
+    return over
 
 
 def main(argv: list[str] | None = None, launch: Launcher | None = None, place: Callable[[], bool] | None = None) -> int:
@@ -505,7 +554,8 @@ def main(argv: list[str] | None = None, launch: Launcher | None = None, place: C
         samples, out, dataset, cfg = _resolve(a)
         # A samples folder without its manifest was never completely built (retrieval.build writes it last).
         if a.config and not storage.exists(storage.join(samples, "manifest.json")):
-            cmd = " ".join(["python -m retrieval.build --config", a.config, *a.overrides])
+            samples_keys = [o for o in config_overrides(a) if o.startswith(("retrieval.", "run."))]
+            cmd = " ".join(["python -m retrieval.build --config", a.config, *a.overrides, *samples_keys])
             raise SamplesError(f"{samples}: no manifest.json: the samples are not built; run `{cmd}` first")
         use_gpu = place() if launch is not None and place is not None and cfg.device == "auto" else None
         res = train_teacher(samples, out, cfg, dataset_url=dataset, launch=launch, use_gpu=use_gpu)
