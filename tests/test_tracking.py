@@ -217,8 +217,11 @@ def test_an_exception_marks_the_mlflow_run_failed_after_a_last_flush(tmp_path, m
     # A restarted worker continues the same MLflow run.
     with Trackers.from_config(cfg, run_url, rank=0, start_step=3) as trackers:
         trackers.log_metrics({"train/loss": 0.8}, 4)
+        trackers.log_hparams(tracking.key_hparams(cfg), {"test_auc": 0.7})  # a final metric not logged before
     (again,) = client.search_runs([client.get_experiment_by_name("boom").experiment_id])
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "test/auc")] == [(4, 0.7)]
+    assert again.data.params["trainer.lora.mode"] == "reclora"
 
 
 def test_a_tracker_that_fails_while_logging_is_skipped(tmp_path, caplog):

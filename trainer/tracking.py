@@ -281,6 +281,7 @@ class MLflow:
         except MlflowException as e:  # a resume with another learning rate: MLflow keeps the first value
             log.warning("tracking: mlflow params not updated: %s", _first_line(e))
         self.logged: set[str] = set()
+        self.last_step = 0
         print(f"[tracking] mlflow run {self.run_id} in experiment {name!r} at {redact(uri)}", flush=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -289,13 +290,14 @@ class MLflow:
         ts = int(time.time() * 1000)
         batch = [Metric(mlflow_key(k), float(v), ts, step) for k, v in metrics.items()]
         self.logged.update(m.key for m in batch)
+        self.last_step = max(self.last_step, step)
         self.client.log_batch(self.run_id, metrics=batch)
 
     def log_hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
         # Params went in at the start; final metrics not logged during the run (none, normally) go in now.
         new = {k: v for k, v in metrics.items() if mlflow_key(k) not in self.logged}
         if new:
-            self.log_metrics(new, 0)
+            self.log_metrics(new, self.last_step)
 
     def flush(self) -> None:
         pass
