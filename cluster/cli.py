@@ -29,9 +29,9 @@ import sys
 from cluster.launch import run_training
 from cluster.placement import place_embed, teacher_uses_gpu
 from cluster.pool import run_sharded
+from cluster.runtime import setup_console
 from configs.errors import RecloraError
 from configs.loader import HelpFormatter, load_config, to_yaml
-from configs.logs import setup_logging
 from recdata import convert, ingest
 from retrieval import build, embed_items
 from teacher import score
@@ -75,7 +75,7 @@ def print_config(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    setup_logging()
+    setup_console()
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2

@@ -31,7 +31,7 @@ from cluster.placement import (
     stage_placement,
 )
 from cluster.pool import run_sharded
-from cluster.runtime import init_ray
+from cluster.runtime import adopt_deepspeed_logger, init_ray
 from configs.errors import RecloraError
 from configs.loader import to_yaml
 from configs.logs import get_logger, progress_enabled
@@ -126,6 +126,8 @@ class Pipeline:
             verify(cfg.trainer.resume)
             check_compatible(cfg.trainer.resume, fingerprint_parts(cfg))
         storage.write_bytes_atomic(storage.join(p.run, "config.yaml"), to_yaml(cfg).encode())
+        if any(s in self.stages and not layout.done(s, cfg, p) for s in ("embed", "train")):
+            adopt_deepspeed_logger()  # the LLM stages import DeepSpeed (in this process too): its lines on stderr
         self.preflight()
         for stage in self.stages:
             t0 = time.perf_counter()

@@ -17,11 +17,13 @@ cluster.launch, actors in cluster.pool): configs.logs' one format, once per line
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
 
-from configs.logs import setup_logging
+from configs.logs import progress_enabled, setup_logging
 
 _LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -122,3 +124,32 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def setup_console() -> None:
+    """The set-up of an entry point (trainer/main.py, `reclora`): configs.logs' handler, and no Hugging Face
+    progress bars off a terminal (a saved model's "Writing model shards" would be one long line in a log)."""
+    setup_logging()
+    if not progress_enabled():
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is first imported
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        elif "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+
+
+def adopt_deepspeed_logger() -> None:
+    """DeepSpeed logs through a logger of its own with a handler on stdout, and warns there while it is
+    imported ("Setting accelerator to CPU"): stdout is for results. Import it with stdout pointed at stderr,
+    then hand its records to the root logger (configs.logs' format)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed.utils.logging  # noqa: F401
+    ds = logging.getLogger("DeepSpeed")
+    for handler in list(ds.handlers):
+        if type(handler) is logging.StreamHandler:
+            ds.removeHandler(handler)
+    ds.propagate = True

@@ -246,6 +246,9 @@ def check_console(stdout: str, stderr: str) -> None:
     assert len(epochs) == 1, epochs
     assert re.search(r"^\S+ \S+ INFO \[rank 0\] cluster\.pipeline: \[train\] -> ", stderr, re.M), stderr[-3000:]
     assert "[train] ->" not in stdout and "trained LLM" in stdout
+    # The driver's stdout holds results only: library warnings (DeepSpeed's own logger) go to stderr.
+    driver_out = [line for line in stdout.splitlines() if not _RAY_FORWARDED.match(line)]
+    assert not [line for line in driver_out if "WARNING" in line], driver_out[:20]
 
 
 def _one(pattern: str, root: Path) -> Path:

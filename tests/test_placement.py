@@ -5,6 +5,7 @@ teacher on Ray workers (processes other than the driver) on a real local Ray."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -121,14 +122,15 @@ def test_reclora_embed_asks_the_cluster_and_refuses_7b_on_cpu(big_model, ray_loc
     (tmp_path / "m").mkdir()
     argv = ["--dataset", str(tmp_path / "ds"), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "e")]
     assert embed_main(argv, runner=run_sharded, place=place_embed) == 2
-    err = capsys.readouterr()
-    assert "[embed] on 1 CPU worker(s), float32 (cluster GPUs: 0)" in err.out
-    line = err.err.strip()
-    assert "\n" not in line and line.startswith("error: embed stage: ") and "~6.7B parameters" in line
+    err = capsys.readouterr().err
+    assert "INFO [rank 0] cluster.placement: [embed] on 1 CPU worker(s), float32 (cluster GPUs: 0)" in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1]
+    assert errors[0].startswith("error: embed stage: ") and "~6.7B parameters" in errors[0]
 
 
 @pytest.mark.slow  # a real local Ray; ingest + embed + samples + a Ray Train teacher: ~1-2 min on 2 cores
-def test_pipeline_embeds_and_trains_the_teacher_on_ray_workers(ray_local, tmp_path, monkeypatch, capsys):
+def test_pipeline_embeds_and_trains_the_teacher_on_ray_workers(ray_local, tmp_path, monkeypatch, caplog):
     """With retrieval.num_workers=1 and teacher.train_workers=1 (the cases that used to run in the driver),
     embed runs on a Ray actor and the teacher on a Ray Train worker: other processes than this driver."""
     src = preference_dataset(tmp_path / "src")
@@ -145,10 +147,10 @@ def test_pipeline_embeds_and_trains_the_teacher_on_ray_workers(ray_local, tmp_pa
         ],
     )
     pipe = Pipeline.setup(cfg, ["ingest", "embed", "samples", "teacher"])
+    caplog.set_level(logging.INFO, logger="cluster.pipeline")
     pipe.run()
-    out = capsys.readouterr().out
-    assert "[embed] on 1 CPU worker(s), float32 (cluster GPUs: 0)" in out
-    assert "[teacher] on 1 CPU worker(s)" in out
+    assert "[embed] on 1 CPU worker(s), float32 (cluster GPUs: 0)" in caplog.text  # status lines: log records
+    assert "[teacher] on 1 CPU worker(s)" in caplog.text
 
     embed = [json.loads(p.read_text()) for p in (reports / "actors").glob("actor-embed-items-*.json")]
     assert len(embed) == 1 and embed[0]["pid"] != os.getpid() and embed[0]["gpu_ids"] == []

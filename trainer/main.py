@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.pipeline import Pipeline  # noqa: E402
+from cluster.runtime import setup_console  # noqa: E402
 from configs.errors import RecloraError  # noqa: E402
 from configs.loader import HelpFormatter, load_config  # noqa: E402
-from configs.logs import setup_logging  # noqa: E402
 from recdata.layout import DEFAULT_STAGES, STAGES  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_console()
     t0 = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides + ([f"trainer.resume={args.resume}"] if args.resume else []))
