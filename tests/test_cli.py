@@ -176,3 +176,29 @@ def test_dry_run_names_folders_after_the_runs_own_dataset(tmp_path, capsys):
     named = [f"run.output_dir={tmp_path}", *other, "data.dataset_url=datasets/lastfm"]
     assert train_main.main(["--config", "tiny", *named, "--dry-run"]) == 0
     assert "samples/lastfm/" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ worker console set-up
+def test_worker_logging_keeps_one_console_handler_and_silences_ray_train_reports():
+    import logging
+
+    import ray.train.v2._internal.execution.context as ray_context
+    from ray._private.log import PlainRayHandler
+
+    from cluster.runtime import ray_env, setup_worker_logging
+
+    root = logging.getLogger()
+    ray_console = PlainRayHandler()
+    root.addHandler(ray_console)  # what Ray Train's worker logging config installs on the root logger
+    try:
+        setup_worker_logging(rank=1)
+        assert ray_console not in root.handlers
+        ours = [h for h in root.handlers if getattr(h, "reclora", False)]
+        assert len(ours) == 1
+        # Ray Train's context logger is named after its file, not its module.
+        assert logging.getLogger(ray_context.__file__).getEffectiveLevel() == logging.WARNING
+    finally:
+        root.removeHandler(ray_console)
+        root.handlers = [h for h in root.handlers if not getattr(h, "reclora", False)]
+    env = ray_env()
+    assert env["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
