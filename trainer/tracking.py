@@ -282,7 +282,7 @@ class MLflow:
             log.warning("tracking: mlflow params not updated: %s", _first_line(e))
         self.logged: set[str] = set()
         self.last_step = 0
-        print(f"[tracking] mlflow run {self.run_id} in experiment {name!r} at {redact(uri)}", flush=True)
+        log.info("mlflow run %s in experiment %r at %s", self.run_id, name, redact(uri))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
