@@ -1,7 +1,8 @@
 """One training worker: DeepSpeed (ZeRO-3 by default) over the personalized LM, top to bottom.
 
 setup (distributed, model under zero.Init, adapter, resume: trainer.engine) -> train (train_step per optimizer
-step, logging: trainer.telemetry, checkpoints) -> evaluate (trainer.evaluate) -> save. Knows nothing of Ray:
+step, step record: trainer.telemetry, TensorBoard / MLflow / W&B: trainer.tracking, checkpoints) -> evaluate
+(trainer.evaluate) -> save. Knows nothing of Ray:
 `rank`, `world` and a `report` callback come from the launcher (cluster/launch.py), so the same function runs
 under any launcher.
 """
