@@ -33,6 +33,7 @@ def source(tmp_path_factory) -> Path:
 
 
 def data_args(src: Path) -> list[str]:
+    # data.dataset_url left at its default: the stage folders are named after this data (inter.csv, CTR).
     return ["data.format=generic", f"data.src={src / 'inter.csv'}", f"data.items={src / 'items.csv'}"]
 
 
@@ -143,10 +144,10 @@ def test_ray_job_submit_runs_the_whole_pipeline_on_s3(source, s3_bucket, s3_serv
         return any(fnmatch.fnmatch(k, pattern) for k in keys)
 
     for pattern in (
-        "runs/datasets/ml-100k-ctr/*/manifest.json",
-        "runs/samples/ml-100k-ctr/*/manifest.json",
-        "runs/teachers/ml-100k-ctr-din/*/teacher.json",
-        "runs/embeddings/ml-100k-ctr/*/meta.json",
+        "runs/datasets/inter-ctr/*/manifest.json",
+        "runs/samples/inter-ctr/*/manifest.json",
+        "runs/teachers/inter-ctr-din/*/teacher.json",
+        "runs/embeddings/inter-ctr/*/meta.json",
         "runs/tiny/data/train/part-00000.json",
         "runs/tiny/adapter/adapter_model.safetensors",
         "runs/tiny/adapter/gates.safetensors",
@@ -181,7 +182,7 @@ def _run(args: list[str], cwd: Path, env: dict, timeout: int = 600) -> subproces
 
 
 def _samples_dir(root: Path) -> Path:
-    (d,) = list((root / "samples" / "ml-100k-ctr").iterdir())
+    (d,) = list((root / "samples" / "inter-ctr").iterdir())
     return d
 
 
