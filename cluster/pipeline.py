@@ -47,6 +47,7 @@ from retrieval.embed_items import EmbedOptions, embed_items
 from teacher.config import TeacherConfig
 from teacher.score import score_samples
 from teacher.train import train_teacher
+from trainer import tracking
 from trainer.checkpoint import check_compatible, latest_complete, verify
 from trainer.engine import ds_config
 from trainer.loop import fingerprint_parts, train_worker
@@ -88,6 +89,8 @@ class Pipeline:
             # Workers (Ray actors, Ray Train) run in other directories: hand them absolute paths.
             cfg.run.output_dir = str(Path(cfg.run.output_dir.removeprefix("file://")).resolve())
             storage.check_writable(cfg.run.output_dir, "run.output_dir")  # a file on the way, a read-only folder
+        if "train" in stages:
+            tracking.require(cfg)  # a missing mlflow / wandb stops the run now, not after hours of earlier stages
         return cls(cfg, stages)
 
     def plan(self) -> str:

@@ -56,6 +56,13 @@ def ray_env() -> dict[str, str]:
         "AWS_ENDPOINT_URL",
         "RECLORA_S3_ENDPOINT",
         "PYTHONPATH",
+        # Tracking settings (run.report_to); never credentials (WANDB_API_KEY and the like stay in the pod env).
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_EXPERIMENT_NAME",
+        "WANDB_MODE",
+        "WANDB_PROJECT",
+        "WANDB_ENTITY",
+        "WANDB_DIR",
     ):
         if os.environ.get(key):
             env[key] = os.environ[key]

@@ -17,6 +17,19 @@ FORMAT = "%(asctime)s %(levelname)s [rank %(rank)s] %(name)s: %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (a test's capture, a redirected stream), never to
+    the stream that was current at setup and may be closed since."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 class _RankFilter(logging.Filter):
     def __init__(self, rank: str) -> None:
         super().__init__()
@@ -32,7 +45,7 @@ def setup_logging(level: str | int | None = None, rank: int | None = None) -> No
     Level: the argument, else RECLORA_LOG_LEVEL, else INFO."""
     level = level or os.environ.get("RECLORA_LOG_LEVEL") or "INFO"
     rank_text = str(rank if rank is not None else os.environ.get("RANK", "0"))
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
     handler.addFilter(_RankFilter(rank_text))
     root = logging.getLogger()

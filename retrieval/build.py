@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import resource
 import sys
 import time
@@ -458,10 +457,6 @@ def build_samples(
     }
     storage.write_json_atomic(murl, manifest)
     return manifest
-
-
-def _quiet() -> bool:
-    return os.environ.get("RECLORA_QUIET", "0") == "1"
 
 
 # With --config: option dest -> the config key it overrides.

@@ -180,10 +180,6 @@ class ScoreWorker:
         return pa.Table.from_arrays(cols, schema=self.schema)
 
 
-def _quiet() -> bool:
-    return os.environ.get("RECLORA_QUIET", "0") == "1"
-
-
 def score_samples(
     model_url: str,
     samples_url: str,

@@ -371,8 +371,8 @@ def test_hf_token_only_from_the_pod_environment(monkeypatch):
 
     monkeypatch.setenv("HF_TOKEN", "hf_sentinelSECRET0000")
     assert "HF_TOKEN" not in ray_env()
-    for name in ("rayjob.yaml", "raycluster.yaml"):
-        for doc in yaml.safe_load_all((REPO / "cluster" / "k8s" / "base" / name).read_text()):
+    for name in ("base/rayjob.yaml", "dev-raycluster/raycluster.yaml"):
+        for doc in yaml.safe_load_all((REPO / "cluster" / "k8s" / name).read_text()):
             spec = doc["spec"].get("rayClusterSpec", doc["spec"])
             assert "HF_TOKEN" not in doc["spec"].get("runtimeEnvYAML", "")
             for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:

@@ -41,6 +41,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from configs.errors import RecloraError
+from configs.loader import HelpFormatter
 from recdata import storage
 from recdata.model_source import load_kwargs, resolve_model
 from trainer.gates import MixtureGates
@@ -651,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         "  python -m trainer.export --run runs/x --gap\n"
         "  python -m trainer.export --adapter OLD_ADAPTER --mark-personalized\n"
         "load a result with peft.PeftModel.from_pretrained(base_model, OUT).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--adapter", help="mixture adapter folder or URL (has mixture_config.json)")
     parser.add_argument("--run", help="trained run folder or URL: its adapter, teacher and data (--users, --gap)")

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from configs.loader import validate
+from configs.logs import get_logger
 from recdata import storage
 from recdata.streams import Schedule, StreamReader, collate
 from trainer import checkpoint as ckpt
@@ -31,6 +32,8 @@ from trainer.hybrid import HybridLM, use_hybrid
 from trainer.objective import answer_loss, gate_input
 from trainer.telemetry import StepMeter, gate_stats, log_line
 from trainer.tracking import Trackers, train_scalars
+
+log = get_logger(__name__)
 
 
 def fingerprint_parts(cfg) -> dict[str, Any]:
@@ -137,7 +140,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
         if state is not None:
             start = eng.restore(engine, pm, scheduler, lam, state, rank, cfg.run.seed)
             if rank == 0:
-                print(f"[train] resumed from {resume_url} at step {start}", flush=True)
+                log.info(f"[train] resumed from {resume_url} at step {start}")
         else:
             torch.manual_seed(cfg.run.seed * 1000 + rank)
 
@@ -175,7 +178,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
             rec = meter.record(step, res, t_step, hybrid_step)
             history.append(rec)
             if rank == 0 and log_now:
-                print(log_line("train", rec), flush=True)
+                log.info(log_line("train", rec))
                 trackers.log_metrics(train_scalars(rec), rec["step"])
             report(dict(rec))
             if due(t.eval_every, step + 1, total_steps) and "valid" in params["streams"]:
@@ -198,7 +201,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
                 metrics.update({f"{split}_{k}": v for k, v in evaluate(split, step=total_steps).items()})
         metrics.update(zero_shot)
         if rank == 0 and metrics:
-            print("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+            log.info("[eval] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         trackers.log_hparams(tracking.key_hparams(cfg), metrics)
         final = saver.save(total_steps, history, metrics=metrics)
         export_adapter(pm, run_url, rank)
@@ -231,7 +234,7 @@ def evaluate_during_training(evaluate: Evaluator, step: int, rank: int) -> dict[
     evaluator sends it to the trackers)."""
     ev = {f"valid_{k}": v for k, v in evaluate("valid", step=step).items()}
     if rank == 0:
-        print(f"[eval] step {step} " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True)
+        log.info(f"[eval] step {step} " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
     return ev
 
 

@@ -41,7 +41,7 @@ from typing import Any
 # Runnable as a script (`python trainer/predict.py`) as well as a module.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configs.loader import ConfigError, validate  # noqa: E402
+from configs.loader import ConfigError, HelpFormatter, validate  # noqa: E402
 from recdata import storage  # noqa: E402
 from recdata.layout import latest_embeddings, paths  # noqa: E402
 from recdata.model_source import ModelSourceError, model_reference  # noqa: E402
@@ -343,7 +343,9 @@ def summary_line(m: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.predict", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.predict", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--run", required=True, help="trained run folder (holds config.yaml and adapter/)")
     p.add_argument("--requests", required=True, help="Parquet with user_id, item_id[, timestamp][, candidates]")
     p.add_argument("--out", required=True, help="output folder URL (parts, commit markers, _manifest.json)")
