@@ -65,7 +65,12 @@ def run_training(
 
     ray = init_ray()
     box_name = f"reclora-errors-{uuid.uuid4().hex}"
-    box = ray.remote(num_cpus=0)(_ErrorBox).options(name=box_name).remote()
+    # The box lives on the driver's node: a preempted worker node must not take it (and the error it may hold)
+    # down, which would turn a recovered run into an ActorDiedError at the end.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    box = ray.remote(num_cpus=0)(_ErrorBox).options(name=box_name, scheduling_strategy=here).remote()
     resources = {"CPU": cpus_per_worker, **(worker_resources or {})}
     if use_gpu:
         resources["GPU"] = 1
