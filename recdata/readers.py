@@ -807,12 +807,8 @@ def _numeric(col) -> bool:
 
 
 def _id_columns(files: list[str], need: dict[str, str], encoding: str) -> dict[str, list[pa.Array]]:
-    """The user and item id columns of every interactions file, as the reader infers them (the scan that decides
-    whether ids are strings, and the keys of the user map)."""
-    import io
-
-    import pyarrow.csv as pacsv
-
+    """The user and item id columns of every interactions file (CSV: as text; Parquet: as typed): the scan that
+    decides whether ids are strings, and the keys of the user map."""
     wanted = {c: need[c] for c in ("user_id", "item_id")}
     out: dict[str, list[pa.Array]] = {"user_id": [], "item_id": []}
     for url in files:
@@ -834,28 +830,7 @@ def _id_columns(files: list[str], need: dict[str, str], encoding: str) -> dict[s
                         f"the file is damaged: write or download it again"
                     ) from None
         else:
-            delim = "\t" if url.endswith(".tsv") else ","
-            raw = open_bytes(url)
-            if not raw.strip():
-                raise IngestError(f"{url}: file is empty")
-            header = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r").split(delim)
-            if len(header) == 1 and len(need) > 1:
-                raise IngestError(
-                    f"{url}:1: header has one column {header[0][:60]!r}: wrong delimiter? expected {delim!r}"
-                )
-            _check_columns(url, header, need)
-            try:
-                t = pacsv.read_csv(
-                    io.BytesIO(raw),
-                    read_options=pacsv.ReadOptions(encoding=encoding, block_size=1 << 24),
-                    parse_options=pacsv.ParseOptions(delimiter=delim),
-                    convert_options=pacsv.ConvertOptions(
-                        include_columns=list(dict.fromkeys(wanted.values())),
-                        column_types={n: pa.string() for n in wanted.values()},
-                    ),
-                )
-            except (pa.ArrowInvalid, UnicodeDecodeError) as e:
-                raise _csv_problem(url, raw, delim, len(header), encoding, e) from None
+            t = _read_csv(url, need, encoding, list(dict.fromkeys(wanted.values())), tuple(wanted.values()))
         for canon, name in wanted.items():
             out[canon].append(t[name])
     return out
@@ -1000,6 +975,20 @@ def _generic_batches(
                 yield Batch(_to_canonical(url, t, need, row, False, id_maps), url, None, shown)
                 row += t.num_rows
         return
+    # String ids stay strings: "0012" must not become 12 in a file whose ids all look numeric.
+    t = _read_csv(url, need, encoding, list(dict.fromkeys(need.values())), tuple(keys.values()))
+    if t.num_rows == 0:
+        raise IngestError(f"{url}: only a header, no rows; the file needs one interaction per line below the header")
+    shown = {c: t[n].combine_chunks() for c, n in keys.items()}
+    yield Batch(_to_canonical(url, t, need, 0, True, id_maps), url, 2, shown)
+
+
+def _read_csv(url: str, need: dict[str, str], encoding: str, include: list[str], text: tuple[str, ...]) -> pa.Table:
+    """One interactions CSV/TSV, checked (empty file, wrong delimiter, missing columns, bad lines: one error naming
+    file and line); columns `include`, of which `text` are read as strings. Used by the string-id scan and the
+    batches, so both read a file the same way."""
+    import io
+
     import pyarrow.csv as pacsv
 
     delim = "\t" if url.endswith(".tsv") else ","
@@ -1010,25 +999,15 @@ def _generic_batches(
     if len(header) == 1 and len(need) > 1:
         raise IngestError(f"{url}:1: header has one column {header[0][:60]!r}: wrong delimiter? expected {delim!r}")
     _check_columns(url, header, need)
-    import io
-
     try:
-        t = pacsv.read_csv(
+        return pacsv.read_csv(
             io.BytesIO(raw),
             read_options=pacsv.ReadOptions(encoding=encoding, block_size=1 << 24),
             parse_options=pacsv.ParseOptions(delimiter=delim),
-            # String ids stay strings: "0012" must not become 12 in a file whose ids all look numeric.
-            convert_options=pacsv.ConvertOptions(
-                include_columns=list(dict.fromkeys(need.values())),
-                column_types={n: pa.string() for n in keys.values()},
-            ),
+            convert_options=pacsv.ConvertOptions(include_columns=include, column_types={n: pa.string() for n in text}),
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
         raise _csv_problem(url, raw, delim, len(header), encoding, e) from None
-    if t.num_rows == 0:
-        raise IngestError(f"{url}: only a header, no rows; the file needs one interaction per line below the header")
-    shown = {c: t[n].combine_chunks() for c, n in keys.items()}
-    yield Batch(_to_canonical(url, t, need, 0, True, id_maps), url, 2, shown)
 
 
 def _csv_problem(url: str, raw: bytes, delim: str, ncols: int, encoding: str, err) -> IngestError:
