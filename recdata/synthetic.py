@@ -191,28 +191,34 @@ def _write_recbole(root, log, item_genre, titles, ratings, timestamps, layout, m
     return [f"data.src={root}"], len(log.users), missing
 
 
+def _sequence_samples(log: _Log, window: int):
+    """(user, history rows, target row, split) for every target after a user's second interaction: the `window`
+    rows before it as history; each user's last target is test, the one before valid, the rest train."""
+    by_user: dict[int, list[int]] = {}
+    for row, u in enumerate(log.users):
+        by_user.setdefault(u, []).append(row)
+    for u, idx in by_user.items():
+        for pos in range(2, len(idx)):
+            split = "test" if pos == len(idx) - 1 else "valid" if pos == len(idx) - 2 else "train"
+            yield u, idx[max(0, pos - window) : pos], idx[pos], split
+
+
 def _write_llara(root, log, item_genre, titles, ratings, timestamps, layout, missing, window: int = 10):
     """One JSONL row per (user, target): the `window` items before it (padded with the pad id, as LLaRA's
     files are), len_seq, next; each user's last target is in the test file, the one before in val."""
     pad = len(titles) + 1
-    by_user: dict[int, list[int]] = {}
-    for row, u in enumerate(log.users):
-        by_user.setdefault(u, []).append(row)
     files: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     rows = missing = 0
-    for u, idx in by_user.items():
-        for pos in range(2, len(idx)):
-            hist = idx[max(0, pos - window) : pos]
-            seq = [log.items[r] for r in hist]
-            rec = {"seq": seq + [pad] * (window - len(seq)), "len_seq": len(seq), "next": log.items[idx[pos]]}
-            if ratings != "none":
-                rec["seq_ratings"] = [log.ratings[r] for r in hist] + [0] * (window - len(seq))
-                if log.ratings[idx[pos]] is not None:
-                    rec["next_rating"] = log.ratings[idx[pos]]
-                missing += sum(log.ratings[r] is None for r in hist) + (log.ratings[idx[pos]] is None)
-            split = "test" if pos == len(idx) - 1 else "val" if pos == len(idx) - 2 else "train"
-            files[split].append(json.dumps(rec))
-            rows += len(seq) + 1
+    for _, hist, target, split in _sequence_samples(log, window):
+        seq = [log.items[r] for r in hist]
+        rec = {"seq": seq + [pad] * (window - len(seq)), "len_seq": len(seq), "next": log.items[target]}
+        if ratings != "none":
+            rec["seq_ratings"] = [log.ratings[r] for r in hist] + [0] * (window - len(seq))
+            if log.ratings[target] is not None:
+                rec["next_rating"] = log.ratings[target]
+            missing += sum(log.ratings[r] is None for r in hist) + (log.ratings[target] is None)
+        files["val" if split == "valid" else split].append(json.dumps(rec))
+        rows += len(seq) + 1
     for split, lines in files.items():
         (root / f"{split}_data.jsonl").write_text("\n".join(lines) + "\n")
     (root / "id2name.txt").write_text("".join(f"{i + 1}::{t}\n" for i, t in enumerate(titles)))
@@ -227,27 +233,19 @@ def _asin(item: int) -> str:
 def _write_sequences(root, log, item_genre, titles, ratings, timestamps, layout, missing, window: int = 10):
     """MiniOneRec-style CSVs (train.csv, valid.csv, test.csv): one row per (user, target) with the history as a
     Python list of ASIN strings (`list_format: python`), the target ASIN and its rating; items.csv by ASIN."""
-    by_user: dict[int, list[int]] = {}
-    for row, u in enumerate(log.users):
-        by_user.setdefault(u, []).append(row)
     files: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
     rows = missing = 0
-    for u, idx in by_user.items():
-        for pos in range(2, len(idx)):
-            hist = idx[max(0, pos - window) : pos]
-            rec = {
-                "user_id": f"A{u:05d}",
-                "history_item_id": repr([_asin(log.items[r]) for r in hist]),
-                "item_id": _asin(log.items[idx[pos]]),
-            }
-            if ratings != "none":
-                rec["rating"] = log.ratings[idx[pos]]
-                missing += len(hist) + (log.ratings[idx[pos]] is None)
-            else:
-                missing += 0
-            split = "test" if pos == len(idx) - 1 else "valid" if pos == len(idx) - 2 else "train"
-            files[split].append(rec)
-            rows += len(hist) + 1
+    for u, hist, target, split in _sequence_samples(log, window):
+        rec = {
+            "user_id": f"A{u:05d}",
+            "history_item_id": repr([_asin(log.items[r]) for r in hist]),
+            "item_id": _asin(log.items[target]),
+        }
+        if ratings != "none":
+            rec["rating"] = log.ratings[target]
+            missing += len(hist) + (log.ratings[target] is None)  # history rows carry no rating
+        files[split].append(rec)
+        rows += len(hist) + 1
     for split, recs in files.items():
         pd.DataFrame(recs).to_csv(root / f"{split}.csv", index=False)
     items = pd.DataFrame({"item_id": [_asin(i) for i in range(1, len(titles) + 1)], "title": titles})
