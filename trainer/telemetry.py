@@ -150,7 +150,11 @@ def base_config(pm):
 
 
 def gate_stats(pm, cond: torch.Tensor) -> dict[str, float]:
-    """Mean gate entropy and per-expert load over the batch (averaged over layers)."""
+    """Mean gate entropy, gate spread and per-expert load over the batch (averaged over layers).
+
+    Entropy near ln N says the mixtures are flat; it does not say whether users differ. Spread does: the mean
+    total-variation distance of a sample's gate from the batch-mean gate (0 = every sample gets the same mixture,
+    i.e. no personalization, at any entropy; 1 - 1/N at most)."""
     if getattr(pm, "gates", None) is None:
         return {}
     # Deterministic and side-effect free: gate dropout off, and no draw from the training RNG stream.
@@ -161,8 +165,9 @@ def gate_stats(pm, cond: torch.Tensor) -> dict[str, float]:
         pm.gates.train(was_training)
         g = torch.stack([v.float().reshape(v.shape[0], -1) for v in gates.values()])  # [layers, b, N]
         ent = -(g.clamp_min(1e-12).log() * g).sum(-1).mean().item()
+        spread = 0.5 * (g - g.mean(1, keepdim=True)).abs().sum(-1).mean().item()
         load = g.mean(dim=(0, 1))
-    return {"gate_entropy": ent, **{f"expert_load_{i}": float(x) for i, x in enumerate(load)}}
+    return {"gate_entropy": ent, "gate_spread": spread, **{f"expert_load_{i}": float(x) for i, x in enumerate(load)}}
 
 
 def log_line(tag: str, rec: dict) -> str:

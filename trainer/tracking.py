@@ -10,7 +10,7 @@ evaluator call them unconditionally:
     trackers.flush(); trackers.close(failed=False)
 
 Keys are `{group}/{name}`: `train/*` (the step record: loss, lr, grad_norm, tokens_per_s, samples_per_s,
-padding_fraction, mfu, ...), `gates/entropy`, `gates/expert_load/{i}`, `{valid,test,zeroshot_test}/{metric}`.
+padding_fraction, mfu, ...), `gates/entropy`, `gates/spread`, `gates/expert_load/{i}`, `{valid,test,zeroshot_test}/{metric}`.
 TensorBoard event files are written locally and copied to `{run}/tensorboard/` (a local run folder is written in
 place) every `run.tracking_flush_s` seconds by a background thread, at each checkpoint and at the end, a failed
 end included. MLflow and W&B are optional packages (`pip install "reclora[tracking]"`), imported only when asked
@@ -107,13 +107,14 @@ def _number(v: Any) -> bool:
 
 
 def train_scalars(rec: dict) -> dict[str, float]:
-    """A step record (trainer.loop) as tracker keys: `train/*`, `gates/entropy`, `gates/expert_load/{i}`."""
+    """A step record (trainer.loop) as tracker keys: `train/*`, `gates/entropy`, `gates/spread`,
+    `gates/expert_load/{i}`."""
     out = {}
     for k, v in rec.items():
         if k == "step" or not _number(v):
             continue
-        if k == "gate_entropy":
-            out["gates/entropy"] = float(v)
+        if k in ("gate_entropy", "gate_spread"):
+            out[f"gates/{k.removeprefix('gate_')}"] = float(v)
         elif k.startswith("expert_load_"):
             out[f"gates/expert_load/{k.removeprefix('expert_load_')}"] = float(v)
         else:
