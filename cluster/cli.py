@@ -2,6 +2,7 @@
 
     reclora train   --config demo [key=value ...]     the whole pipeline (same as python trainer/main.py)
     reclora ingest  FORMAT --src PATH --out URL       raw data -> canonical Parquet dataset
+    reclora ingest  prompts --src DIR --out URL       Alpaca / TALLRec CTR prompt files -> a prompt set
     reclora convert llara-pickles --src DIR --out DIR --trust-pickle   LLaRA's pandas pickles -> JSONL for ingest
     reclora embed   --config demo                     LLM item embeddings (+ PCA) for semantic retrieval
     reclora samples --config demo                     long-short retrieval -> sample records

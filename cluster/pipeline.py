@@ -39,6 +39,9 @@ from recdata import layout, storage
 from recdata.ingest import ingest, summary
 from recdata.ingest import options_from_config as ingest_options
 from recdata.metrics import ctr_metrics
+from recdata.prompt_files import PromptSet, ingest_prompts
+from recdata.prompt_files import options_from_config as prompt_options
+from recdata.prompt_files import summary as prompt_summary
 from recdata.samples import options_from_config as build_options
 from recdata.schema import Dataset
 from recdata.streams import StreamReader
@@ -84,6 +87,7 @@ class Pipeline:
         unknown = [s for s in stages if s not in layout.STAGES]
         if unknown:
             raise SetupError(f"--stages: unknown stage(s) {unknown}; choose from {list(layout.STAGES)}")
+        stages = cls.applicable(cfg, stages)
         storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
         if storage.is_local(cfg.run.output_dir):
             # Workers (Ray actors, Ray Train) run in other directories: hand them absolute paths.
@@ -92,6 +96,30 @@ class Pipeline:
         if "train" in stages:
             tracking.require(cfg)  # a missing mlflow / wandb stops the run now, not after hours of earlier stages
         return cls(cfg, stages)
+
+    @staticmethod
+    def applicable(cfg, stages: list[str]) -> list[str]:
+        """Prompt files (data.format=prompts) have stages ingest and train only: the default list adapts (with a
+        log line); naming another stage is an error."""
+        allowed = layout.stages_for(cfg)
+        if list(allowed) == list(layout.STAGES):
+            return stages
+        if list(stages) == list(layout.DEFAULT_STAGES):
+            kept = [s for s in stages if s in allowed]
+            log.info(
+                "[pipeline] data.format=%s: stages %s (%s do not apply: no retrieval, no teacher)",
+                cfg.data.format,
+                ", ".join(kept),
+                ", ".join(s for s in stages if s not in allowed),
+            )
+            return kept
+        extra = [s for s in stages if s not in allowed]
+        if extra:
+            raise SetupError(
+                f"--stages: {', '.join(extra)} do not apply to data.format={cfg.data.format} (prompt files carry no "
+                f"interactions: no retrieval, no teacher); its stages are {', '.join(allowed)}"
+            )
+        return stages
 
     def plan(self) -> str:
         """For --dry-run: per stage, reuse / resume (what a rerun picks up) / build."""
@@ -136,7 +164,9 @@ class Pipeline:
             t0 = time.perf_counter()
             if layout.done(stage, cfg, p) and stage != "embed":
                 log.info("[%s] reusing %s", stage, p.where()[stage])
-                if stage == "ingest":
+                if stage == "ingest" and layout.is_prompts(cfg):
+                    print(prompt_summary(PromptSet.open(p.dataset).manifest))
+                elif stage == "ingest":
                     print(summary(Dataset.open(p.dataset).manifest))
                 continue
             log.info("[%s] -> %s", stage, p.where()[stage])
@@ -204,6 +234,9 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------ stages
     def run_ingest(self) -> None:
         c = self.cfg.data
+        if layout.is_prompts(self.cfg):
+            print(prompt_summary(ingest_prompts(c.src, self.paths.dataset, prompt_options(self.cfg))))
+            return
         m = ingest(
             c.format,
             c.src,
@@ -308,10 +341,12 @@ def teacher_metrics(cfg, p: layout.Paths) -> dict:
     stored in the test stream. Next item: the teacher's test ranking metrics from its commit (teacher.json),
     used only when they were measured on as many test samples as the LLM's test stream holds."""
     stream = storage.join(p.run, "data", "test")
-    if not storage.exists(storage.join(stream, "plan.json")):
-        return {}
+    if layout.is_prompts(cfg) or not storage.exists(storage.join(stream, "plan.json")):
+        return {}  # prompt files: no teacher, so no teacher row
     if cfg.data.task == "ctr":
         t = StreamReader(stream, timeout_s=1.0).read_columns(["label", "teacher_score"])
+        if t["teacher_score"].null_count:  # streams built without a teacher
+            return {}
         return {f"test_{k}": v for k, v in ctr_metrics(t["label"].to_numpy(), t["teacher_score"].to_numpy()).items()}
     meta_url = storage.join(p.teacher, "teacher.json")
     test = storage.read_json(meta_url)["metrics"].get("test") if storage.exists(meta_url) else None
@@ -329,7 +364,8 @@ TABLE_COLUMNS = {
 
 
 def final_table(final: dict, teacher: dict, task: str = "ctr") -> str:
-    """Zero-shot LLM, trained LLM and teacher on the same test samples, one row each."""
+    """Zero-shot LLM, trained LLM and teacher on the same test samples, one row each (a row whose metrics are
+    missing, such as the teacher of a prompt-file run, is left out)."""
     cols = TABLE_COLUMNS[task]
     out = [f"{'model':<16}" + "".join(f" {h:>13}" for _, h in cols)]
     rows = [("zero-shot LLM", final, "zeroshot_test_"), ("trained LLM", final, "test_"), ("teacher", teacher, "test_")]

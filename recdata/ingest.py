@@ -1,6 +1,8 @@
 """Ingest a source into the canonical, user-sharded Parquet dataset.
 
     python -m recdata.ingest FORMAT --src PATH --out URL [--task ctr|next_item] [options]
+    python -m recdata.ingest prompts --src DIR --out URL [--train FILE --valid FILE --test FILE]
+                                                     (CTR prompt files: recdata/prompt_files.py)
 
 Two passes keep memory bounded by shard size, not dataset size:
   1. stream the source, validate, hash users into buckets, spill each bucket to a local Arrow file;
@@ -36,7 +38,7 @@ from configs.errors import RecloraError
 from configs.loader import HelpFormatter
 from configs.logs import progress_enabled, setup_logging
 from configs.schema import ColumnsConfig
-from recdata import readers, storage
+from recdata import prompt_files, readers, storage
 from recdata.fetch import resolve_source
 from recdata.schema import (
     INTERACTIONS,
@@ -752,12 +754,19 @@ def options_from_config(cfg) -> IngestOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["prompts"]:  # CTR prompt files: no interactions, their own options (recdata.prompt_files)
+        return prompt_files.main(argv[1:])
     p = argparse.ArgumentParser(
         prog="python -m recdata.ingest",
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
-    p.add_argument("format", choices=sorted(readers.READERS))
+    p.add_argument(
+        "format",
+        choices=sorted([*readers.READERS, "prompts"]),
+        help="the source's format; prompts: Alpaca / TALLRec CTR prompt files (`reclora ingest prompts --help`)",
+    )
     p.add_argument(
         "--src", required=True, help="source folder/file (local path, file:// or s3://), or pypi:recbole==1.2.1/ml-100k"
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 from configs.loader import ConfigError
 from recdata import storage
+from recdata.prompt_files import options_from_config as prompt_options
 from recdata.samples import SAMPLES_VERSION, commit_marker
 from recdata.samples import options_from_config as build_options
 from recdata.schema import Dataset
@@ -22,6 +23,12 @@ STAGES = ("ingest", "embed", "samples", "teacher", "score", "train")
 # `score` writes representations of every sample (for analysis or other consumers); the pipeline does not
 # need it: the trainer's feed scores just the samples the LLM sees.
 DEFAULT_STAGES = ("ingest", "embed", "samples", "teacher", "train")
+# data.format=prompts (recdata.prompt_files): the prompts are the samples; no retrieval, no teacher.
+PROMPT_STAGES = ("ingest", "train")
+# Keys of the data section that only data.format=prompts reads: left out of other formats' addresses, so adding
+# them did not move any existing dataset.
+PROMPT_ONLY_DATA = ("prompt_files",)
+PROMPT_ONLY_COLUMNS = ("instruction", "input", "output")
 KEY_LENGTH = 12
 
 # Trainer keys that change how a run executes, never what it learns (results are world-size independent).
@@ -67,7 +74,18 @@ class Paths:
         }
 
 
+def is_prompts(cfg: Any) -> bool:
+    return cfg.data.format == "prompts"
+
+
+def stages_for(cfg: Any) -> tuple[str, ...]:
+    """The stages that apply to a config's data: every one, or ingest and train for prompt files."""
+    return PROMPT_STAGES if is_prompts(cfg) else STAGES
+
+
 def needs_embeddings(cfg: Any) -> bool:
+    if is_prompts(cfg):
+        return False
     return cfg.retrieval.text_mode == "subr" or cfg.retrieval.id_mode == "sim"
 
 
@@ -75,7 +93,14 @@ def stage_inputs(cfg: Any) -> dict[str, dict]:
     """The config parts each stage's output depends on, chained through the stages it reads; a stage's
     address is the digest of these. Worker counts, actor resources and output names are left out: they
     change how fast an output is built, never what it holds."""
-    ingest = {k: v for k, v in cfg.data.model_dump(mode="json").items() if k not in ("dataset_url", "domain")}
+    if is_prompts(cfg):
+        return _prompt_stage_inputs(cfg)
+    ingest = {
+        k: v
+        for k, v in cfg.data.model_dump(mode="json").items()
+        if k not in ("dataset_url", "domain") + PROMPT_ONLY_DATA
+    }
+    ingest["columns"] = {k: v for k, v in ingest["columns"].items() if k not in PROMPT_ONLY_COLUMNS}
     try:
         opts = build_options(cfg)
     except ValueError as e:  # BuildOptions' own cross-key checks ("build option subr_pool: must be >= k_text=...")
@@ -116,6 +141,20 @@ def stage_inputs(cfg: Any) -> dict[str, dict]:
         "trainer": {k: v for k, v in tr.items() if k not in RUNTIME_ONLY},
     }
     return {"ingest": ingest, "samples": samples, "teacher": teacher, "score": reps, "train": train}
+
+
+def _prompt_stage_inputs(cfg: Any) -> dict[str, dict]:
+    """Prompt files: the prompt set depends on the files, their columns, the bad-row rule and the seed of its
+    persisted orders; the run on that and the model and trainer settings (no samples, no teacher)."""
+    ingest = {"format": "prompts", "src": cfg.data.src, **prompt_options(cfg).content()}
+    tr = cfg.trainer.model_dump(mode="json")
+    train = {
+        "ingest": _key(ingest),
+        "model": cfg.model.model_dump(mode="json"),
+        "max_eval_samples": cfg.retrieval.max_eval_samples,
+        "trainer": {k: v for k, v in tr.items() if k not in RUNTIME_ONLY},
+    }
+    return {"ingest": ingest, "train": train}
 
 
 def _key(parts: Any) -> str:
@@ -195,6 +234,9 @@ def paths(cfg: Any) -> Paths:
     root = cfg.run.output_dir
     keys = {s: _key(v) for s, v in stage_inputs(cfg).items()}
     names = default_names(cfg)
+    if is_prompts(cfg):  # no samples, teacher or representations: the prompt set is all the trainer reads
+        dataset = addressed(dataset_url(cfg), root, keys["ingest"])
+        return Paths(dataset, "", dataset, "", "", storage.join(root, cfg.run.name), keys)
     return Paths(
         dataset=addressed(dataset_url(cfg), root, keys["ingest"]),
         embeddings=embeddings_root(cfg),

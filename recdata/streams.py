@@ -36,9 +36,9 @@ STREAM_SCHEMA = pa.schema(
         ("label", pa.int8()),  # CTR; null for next item
         ("item_id", pa.int64()),  # the target
         ("candidates", pa.list_(pa.int64())),  # next item: fixed candidate list
-        ("rep", pa.list_(pa.float32())),  # the frozen teacher's representation (gate input)
+        ("rep", pa.list_(pa.float32())),  # the frozen teacher's representation (gate input); null without a teacher
         ("item_slots", pa.list_(pa.int64())),  # hybrid prompts: item id of each placeholder token, in order
-        ("teacher_score", pa.float32()),  # the frozen teacher's own prediction (its metrics on the same samples)
+        ("teacher_score", pa.float32()),  # the teacher's own prediction (its metrics on the same samples), or null
     ]
 )
 
@@ -229,7 +229,14 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         answer_len[i] = len(seq) - r["prompt_len"]
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     labels = torch.tensor([-1 if r["label"] is None else int(r["label"]) for r in rows], dtype=torch.long)
-    cond = torch.tensor(np.stack([np.asarray(r["rep"], dtype=np.float32) for r in rows]))
+    if all(r.get("rep") is None for r in rows):
+        # No teacher (prompt files, plain LoRA): an empty conditioning vector, never zeros posing as one.
+        cond = torch.zeros((len(rows), 0), dtype=torch.float32)
+    elif any(r.get("rep") is None for r in rows):
+        missing = next(r["sample_id"] for r in rows if r.get("rep") is None)
+        raise TrainDataError(f"sample {missing}: no teacher representation (rep is null) in a batch that has them")
+    else:
+        cond = torch.tensor(np.stack([np.asarray(r["rep"], dtype=np.float32) for r in rows]))
     extra = {}
     if rows[0].get("item_slots") is not None:
         extra["item_slots"] = torch.tensor([i for r in rows for i in r["item_slots"]], dtype=torch.long)

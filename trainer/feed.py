@@ -27,15 +27,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from recdata import storage
 from recdata.model_source import tokenizer_dir
+from recdata.prompt_files import PromptSet
 from recdata.runner import Runner, run_in_process
 from recdata.samples import SampleSet
 from recdata.schema import Dataset, write_parquet
-from recdata.streams import FEED_FAILED, TrainDataError, part_marker, part_name
+from recdata.streams import FEED_FAILED, STREAM_SCHEMA, TrainDataError, part_marker, part_name
 from retrieval.encoding import PromptEncoder, encode_rows
-from retrieval.prompts import PromptRenderer, style_for
+from retrieval.prompts import PromptRenderer, ctr_answer, style_for
 from teacher.score import RepsError, ScoreWorker, check_rep_dim, pc_flatten, read_reps
 
 
@@ -52,6 +54,7 @@ class FeedJob:
     error: BaseException | None = None
     seconds: float = 0.0
     runner: Runner | None = None  # cluster.pool.run_sharded for Ray actors; None builds in this process
+    worker_cls: type | None = None  # FeedWorker (sample records + teacher); PromptFeedWorker for prompt files
     _thread: threading.Thread | None = None
 
     def run(self) -> dict[str, dict[str, Any]]:
@@ -60,7 +63,7 @@ class FeedJob:
         todo = [t for t in self.tasks if not _committed(t["url"], t["key"])]
         run = self.runner if self.runner is not None and self.num_workers > 0 else run_in_process
         run(
-            FeedWorker,
+            self.worker_cls or FeedWorker,
             self.worker_kwargs,
             todo,
             num_actors=self.num_workers,
@@ -159,6 +162,36 @@ def plan_split(
     return plan, tasks
 
 
+def _worker_tokenizer(model_ref: str, tiny: bool, model_cfg: dict | None, s3_endpoint: str | None, num_threads: int):
+    if s3_endpoint:
+        storage.configure(endpoint_url=s3_endpoint)
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(max(1, int(num_threads)))
+    # The model reference, resolved on this actor's node (tokenizer files only).
+    trust = bool((model_cfg or {}).get("trust_remote_code"))
+    return AutoTokenizer.from_pretrained(
+        tokenizer_dir(model_ref, tiny=tiny, model_cfg=model_cfg), trust_remote_code=trust
+    )
+
+
+def _commit_part(task: dict[str, Any], rows, counts: dict[str, int], t0: float) -> dict[str, Any]:
+    write_parquet(rows, task["url"])
+    lengths = [len(x) for x in rows.column("input_ids").to_pylist()]
+    marker = {
+        "key": task["key"],
+        "rows": rows.num_rows,
+        "tokens": int(sum(lengths)),
+        "max_len": int(max(lengths)),
+        "counts": counts,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    # The marker is the commit point: written only once the part is complete at its final name.
+    storage.write_json_atomic(part_marker(task["url"]), marker)
+    return {"split": task["split"], "part": task["part"], "skipped": False, **marker}
+
+
 class FeedWorker:
     """Builds stream parts. Plain Python: runs in the driver or as a Ray actor (cluster.pool)."""
 
@@ -180,17 +213,7 @@ class FeedWorker:
         model_cfg: dict[str, Any] | None = None,
         prompt: dict[str, Any] | None = None,
     ):
-        if s3_endpoint:
-            storage.configure(endpoint_url=s3_endpoint)
-        import torch
-        from transformers import AutoTokenizer
-
-        torch.set_num_threads(max(1, int(num_threads)))
-        # The model reference, resolved on this actor's node (tokenizer files only).
-        trust = bool((model_cfg or {}).get("trust_remote_code"))
-        tok = AutoTokenizer.from_pretrained(
-            tokenizer_dir(model_ref, tiny=tiny, model_cfg=model_cfg), trust_remote_code=trust
-        )
+        tok = _worker_tokenizer(model_ref, tiny, model_cfg, s3_endpoint, num_threads)
         self.slot_ids: tuple[int, ...] = ()
         overrides = {}
         if slot_tokens:
@@ -218,19 +241,7 @@ class FeedWorker:
         table = self.samples.read(task["split"], sample_ids=ids)  # in the order given
         reps, scores = self._teacher(task["split"], table, task["url"])
         rows, counts = encode_rows(table.to_pylist(), reps, scores, self.renderer, self.encoder, self.slot_ids)
-        write_parquet(rows, task["url"])
-        lengths = [len(x) for x in rows.column("input_ids").to_pylist()]
-        marker = {
-            "key": task["key"],
-            "rows": rows.num_rows,
-            "tokens": int(sum(lengths)),
-            "max_len": int(max(lengths)),
-            "counts": counts,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        # The marker is the commit point: written only once the part is complete at its final name.
-        storage.write_json_atomic(part_marker(task["url"]), marker)
-        return {"split": task["split"], "part": task["part"], "skipped": False, **marker}
+        return _commit_part(task, rows, counts, t0)
 
     def _teacher(self, split: str, table, where: str) -> tuple[np.ndarray, np.ndarray]:
         ids = table["sample_id"].to_numpy()
@@ -261,3 +272,60 @@ class FeedWorker:
                 f"({int(np.sum(missing))} of {len(ids)} missing)"
             )
         return reps[pos], scores[pos]
+
+
+class PromptFeedWorker:
+    """Builds stream parts from a prompt set (data.format=prompts, recdata.prompt_files): the stored Alpaca prompt
+    goes through the same chat template and answer tokens as every CTR prompt (retrieval.encoding.PromptEncoder).
+    There is no teacher: `rep` and `teacher_score` are null (the plain-LoRA trainer reads neither) and `item_id`,
+    `candidates` and `item_slots` too."""
+
+    def __init__(
+        self,
+        prompts_url: str,
+        model_ref: str,
+        max_length: int,
+        s3_endpoint: str | None = None,
+        num_threads: int = 1,
+        tiny: bool = False,
+        model_cfg: dict[str, Any] | None = None,
+    ):
+        tok = _worker_tokenizer(model_ref, tiny, model_cfg, s3_endpoint, num_threads)
+        self.prompts = PromptSet.open(prompts_url)
+        self.encoder = PromptEncoder(tok, max_length)
+
+    def run(self, task: dict[str, Any]) -> dict[str, Any]:
+        if _committed(task["url"], task["key"]):
+            return {"split": task["split"], "part": task["part"], "skipped": True}
+        t0 = time.perf_counter()
+        table = self.prompts.read(task["split"], np.asarray(task["ids"], dtype=np.int64))  # in the order given
+        rows, counts = encode_prompts(table, self.encoder)
+        return _commit_part(task, rows, counts, t0)
+
+
+def encode_prompts(table, encoder: PromptEncoder) -> tuple[Any, dict[str, int]]:
+    """Stream rows (recdata.streams.STREAM_SCHEMA) of prompt-set rows, in their order. A prompt that does not fit
+    model.max_length with its answer keeps its last tokens (the question; there is no history to drop first) and
+    is counted as `prompt_truncated`."""
+    out: dict[str, list] = {"sample_id": [], "input_ids": [], "prompt_len": [], "label": []}
+    counts = {"history_truncated": 0, "prompt_truncated": 0}
+    for sid, text, label in zip(
+        table["sample_id"].to_pylist(), table["prompt"].to_pylist(), table["label"].to_pylist()
+    ):
+        answer = encoder.answer_ids(ctr_answer(label))
+        budget = encoder.max_length - len(answer)
+        if budget < 1:
+            raise TrainDataError(
+                f"sample {sid}: the answer alone needs {len(answer)} tokens, model.max_length={encoder.max_length}"
+            )
+        prompt = encoder.prompt_ids(text)
+        if len(prompt) > budget:
+            prompt = prompt[-budget:]
+            counts["prompt_truncated"] += 1
+        out["sample_id"].append(sid)
+        out["input_ids"].append(prompt + answer)
+        out["prompt_len"].append(len(prompt))
+        out["label"].append(label)
+    n = len(out["sample_id"])
+    arrays = [pa.array(out[f.name], type=f.type) if f.name in out else pa.nulls(n, type=f.type) for f in STREAM_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=STREAM_SCHEMA), counts

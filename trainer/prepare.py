@@ -12,8 +12,9 @@ import tempfile
 from typing import Any
 
 from recdata import storage
-from recdata.layout import paths
+from recdata.layout import is_prompts, paths
 from recdata.model_source import model_reference, resolve_model, tokenizer_dir
+from recdata.prompt_files import PromptSet
 from recdata.samples import SampleSet
 from recdata.schema import Dataset
 from recdata.streams import FEED_FAILED
@@ -21,7 +22,7 @@ from recdata.subsets import load_subset
 from retrieval.encoding import PromptEncoder, answer_token_ids
 from teacher.model_io import META_FILE, MODEL_FILE, load_teacher
 from teacher.score import MANIFEST, check_rep_dim
-from trainer.feed import FeedJob, plan_split, stream_key
+from trainer.feed import FeedJob, PromptFeedWorker, plan_split, stream_key
 from trainer.hybrid import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_FALLBACK
 
 resolve = storage.resolve
@@ -80,6 +81,8 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
     tiny = cfg.model.tiny is not None
     tok_dir = tokenizer_dir(str(model_dir), tiny=tiny, model_cfg=cfg.model)
     tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
+    if is_prompts(cfg):
+        return _plan_prompts(cfg, run_url, p, model_dir, tok, splits, zero_shot_first)
     samples = SampleSet.open(p.samples)
     if samples.task != cfg.data.task:
         raise ValueError(f"data.task is {cfg.data.task!r} but {p.samples} holds {samples.task!r} samples")
@@ -110,7 +113,7 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
         )
     data_url = storage.join(run_url, "data")
     t = cfg.trainer
-    order = [s for s in (["test"] if zero_shot_first else []) + ["train", "valid", "test"] if s in splits]
+    order = _split_order(splits, zero_shot_first)
     tasks, plans = [], {}
     prompt_words = cfg.data.prompt.model_dump(mode="json", exclude_none=True)
     for split in dict.fromkeys(order):
@@ -138,11 +141,7 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
         tasks += split_tasks
     if "train" not in plans:
         raise ValueError(f"{p.samples}: no train split to train on")
-    # A failure marker from an earlier run must not stop this one's readers.
-    if storage.exists(storage.join(data_url, FEED_FAILED)):
-        fs, path = storage.get_fs(storage.join(data_url, FEED_FAILED))
-        with storage.storage_errors(data_url):
-            fs.rm(path)
+    _clear_feed_failure(data_url)
     job = FeedJob(
         worker_kwargs={
             "samples_url": p.samples,
@@ -167,20 +166,7 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
         cpus_per_worker=t.feed_cpus_per_worker,
         splits=plans,
     )
-    ids = answer_token_ids(tok, cfg.data.task)
-    params = {
-        "config": cfg.model_dump(mode="json"),
-        "run_url": run_url,
-        "model_dir": model_dir,
-        "streams": {s: storage.join(data_url, s) for s in plans},
-        "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        "task": cfg.data.task,
-        "yes_id": ids.get("Yes"),
-        "no_id": ids.get("No"),
-        "eval_batch_size": t.eval_batch_size,
-        "resume": t.resume,
-        "feed_timeout_s": t.feed_timeout_s,
-    }
+    params = _worker_params(cfg, run_url, model_dir, tok, data_url, plans)
     if hybrid:
         params["hybrid"] = {
             "slot_token_ids": list(slot_ids),
@@ -194,6 +180,87 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
             str(i): encoder.answer_ids(t) for i, t in zip(items["item_id"].to_pylist(), items["title"].to_pylist())
         }
     return params, job
+
+
+def _split_order(splits, zero_shot_first: bool) -> list[str]:
+    """The order the feed builds the splits in: the zero-shot evaluation's test split first when it runs."""
+    order = [s for s in (["test"] if zero_shot_first else []) + ["train", "valid", "test"] if s in splits]
+    return list(dict.fromkeys(order))
+
+
+def _clear_feed_failure(data_url: str) -> None:
+    """A failure marker from an earlier run must not stop this one's readers."""
+    if storage.exists(storage.join(data_url, FEED_FAILED)):
+        fs, path = storage.get_fs(storage.join(data_url, FEED_FAILED))
+        with storage.storage_errors(data_url):
+            fs.rm(path)
+
+
+def _worker_params(cfg, run_url: str, model_dir, tok, data_url: str, plans: dict) -> dict[str, Any]:
+    ids = answer_token_ids(tok, cfg.data.task)
+    t = cfg.trainer
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "run_url": run_url,
+        "model_dir": model_dir,
+        "streams": {s: storage.join(data_url, s) for s in plans},
+        "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        "task": cfg.data.task,
+        "yes_id": ids.get("Yes"),
+        "no_id": ids.get("No"),
+        "eval_batch_size": t.eval_batch_size,
+        "resume": t.resume,
+        "feed_timeout_s": t.feed_timeout_s,
+    }
+
+
+def _plan_prompts(cfg, run_url: str, p, model_dir, tok, splits, zero_shot_first: bool):
+    """plan_training for prompt files (data.format=prompts): the streams come from the prompt set (its persisted
+    seeded orders: train's first trainer.train_subset, valid/test's first retrieval.max_eval_samples), through the
+    same chat template and answer tokens; no teacher, so no representations or teacher scores."""
+    prompts = PromptSet.open(p.dataset)
+    data_url = storage.join(run_url, "data")
+    t = cfg.trainer
+    tasks, plans = [], {}
+    for split in _split_order(splits, zero_shot_first):
+        if split not in prompts.splits:
+            continue
+        n = t.train_subset if split == "train" else cfg.retrieval.max_eval_samples
+        ids = prompts.order(split)
+        ids = ids if n is None else ids[:n]
+        key = stream_key(
+            [
+                "prompts",
+                prompts.manifest["fingerprint"],
+                hashlib.sha256(ids.tobytes()).hexdigest(),
+                cfg.model.max_length,
+                str(model_dir),
+                t.feed_part_rows,
+            ]
+        )
+        plans[split], split_tasks = plan_split(data_url, split, ids, t.feed_part_rows, key)
+        tasks += split_tasks
+    if "train" not in plans:
+        raise ValueError(f"{p.dataset}: no train split to train on")
+    _clear_feed_failure(data_url)
+    job = FeedJob(
+        worker_kwargs={
+            "prompts_url": p.dataset,
+            "model_ref": str(model_dir),
+            "tiny": cfg.model.tiny is not None,
+            "model_cfg": cfg.model.model_dump(mode="json"),
+            "max_length": cfg.model.max_length,
+            "s3_endpoint": storage.s3_endpoint(),
+            "num_threads": max(1, int(t.feed_cpus_per_worker)),
+        },
+        tasks=tasks,
+        data_url=data_url,
+        num_workers=t.feed_workers,
+        cpus_per_worker=t.feed_cpus_per_worker,
+        splits=plans,
+        worker_cls=PromptFeedWorker,
+    )
+    return _worker_params(cfg, run_url, model_dir, tok, data_url, plans), job
 
 
 def prepare(cfg, run_url: str, splits=("train", "valid", "test")) -> dict[str, Any]:
