@@ -42,17 +42,27 @@ def _files_holding(root: Path, needle: bytes) -> list[str]:
 
 def test_credentials_in_an_endpoint_url_are_refused_without_echo(tmp_path):
     out = tmp_path / "runs"
-    for args, env in [
-        ([f"storage.endpoint_url=http://{KEY_ID}:{SECRET}@127.0.0.1:9000"], {}),
-        ([], {"AWS_ENDPOINT_URL": f"http://{KEY_ID}:{SECRET}@127.0.0.1:9000"}),
-    ]:
-        r = subprocess.run(
+    # Both commands at once (each is mostly interpreter start-up and imports).
+    procs = [
+        subprocess.Popen(
             [sys.executable, MAIN, "--config", "tiny", f"run.output_dir={out}", *args],
             env=_env(tmp_path / "ray", **env),
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=300,
         )
+        for args, env in [
+            ([f"storage.endpoint_url=http://{KEY_ID}:{SECRET}@127.0.0.1:9000"], {}),
+            ([], {"AWS_ENDPOINT_URL": f"http://{KEY_ID}:{SECRET}@127.0.0.1:9000"}),
+        ]
+    ]
+    try:
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         assert r.returncode == 2, r.stderr[-2000:]
         assert "holds credentials" in r.stderr and "Traceback" not in r.stderr
         assert SECRET not in r.stdout + r.stderr and KEY_ID not in r.stdout + r.stderr
