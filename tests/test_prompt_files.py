@@ -22,6 +22,7 @@ from recdata.prompt_files import (
     PromptSet,
     alpaca_prompt,
     ingest_prompts,
+    options_from_config,
     parse_label,
     read_prompt_file,
 )
@@ -104,6 +105,18 @@ def test_json_list_jsonl_and_parquet_read_alike(tmp_path):
         assert r.rows == [1, 2, 3, 4]
         assert r.prompts == got[0].prompts
     assert "### Input:" in got[0].prompts[0] and "### Input:" not in got[0].prompts[2]  # empty input: no-input form
+
+
+def test_column_names_come_from_the_config(tmp_path):
+    (tmp_path / "train.json").write_text(json.dumps([{"q": "Like it?", "ctx": "A film", "a": "No."}]))
+    cfg = load_config("tallrec-movie", ["data.columns={instruction: q, input: ctx, output: a}", "run.seed=5"])
+    opts = options_from_config(cfg)
+    assert (opts.instruction, opts.input, opts.output, opts.seed) == ("q", "ctx", "a", 5)
+    got = read_prompt_file(str(tmp_path / "train.json"), opts)
+    assert got.labels == [0] and got.prompts == [alpaca_prompt("Like it?", "A film")]
+    with pytest.raises(PromptFileError) as e:
+        read_prompt_file(str(tmp_path / "train.json"), PromptOptions())
+    assert "row 1: missing key 'instruction' (has 'q', 'ctx', 'a')" in _one_line(e)
 
 
 def test_ingest_writes_nested_seeded_orders(tmp_path):
