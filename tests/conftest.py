@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -120,3 +122,86 @@ def one_rank_group():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def _user_key(u: int) -> str:
+    return f"A{u * 7919 % 100003:06d}X"
+
+
+def _item_key(i: int) -> str:
+    return f"{i:010d}" if i % 5 == 0 else f"B0{i * 104729 % 65536:04X}Q"  # some ASINs are all digits
+
+
+@pytest.fixture(scope="session")
+def ctr_run(tmp_path_factory):
+    """One tiny CTR run trained by `python trainer/main.py` on the synthetic preference dataset (SUBR retrieval
+    with the tiny model's item embeddings, DIN teacher, RecLoRA adapter), shared by the predict/export tests
+    (tests/test_predict.py) and the tracking test (tests/test_tracking.py):
+    - the source speaks Amazon's string ids (reviewer ids, ASINs, some all digits): ingest maps them, requests may
+      use them;
+    - run.report_to=[tensorboard, mlflow, wandb] (MLflow to a file store, W&B offline), validation every 2 steps;
+    - the console as a user sees it (RECLORA_QUIET=0)."""
+    import pandas as pd
+
+    from recdata.synthetic import preference_dataset
+
+    root = tmp_path_factory.mktemp("predict-run")
+    src = preference_dataset(root)
+    inter, items = pd.read_csv(src / "inter.csv"), pd.read_csv(src / "items.csv")
+    inter["user_id"], inter["item_id"] = inter["user_id"].map(_user_key), inter["item_id"].map(_item_key)
+    items["item_id"] = items["item_id"].map(_item_key)
+    inter.rename(columns={"user_id": "reviewerID", "item_id": "asin"}).to_csv(src / "reviews.csv", index=False)
+    items.rename(columns={"item_id": "asin"}).to_csv(src / "meta.csv", index=False)
+    out = root / "runs"
+    steps, eval_every, lr = 4, 2, 0.02
+    cmd = [
+        sys.executable,
+        "trainer/main.py",
+        "--config",
+        "configs/tiny.yaml",
+        f"run.output_dir={out}",
+        "run.name=p",
+        "data.format=generic",
+        f"data.src={src / 'reviews.csv'}",
+        f"data.items={src / 'meta.csv'}",
+        "data.columns.user=reviewerID",
+        "data.columns.item=asin",
+        "data.columns.item_id=asin",
+        "data.dataset_url=datasets/syn",
+        "trainer.num_workers=1",
+        "trainer.micro_batch_size=8",
+        f"trainer.max_steps={steps}",
+        f"trainer.lr={lr}",
+        f"trainer.eval_every={eval_every}",
+        "trainer.feed_workers=0",
+        "retrieval.max_eval_samples=32",
+        "retrieval.num_workers=1",
+        "teacher.num_workers=1",
+        "run.report_to=[tensorboard,mlflow,wandb]",
+    ]
+    mlruns = root / "mlruns"
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("WANDB_DIR", None)
+    env.update(
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        RECLORA_QUIET="0",  # what a user sees (progress bars are off anyway: stderr is not a terminal)
+        MLFLOW_TRACKING_URI=f"file:{mlruns}",
+        MLFLOW_ALLOW_FILE_STORE="true",
+        WANDB_MODE="offline",
+    )
+    job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    assert "string ids mapped" in job.stdout + job.stderr  # the ingest summary says so
+    return {
+        "root": root,
+        "run": str(out / "p"),
+        "name": "p",
+        "users": set(inter["user_id"]),
+        "items": set(items["item_id"]),
+        "job": job,
+        "mlruns": mlruns,
+        "steps": steps,
+        "eval_every": eval_every,
+        "lr": lr,
+    }

@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -225,57 +224,6 @@ def _env() -> dict[str, str]:
     env.pop("RAY_ADDRESS", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-def _user_key(u: int) -> str:
-    return f"A{u * 7919 % 100003:06d}X"
-
-
-def _item_key(i: int) -> str:
-    return f"{i:010d}" if i % 5 == 0 else f"B0{i * 104729 % 65536:04X}Q"  # some ASINs are all digits
-
-
-@pytest.fixture(scope="module")
-def ctr_run(tmp_path_factory):
-    """A tiny CTR run trained by trainer/main.py on the synthetic preference dataset (SUBR retrieval with
-    the tiny model's item embeddings, DIN teacher, RecLoRA adapter). The source speaks Amazon's string ids
-    (reviewer ids, ASINs, some all digits): ingest maps them, requests may use them."""
-
-    root = tmp_path_factory.mktemp("predict-run")
-    src = preference_dataset(root)
-    inter, items = pd.read_csv(src / "inter.csv"), pd.read_csv(src / "items.csv")
-    inter["user_id"], inter["item_id"] = inter["user_id"].map(_user_key), inter["item_id"].map(_item_key)
-    items["item_id"] = items["item_id"].map(_item_key)
-    inter.rename(columns={"user_id": "reviewerID", "item_id": "asin"}).to_csv(src / "reviews.csv", index=False)
-    items.rename(columns={"item_id": "asin"}).to_csv(src / "meta.csv", index=False)
-    out = root / "runs"
-    cmd = [
-        sys.executable,
-        "trainer/main.py",
-        "--config",
-        "configs/tiny.yaml",
-        f"run.output_dir={out}",
-        "run.name=p",
-        "data.format=generic",
-        f"data.src={src / 'reviews.csv'}",
-        f"data.items={src / 'meta.csv'}",
-        "data.columns.user=reviewerID",
-        "data.columns.item=asin",
-        "data.columns.item_id=asin",
-        "data.dataset_url=datasets/syn",
-        "trainer.num_workers=1",
-        "trainer.micro_batch_size=8",
-        "trainer.max_steps=4",
-        "trainer.lr=0.02",
-        "trainer.feed_workers=0",
-        "retrieval.max_eval_samples=32",
-        "retrieval.num_workers=1",
-        "teacher.num_workers=1",
-    ]
-    job = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-    assert "string ids mapped" in job.stdout + job.stderr  # the ingest summary says so
-    return {"root": root, "run": str(out / "p"), "users": set(inter["user_id"]), "items": set(items["item_id"])}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

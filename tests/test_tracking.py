@@ -15,8 +15,7 @@ import pytest
 
 from configs.loader import load_config
 from recdata import storage
-from recdata.synthetic import write_source
-from tests.test_front_door import assert_no_traceback, run_args, run_subprocess
+from tests.test_front_door import assert_no_traceback
 from trainer import tracking
 from trainer.tracking import Trackers, TrackingError
 
@@ -75,39 +74,31 @@ def wandb_records(path: Path) -> tuple[dict, dict, dict]:
 
 
 # ------------------------------------------------------------------------------------------- one real run
-def test_main_reports_to_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch):
+def test_main_reports_to_tensorboard_mlflow_and_wandb(ctr_run, monkeypatch):
+    """The shared tiny run (tests/conftest.py: ctr_run, trainer/main.py with
+    run.report_to=[tensorboard,mlflow,wandb], MLflow to a file store, W&B offline) read back with each tool's
+    own reader."""
     from mlflow.tracking import MlflowClient
 
-    raw = write_source(tmp_path / "raw", "generic", ratings="all", timestamps=True)
-    name = "tracked"
-    args = run_args(
-        "tiny",
-        "ctr",
-        raw,
-        tmp_path / "out",
-        name,
-        ["retrieval.text_mode=recent", "run.report_to=[tensorboard,mlflow,wandb]", "trainer.eval_every=1"],
-    )
-    mlruns = tmp_path / "mlruns"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{mlruns}")  # the subprocess gets this environment
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    res, name, mlruns = ctr_run["job"], ctr_run["name"], ctr_run["mlruns"]
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this test's own MLflow client (MLflow 3)
-    monkeypatch.delenv("WANDB_DIR", raising=False)
-    res = run_subprocess(args, tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert_no_traceback(res.stderr)
-    run = tmp_path / "out" / name
+    run = Path(ctr_run["run"])
     final = json.loads((run / "metrics.json").read_text())["final"]
-    steps = 2  # SIZES: trainer.max_steps=2
+    steps = ctr_run["steps"]
+    every_step = list(range(1, steps + 1))
+    evals = list(range(ctr_run["eval_every"], steps + 1, ctr_run["eval_every"]))
+    assert len(evals) >= 2 and evals[-1] == steps  # validation during and after training
 
     # TensorBoard: train scalars every step, validation during and after training, test and zero-shot, gates,
     # and the hparams with the final metrics.
     ea = event_accumulator(run / "tensorboard")
     got = scalars(ea)
     for tag in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "padding_fraction", "mfu"):
-        assert sorted(got[f"train/{tag}"]) == [1, 2], tag
-    assert sorted(got["gates/entropy"]) == [1, 2] and "gates/expert_load/3" in got
-    assert sorted(got["valid/auc"]) == [1, 2] and sorted(got["valid/logloss"]) == [1, 2]
+        assert sorted(got[f"train/{tag}"]) == every_step, tag
+    assert sorted(got["gates/entropy"]) == every_step and "gates/expert_load/3" in got
+    assert sorted(got["valid/auc"]) == evals and sorted(got["valid/logloss"]) == evals
     for key in ("test_auc", "test_logloss", "valid_auc"):
         assert got[tracking.metric_key(key)][steps] == pytest.approx(final[key], rel=1e-5), key
     assert got["zeroshot_test/auc"][0] == pytest.approx(final["zeroshot_test_auc"], rel=1e-5)
@@ -122,7 +113,7 @@ def test_main_reports_to_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch):
     assert mrun.data.params["trainer.lora.r"] == "4" and mrun.data.params["model.max_length"] == "256"
     for key in ("test_auc", "test_logloss", "valid_auc", "zeroshot_test_auc"):
         assert mrun.data.metrics[tracking.metric_key(key)] == pytest.approx(final[key], rel=1e-6), key
-    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")] == every_step
     ids = json.loads((run / "logs" / "tracking.json").read_text())
     assert ids["mlflow_run_id"] == mrun.info.run_id
 
@@ -130,9 +121,9 @@ def test_main_reports_to_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch):
     (wfile,) = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
     assert ids["wandb_run_id"] in wfile.name
     history, summary, config = wandb_records(wfile)
-    assert sorted(history["train/loss"]) == [1, 2] and 0 in history["zeroshot_test/auc"]
+    assert sorted(history["train/loss"]) == every_step and 0 in history["zeroshot_test/auc"]
     assert summary["test/auc"] == pytest.approx(final["test_auc"], rel=1e-6)
-    assert config["trainer.lora.mode"] == "reclora" and config["trainer.lr"] == pytest.approx(1e-3)
+    assert config["trainer.lora.mode"] == "reclora" and config["trainer.lr"] == pytest.approx(ctr_run["lr"])
 
 
 # ------------------------------------------------------------------------------------------- units
