@@ -293,3 +293,19 @@ def test_front_door_tallrec_preset_on_shared_files(tmp_path, capfd, ray_local, m
     assert re.search(r"train\s+1,000\s+658 .* valid\.json", out) and re.search(r"test\s+1,000\s+528", out), out
     final = check_run(tmp_path / "out" / "tallrec-movie", out, valid=False)
     assert final["test_n"] == 32
+
+
+def test_predict_refuses_a_prompt_file_run_in_one_line(tmp_path, capsys):
+    from configs.loader import to_yaml
+    from trainer import predict
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config("tallrec-movie", [f"run.output_dir={tmp_path}"])
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"user_id": 1, "item_id": 2}\n')
+    code = predict.main(["--run", str(run), "--requests", str(requests), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "data.format=prompts" in err and "Traceback" not in err

@@ -108,6 +108,12 @@ def load_run_config(run_url: str):
 def run_inputs(cfg, run_url: str) -> dict[str, Any]:
     """Where the run's dataset, samples options, embeddings, teacher, base model and adapter are."""
 
+    if cfg.data.format == "prompts":
+        # A prompt-file run (the TALLRec baseline) has no retrieval, samples or teacher to build requests from.
+        raise PredictInputError(
+            f"{run_url}: a prompt-file run (data.format=prompts) takes no prediction requests; to score more prompt "
+            f"files, name them as data.prompt_files.test and rerun the pipeline with another run.name"
+        )
     p = paths(cfg)
     samples = SampleSet.open(p.samples)
     if samples.task != cfg.data.task:
