@@ -88,6 +88,9 @@ def test_ray_job_submit_runs_the_whole_pipeline_on_s3(source, s3_bucket, s3_serv
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # Not Ray's fixed default (52365): any other local Ray's dashboard agent holds that one, and a head
+            # whose agent cannot bind it answers every submission with "No available agent to submit job".
+            f"--dashboard-agent-listen-port={free_port()}",
             f"--temp-dir={tmpdir}",
             "--disable-usage-stats",
         ],
@@ -194,15 +197,21 @@ def _split_tables(samples: Path) -> dict[str, object]:
     return out
 
 
-def test_kill_during_retrieval_then_rerun_reuses_committed_shards(source, tmp_path):
+def test_kill_during_retrieval_then_rerun_reuses_committed_shards(source, ray_local, tmp_path, monkeypatch, capsys):
     """SIGKILL the pipeline after the first committed retrieval shard; --dry-run shows the partial prefix;
     a rerun (from a relative output folder) reuses the committed shard, builds the rest to the same
     samples as a clean build, and goes on through teacher and training."""
     args = [*data_args(source), "data.num_shards=4", "retrieval.num_workers=2", "trainer.max_steps=2"]
     env = _env()
 
-    clean = _run([*args, f"run.output_dir={tmp_path / 'clean'}", "--stages", "ingest,embed,samples"], tmp_path, env)
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    # The clean build: the same command in this process (its Ray is the session's: no second interpreter and Ray
+    # start for the reference).
+    from trainer.main import main
+
+    clean = main(
+        ["--config", "tiny", *args, f"run.output_dir={tmp_path / 'clean'}", "--stages", "ingest,embed,samples"]
+    )
+    assert clean == 0
 
     work = tmp_path / "work"
     work.mkdir()
@@ -222,9 +231,13 @@ def test_kill_during_retrieval_then_rerun_reuses_committed_shards(source, tmp_pa
     assert 1 <= len(committed) < 4 and not (samples / "manifest.json").exists()
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in committed}
 
-    plan = _run([*args, "run.output_dir=runs", "--dry-run"], work, env)
-    assert plan.returncode == 0, plan.stderr
-    rows = {line.split()[0]: line for line in plan.stdout.splitlines()[1:]}
+    # --dry-run from the relative output folder, in this process (it starts nothing).
+    monkeypatch.chdir(work)
+    capsys.readouterr()  # what the clean build printed
+    assert main(["--config", "tiny", *args, "run.output_dir=runs", "--dry-run"]) == 0
+    plan = capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    rows = {line.split()[0]: line for line in plan.out.splitlines()[1:]}
     assert rows["ingest"].split()[1] == "reuse" and rows["embed"].split()[1] == "reuse"
     assert rows["samples"].split()[1] == "resume" and f"{len(committed)}/4 shards committed" in rows["samples"]
     assert rows["teacher"].split()[1] == "build" and rows["train"].split()[1] == "build"
