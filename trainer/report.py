@@ -59,6 +59,12 @@ def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None
             ax[0].plot([s for s, _ in ent], [e for _, e in ent], label="gate entropy")
             # Uniform gates over N experts have entropy ln N: a curve on this line means the gates never moved.
             ax[0].axhline(math.log(len(loads)), color="gray", linestyle="--", label=f"ln {len(loads)} (uniform)")
+            spread = [(h["step"], h["gate_spread"]) for h in history if "gate_spread" in h]
+            if spread:  # entropy cannot say whether users differ; spread can (0 = one mixture for everyone)
+                twin = ax[0].twinx()
+                twin.plot([s for s, _ in spread], [v for _, v in spread], color="tab:orange", label="gate spread")
+                twin.set_ylabel("spread (mean TV distance to the batch-mean gate)", fontsize=7)
+                twin.legend(loc="upper right", fontsize=8)
             ax[0].legend(loc="lower left", fontsize=8)
             ax[0].set(title="gate entropy (nats, mean over samples and layers)", xlabel="step")
             last = next(h for h in reversed(history) if loads[0] in h)
@@ -102,11 +108,18 @@ def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None
             "",
         ]
         ent = [x["gate_entropy"] for x in history if "gate_entropy" in x]
+        spread = [x["gate_spread"] for x in history if "gate_spread" in x]
         loads = [k for k in h if k.startswith("expert_load_")]
         if ent and loads:
             lines += [
                 f"Gate entropy {ent[0]:.4f} -> {ent[-1]:.4f} nats (uniform over {len(loads)} experts: "
-                f"ln {len(loads)} = {math.log(len(loads)):.4f}).",
+                f"ln {len(loads)} = {math.log(len(loads)):.4f})"
+                + (
+                    f"; gate spread {spread[0]:.4f} -> {spread[-1]:.4f} (mean total-variation distance of a sample's "
+                    "gate from the batch mean: 0 = every sample gets the same mixture)."
+                    if spread
+                    else "."
+                ),
                 "",
             ]
         timing = metrics.get("timing")
