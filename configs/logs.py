@@ -12,9 +12,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 FORMAT = "%(asctime)s %(levelname)s [rank %(rank)s] %(name)s: %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
+# Deprecations raised inside libraries on every call (DeepSpeed's ZeRO-3 collectives under torch 2.13 printed two lines
+# per training step): nothing a user can act on. Silenced by exact message, so any other warning still shows.
+LIBRARY_DEPRECATIONS = (
+    r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    r"`is_gradient_checkpointing` is deprecated",
+)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -41,8 +49,9 @@ class _RankFilter(logging.Filter):
 
 
 def setup_logging(level: str | int | None = None, rank: int | None = None) -> None:
-    """Configure the root logger for this process (idempotent: a second call replaces the handler).
-    Level: the argument, else RECLORA_LOG_LEVEL, else INFO."""
+    """Configure the root logger for this process (idempotent: a second call replaces the handler) and silence the
+    libraries' per-call deprecation warnings (LIBRARY_DEPRECATIONS). Level: the argument, else RECLORA_LOG_LEVEL,
+    else INFO."""
     level = level or os.environ.get("RECLORA_LOG_LEVEL") or "INFO"
     rank_text = str(rank if rank is not None else os.environ.get("RANK", "0"))
     handler = _StderrHandler()
@@ -54,6 +63,8 @@ def setup_logging(level: str | int | None = None, rank: int | None = None) -> No
     handler.reclora = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else str(level).upper())
+    for message in LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -28,3 +28,16 @@ def test_progress_bars_only_on_a_terminal():
             return True
 
     assert progress_enabled(Tty()) and not progress_enabled(io.StringIO())
+
+
+def test_library_deprecations_are_silenced_and_other_warnings_are_not():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        setup_logging()
+        # the message torch 2.13 raises from DeepSpeed's ZeRO-3 collectives on every step
+        warnings.warn("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("a deprecation a user can act on", FutureWarning)
+    assert [str(w.message) for w in seen] == ["a deprecation a user can act on"]
