@@ -222,7 +222,7 @@ def test_checkpoints_on_s3(inputs, s3_bucket, s3_server):
         and "rank-00001-of-00002.safetensors" in names
     )
     assert len(out["history"]) == 4
-    ray.shutdown()
+    # This Ray (started with the session's environment, S3 settings included) stays for the next test that needs one.
 
 
 def test_missing_representation_is_a_clear_error(inputs, tmp_path):
