@@ -168,15 +168,23 @@ def test_tensorboard_reaches_s3_on_the_timer(s3_bucket, s3_server, tmp_path):
     fs, _ = storage.get_fs(run_url)
     bucket = s3_bucket.removeprefix("s3://")
 
+    def committed() -> list[str]:
+        # An upload in flight shows as a '.tmp-' key that is gone a moment later (the atomic
+        # write's temporary name): only committed event files are read.
+        found = fs.find(f"{bucket}/runs/timer/tensorboard/", refresh=True)
+        return [key for key in found if ".tmp-" not in key]
+
     def downloaded() -> Path:
         local = tmp_path / f"dl-{time.monotonic_ns()}"
-        fs.get(f"{bucket}/runs/timer/tensorboard/", str(local), recursive=True)
+        local.mkdir()
+        for key in committed():
+            fs.get(key, str(local / Path(key).name))
         return local
 
     trackers = Trackers.from_config(cfg, run_url, rank=0)
     trackers.log_metrics({"train/loss": 0.7, "valid/auc": 0.6}, 1)
     deadline = time.monotonic() + 30
-    while not fs.exists(f"{bucket}/runs/timer/tensorboard") and time.monotonic() < deadline:
+    while not committed() and time.monotonic() < deadline:
         time.sleep(0.1)
     # Before close: the timer alone put the events on S3.
     assert scalars(event_accumulator(downloaded()))["train/loss"] == {1: pytest.approx(0.7)}
