@@ -41,3 +41,10 @@ def test_library_deprecations_are_silenced_and_other_warnings_are_not():
         warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
         warnings.warn("a deprecation a user can act on", FutureWarning)
     assert [str(w.message) for w in seen] == ["a deprecation a user can act on"]
+
+
+def test_ray_train_finds_its_autoscaling_coordinator_running(ray_local):
+    # Without it, the first Ray Train controller of a busy machine timed out creating it (a GetTimeoutError
+    # traceback in the demo's output).
+    coordinator = ray_local.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    assert ray_local.get(coordinator.cancel_request.remote(requester_id="test"), timeout=5) is None
