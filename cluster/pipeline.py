@@ -38,7 +38,7 @@ from configs.logs import get_logger, progress_enabled
 from recdata import layout, storage
 from recdata.ingest import ingest, summary
 from recdata.ingest import options_from_config as ingest_options
-from recdata.metrics import ctr_metrics
+from recdata.metrics import auc, bootstrap_ci, ctr_metrics
 from recdata.prompt_files import PromptSet, ingest_prompts
 from recdata.prompt_files import options_from_config as prompt_options
 from recdata.prompt_files import summary as prompt_summary
@@ -327,13 +327,50 @@ class Pipeline:
         if "train" not in self.stages or not storage.exists(storage.join(p.run, "metrics.json")):
             return
         teacher = teacher_metrics(self.cfg, p)
-        final = storage.read_json(storage.join(p.run, "metrics.json"))["final"]
-        print(final_table(final, teacher, self.cfg.data.task))
+        done = storage.read_json(storage.join(p.run, "metrics.json"))
+        final, task = done["final"], self.cfg.data.task
+        intervals = auc_intervals(p.run, final, teacher) if task == "ctr" else {}
+        print(final_table(final, teacher, task, self.trained_on(done["steps"]), intervals))
         storage.write_json_atomic(
             storage.join(p.run, "results.json"), {"llm": final, "teacher": teacher, "stage_seconds": self.timings}
         )
         named = {f"teacher ({self.cfg.teacher.model})": teacher} if teacher else None
         print(f"report: {write_report(p.run, named)}")
+
+    def trained_on(self, steps: int) -> dict[str, str]:
+        """The final table's "trained on" cell per row: how many training samples each model saw."""
+        p, t = self.paths, self.cfg.trainer
+        plan = storage.join(p.run, "data", "train", "plan.json")
+        rows = storage.read_json(plan)["rows"] if storage.exists(plan) else None
+        seen = steps * t.batch_size
+        llm = f"{rows:,} ({seen:,} seen)" if rows is not None and seen != rows else f"{seen:,}"
+        out = {"zero-shot LLM": "0", "trained LLM": llm}
+        manifest = storage.join(p.samples, "manifest.json")
+        if not layout.is_prompts(self.cfg) and storage.exists(manifest):
+            out["teacher"] = f"{storage.read_json(manifest)['splits']['train']['rows']:,} (all)"
+        return out
+
+
+def auc_intervals(run_url: str, final: dict, teacher: dict, n_boot: int = 1000) -> dict[str, tuple[float, float]]:
+    """CTR: 95% bootstrap intervals of the test AUC of each final-table row, from the per-sample scores the
+    evaluations saved ({run}/eval/test-*.json). A file belongs to a row when its AUC is the row's (a resumed run
+    numbers its evaluations anew, so file numbers alone do not say which is the zero-shot one)."""
+    files = []
+    for k in range(64):
+        url = storage.join(run_url, "eval", f"test-{k}.json")
+        if not storage.exists(url):
+            break
+        files.append(storage.read_json(url))
+    out = {}
+    for name, key in (("zero-shot LLM", "zeroshot_test_auc"), ("trained LLM", "test_auc")):
+        rows = [f for f in files if key in final and f["metrics"].get("auc") == final[key]]
+        if rows:
+            out[name] = bootstrap_ci(lambda y, p: auc(y, p), rows[-1]["label"], rows[-1]["p_yes"], n_boot=n_boot)[1:]
+    last = [f for f in files if f["metrics"].get("auc") == final.get("test_auc")]
+    scores = last[-1].get("teacher") if last else None
+    if teacher and scores and None not in scores:
+        out["teacher"] = bootstrap_ci(lambda y, p: auc(y, p), last[-1]["label"], scores, n_boot=n_boot)[1:]
+    return out
 
 
 def teacher_metrics(cfg, p: layout.Paths) -> dict:
@@ -363,26 +400,42 @@ TABLE_COLUMNS = {
 }
 
 
-def final_table(final: dict, teacher: dict, task: str = "ctr") -> str:
+def final_table(
+    final: dict,
+    teacher: dict,
+    task: str = "ctr",
+    trained_on: dict[str, str] | None = None,
+    intervals: dict[str, tuple[float, float]] | None = None,
+) -> str:
     """Zero-shot LLM, trained LLM and teacher on the same test samples, one row each (a row whose metrics are
-    missing, such as the teacher of a prompt-file run, is left out)."""
-    cols = TABLE_COLUMNS[task]
-    out = [f"{'model':<16}" + "".join(f" {h:>13}" for _, h in cols)]
+    missing, such as the teacher of a prompt-file run, is left out), with the training samples each saw and,
+    where given, the 95% bootstrap interval of the first metric."""
+    cols, trained_on, intervals = TABLE_COLUMNS[task], trained_on or {}, intervals or {}
+    seen_w = max([10, *(len(v) for v in trained_on.values())])
+    out = [f"{'model':<16} {'trained on':>{seen_w}}" + "".join(f" {h:>13}" for _, h in cols)]
+    if intervals:
+        out[0] += f"  {'AUC 95% interval':<16}"
     rows = [("zero-shot LLM", final, "zeroshot_test_"), ("trained LLM", final, "test_"), ("teacher", teacher, "test_")]
     for name, values, prefix in rows:
         if all(f"{prefix}{k}" in values for k, _ in cols):
             cells = "".join(
                 f" {int(values[prefix + k]):>13d}" if k == "n" else f" {values[prefix + k]:>13.4f}" for k, _ in cols
             )
-            out.append(f"{name:<16}{cells}")
+            line = f"{name:<16} {trained_on.get(name, ''):>{seen_w}}{cells}"
+            if name in intervals:
+                line += f"  [{intervals[name][0]:.4f}, {intervals[name][1]:.4f}]"
+            out.append(line.rstrip())
+    if intervals and "test_n" in final:
+        out.append(f"(all rows on the same {int(final['test_n'])} test samples; intervals: bootstrap, 1,000 resamples)")
     return "\n".join(out)
 
 
 def train(cfg, run_url: str) -> dict:
     """Plan the streams, start the feed (Ray actors), then the Ray Train workers; returns the final metrics."""
-    zero_shot = cfg.data.task == "ctr" and cfg.trainer.zero_shot_eval
+    eval_splits = cfg.trainer.eval_splits
+    zero_shot = cfg.data.task == "ctr" and cfg.trainer.zero_shot_eval and "test" in eval_splits
     try:
-        params, feed = plan_training(cfg, run_url, zero_shot_first=zero_shot)
+        params, feed = plan_training(cfg, run_url, splits=("train", *eval_splits), zero_shot_first=zero_shot)
     except FileNotFoundError as e:
         raise SetupError(str(e)) from None
     params["interactive"] = progress_enabled()

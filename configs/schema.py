@@ -280,7 +280,8 @@ class TrainerConfig(Strict):
     # ZeRO++ hierarchical partitioning: GPUs per node (8 in the multi-node presets); used when the workers span
     # more than one node (num_workers > it), which it must then divide. 1 = off.
     zero_hpz_partition_size: int = Field(1, ge=1)
-    # CTR: evaluate the untrained model on the test set before step 1 (the final table's zero-shot row).
+    # CTR: evaluate the untrained model on the test set before step 1 (the final table's zero-shot row), when test
+    # is in eval_splits.
     zero_shot_eval: bool = True
     # ZeRO++ quantized weight all-gathers: the frozen base's weights travel in int8 (GPU only).
     zero_quantized_weights: bool = False
@@ -304,6 +305,9 @@ class TrainerConfig(Strict):
     peak_tflops: Optional[float] = Field(None, gt=0)
     train_subset: Optional[int] = Field(None, ge=1)  # Few2Many: first N of the persisted training order
     eval_every: int = Field(0, ge=0)
+    # The splits evaluated after the last step (valid also every eval_every steps; the zero-shot row needs test).
+    # A run that selects nothing on validation (the demo) saves its forwards with [test].
+    eval_splits: list[Literal["valid", "test"]] = Field(default_factory=lambda: ["valid", "test"], min_length=1)
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)
@@ -330,6 +334,12 @@ class TrainerConfig(Strict):
             raise ValueError(
                 f"batch_size: {self.batch_size} is not divisible by micro_batch_size*num_workers "
                 f"= {self.micro_batch_size}*{self.num_workers}"
+            )
+        if len(set(self.eval_splits)) != len(self.eval_splits):
+            raise ValueError(f"eval_splits: {self.eval_splits} names a split twice")
+        if self.eval_every and "valid" not in self.eval_splits:
+            raise ValueError(
+                f"eval_every: {self.eval_every} evaluates valid, which eval_splits={self.eval_splits} leaves out"
             )
         hpz = self.zero_hpz_partition_size
         if hpz > 1 and self.num_workers > hpz and self.num_workers % hpz:

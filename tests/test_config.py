@@ -112,3 +112,13 @@ def test_main_accepts_overrides_before_and_after_options():
 
     a = parse_args(["--config", "tiny", "trainer.lr=0.1", "--stages", "train", "trainer.max_steps=2", "--dry-run"])
     assert a.overrides == ["trainer.lr=0.1", "trainer.max_steps=2"] and a.stages == "train" and a.dry_run
+
+
+def test_eval_splits_are_checked_at_load():
+    assert load_config("tiny", ["trainer.eval_splits=[test]"]).trainer.eval_splits == ["test"]
+    with pytest.raises(ConfigError, match="eval_splits"):
+        load_config("tiny", ["trainer.eval_splits=[test,test]"])
+    with pytest.raises(ConfigError, match="eval_every"):
+        load_config("tiny", ["trainer.eval_splits=[test]", "trainer.eval_every=4"])
+    with pytest.raises(ConfigError, match="eval_splits"):
+        load_config("tiny", ["trainer.eval_splits=[train]"])

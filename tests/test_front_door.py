@@ -267,7 +267,8 @@ def check_final_table(run: Run) -> None:
     results = json.loads((run.out / run.name / "results.json").read_text())
     cols = [k for k, _ in TABLE_COLUMNS[run.task]]
     _finite(results["llm"], [f"test_{k}" for k in cols], "trained LLM")
-    _finite(results["llm"], [f"valid_{k}" for k in cols], "trained LLM (valid)")
+    if "valid" in load_config(str(run.out / run.name / "config.yaml")).trainer.eval_splits:
+        _finite(results["llm"], [f"valid_{k}" for k in cols], "trained LLM (valid)")
     if run.task == "ctr":
         _finite(results["llm"], [f"zeroshot_test_{k}" for k in cols], "zero-shot LLM")
     _finite(results["teacher"], [f"test_{k}" for k in cols], "teacher")
@@ -275,6 +276,12 @@ def check_final_table(run: Run) -> None:
         header = run.stdout[run.stdout.index("model  ") :]
         for row in ("trained LLM", "teacher"):
             assert row in header, run.stdout[-2000:]
+        assert "trained on" in header.splitlines()[0], header
+        if run.task == "ctr":  # each row with its AUC's bootstrap interval: "0.6123  [0.5012, 0.7034]"
+            for row in ("zero-shot LLM", "trained LLM", "teacher"):
+                line = next(x for x in header.splitlines() if x.startswith(row))
+                low, high = (float(v) for v in line.rsplit("[", 1)[1].rstrip("]").split(","))
+                assert 0 <= low <= high <= 1, line
 
 
 def check_dataset(run: Run) -> dict:
@@ -453,6 +460,10 @@ def test_preset(preset: str, tmp_path, capfd, request):
     assert used.trainer.lora.target_modules == cfg.trainer.lora.target_modules
     assert used.trainer.hybrid_item_emb == cfg.trainer.hybrid_item_emb
     assert used.retrieval.text_mode == case.text_mode
+    # The final evaluation covers exactly the preset's eval_splits (the demo skips valid: it selects nothing).
+    final = json.loads((tmp_path / "out" / run.name / "metrics.json").read_text())["final"]
+    evaluated = {split for split in ("valid", "test") if f"{split}_n" in final}
+    assert evaluated == set(cfg.trainer.eval_splits), sorted(final)
 
 
 # ------------------------------------------------------------------------------------------------ errors
