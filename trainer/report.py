@@ -54,7 +54,7 @@ def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None
             {k for h in history for k in h if k.startswith("expert_load_")}, key=lambda k: int(k.rsplit("_", 1)[1])
         )
         if loads:
-            fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
+            fig, ax = plt.subplots(1, 2, figsize=(11, 3.4), layout="constrained")  # room for the twin axis
             ent = [(h["step"], h["gate_entropy"]) for h in history if "gate_entropy" in h]
             ax[0].plot([s for s, _ in ent], [e for _, e in ent], label="gate entropy")
             # Uniform gates over N experts have entropy ln N: a curve on this line means the gates never moved.
@@ -63,12 +63,13 @@ def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None
             if spread:  # entropy cannot say whether users differ; spread can (0 = one mixture for everyone)
                 twin = ax[0].twinx()
                 twin.plot([s for s, _ in spread], [v for _, v in spread], color="tab:orange", label="gate spread")
-                twin.set_ylabel("spread (mean TV distance to the batch-mean gate)", fontsize=7)
+                twin.set_ylabel("gate spread (TV distance)", fontsize=8)
                 twin.legend(loc="upper right", fontsize=8)
             ax[0].legend(loc="lower left", fontsize=8)
             ax[0].set(title="gate entropy (nats, mean over samples and layers)", xlabel="step")
             last = next(h for h in reversed(history) if loads[0] in h)
             ax[1].bar(range(len(loads)), [last[k] for k in loads])
+            ax[1].set_xticks(range(len(loads)))
             ax[1].set(title=f"expert load at step {last['step']}", xlabel="expert", ylabel="mean gate weight")
             images.append(("gate_usage.png", _plot(fig), "Gate usage"))
             plt.close(fig)
