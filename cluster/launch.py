@@ -11,7 +11,7 @@ import os
 import uuid
 from typing import Any, Callable
 
-from cluster.runtime import init_ray, setup_worker_logging
+from cluster.runtime import init_ray, setup_worker_logging, start_autoscaling_coordinator
 from configs.errors import RecloraError
 
 
@@ -64,6 +64,7 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ray = init_ray()
+    start_autoscaling_coordinator(ray)
     box_name = f"reclora-errors-{uuid.uuid4().hex}"
     # The box lives on the driver's node: a preempted worker node must not take it (and the error it may hold)
     # down, which would turn a recovered run into an ActorDiedError at the end.

@@ -17,6 +17,7 @@ teacher trains on a Ray Train worker (a GPU one when there are GPUs), the traine
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -356,20 +357,22 @@ def auc_intervals(run_url: str, final: dict, teacher: dict, n_boot: int = 1000) 
     evaluations saved ({run}/eval/test-*.json). A file belongs to a row when its AUC is the row's (a resumed run
     numbers its evaluations anew, so file numbers alone do not say which is the zero-shot one)."""
     files = []
-    for k in range(64):
+    for k in itertools.count():  # test-0, test-1, ... (the evaluator numbers them without gaps)
         url = storage.join(run_url, "eval", f"test-{k}.json")
         if not storage.exists(url):
             break
         files.append(storage.read_json(url))
+
+    def scored(key: str) -> dict | None:  # the last file holding the row's AUC (the same JSON double)
+        return next((f for f in reversed(files) if key in final and f["metrics"].get("auc") == final[key]), None)
+
     out = {}
     for name, key in (("zero-shot LLM", "zeroshot_test_auc"), ("trained LLM", "test_auc")):
-        rows = [f for f in files if key in final and f["metrics"].get("auc") == final[key]]
-        if rows:
-            out[name] = bootstrap_ci(lambda y, p: auc(y, p), rows[-1]["label"], rows[-1]["p_yes"], n_boot=n_boot)[1:]
-    last = [f for f in files if f["metrics"].get("auc") == final.get("test_auc")]
-    scores = last[-1].get("teacher") if last else None
-    if teacher and scores and None not in scores:
-        out["teacher"] = bootstrap_ci(lambda y, p: auc(y, p), last[-1]["label"], scores, n_boot=n_boot)[1:]
+        if rows := scored(key):
+            out[name] = bootstrap_ci(auc, rows["label"], rows["p_yes"], n_boot=n_boot)[1:]
+    rows = scored("test_auc")
+    if teacher and rows and rows.get("teacher") and None not in rows["teacher"]:
+        out["teacher"] = bootstrap_ci(auc, rows["label"], rows["teacher"], n_boot=n_boot)[1:]
     return out
 
 

@@ -96,7 +96,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
             log_to_driver=log_to_driver,
             _node_ip_address="127.0.0.1",
         )
-    start_autoscaling_coordinator(ray)
     return ray
 
 
@@ -106,8 +105,9 @@ def start_autoscaling_coordinator(ray) -> None:
     Each Ray Train controller registers its resource request with this detached actor, creating it on first use
     and waiting 5 s for the answer. On a busy 2-core machine the actor's process takes longer than that to start
     (it imports ray.data), so the first run of a fresh Ray logged a GetTimeoutError traceback ("Failed to send
-    resource request ... safe to ignore"), which reads as a crash. Started here, the controller finds it running.
-    The module is Ray-internal (pinned Ray 2.60): a Ray without it skips this, and nothing else depends on it."""
+    resource request ... safe to ignore"), which reads as a crash. Started before a controller (cluster.launch),
+    the controller finds it running. Idempotent (a named detached actor). The module is Ray-internal (pinned Ray
+    2.60): a Ray without it skips this, and nothing else depends on it."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,

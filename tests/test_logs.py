@@ -6,6 +6,7 @@ import io
 import logging
 import re
 
+from cluster.runtime import start_autoscaling_coordinator
 from configs.logs import get_logger, progress_enabled, setup_logging
 
 
@@ -45,6 +46,8 @@ def test_library_deprecations_are_silenced_and_other_warnings_are_not():
 
 def test_ray_train_finds_its_autoscaling_coordinator_running(ray_local):
     # Without it, the first Ray Train controller of a busy machine timed out creating it (a GetTimeoutError
-    # traceback in the demo's output).
+    # traceback in the demo's output). cluster.launch.run_training calls this before every Ray Train run; here it
+    # also proves the Ray-internal module is still where the pinned Ray keeps it (else this is a silent no-op).
+    start_autoscaling_coordinator(ray_local)
     coordinator = ray_local.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
     assert ray_local.get(coordinator.cancel_request.remote(requester_id="test"), timeout=5) is None
