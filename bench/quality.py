@@ -19,7 +19,9 @@ plain LoRA (the 7 linears, r 8, hybrid item tokens) vs iLoRA (4 experts, SASRec 
 (its candidate scores) and popularity (training frequency of each candidate as a target).
 
 --quick: small subsets and test sets (timings for the full-run estimate); --tiny: the random tiny Llama (a smoke
-run of the whole bench in minutes). Writes bench/results/quality.md (not for --tiny); the last line printed is one
+run of the whole bench in minutes); --demo: the CTR rows only, on the demo's data (the recbole wheel) at its
+budget (128 samples, 64 steps of 8 at lr 3e-3, 200 validation and test samples; about an hour on 2 cores), written
+to bench/results/quality_demo.md. Writes bench/results/quality.md (not for --tiny); the last line printed is one
 JSON object.
 """
 
@@ -56,7 +58,18 @@ SIZES = {
     "full": dict(ctr_n=[256, 1024], ctr_test=1000, lfm_n=1024, lfm_test=None),
     "quick": dict(ctr_n=[16, 32], ctr_test=64, lfm_n=16, lfm_test=32),
     "tiny": dict(ctr_n=[16, 32], ctr_test=64, lfm_n=16, lfm_test=None),
+    "demo": dict(ctr_n=[128], ctr_test=200, lfm_n=None, lfm_test=None),
 }
+# --demo: the same CTR rows on the demo's data (configs/demo.yaml: MovieLens-100K from the recbole wheel, no
+# ../shared needed) at the budget of bench/results/demo_cpu.md's comparison: the demo's 128 samples, 64 steps of
+# 8 at lr 3e-3, 10 prompt items, validation and test.
+DEMO = [
+    "retrieval.k_text=10",
+    "trainer.lr=3e-3",
+    "trainer.epochs=4",
+    "trainer.micro_batch_size=8",
+    "trainer.eval_splits=[valid, test]",
+]
 TINY_MODEL = [
     "model.name_or_path=recdata/assets/smollm2-135m-instruct",
     "model.tiny={num_layers: 2, hidden_size: 64, intermediate_size: 128, num_heads: 4, num_kv_heads: 2}",
@@ -193,17 +206,18 @@ def fmt(c: tuple[float, float, float]) -> str:
 
 
 # ---- the two benchmarks -------------------------------------------------------------------------------------------
-def bench_ctr(runner: Runner, size: dict, tiny: list[str]) -> dict:
+def bench_ctr(runner: Runner, size: dict, tiny: list[str], preset: str = "ml100k-reclora", extra: tuple = ()) -> dict:
     base = [*COMMON, *tiny, f"retrieval.max_eval_samples={size['ctr_test']}", "trainer.batch_size=16"]
+    base += [*(["trainer.batch_size=8"] if preset == "demo" else []), *extra]
     if tiny:
         base += ["teacher.embed_dim=16", "teacher.mlp_hidden=[64, 32]", "teacher.rep_dim=32", "retrieval.pca_dim=16"]
     runs = {}
     for n in size["ctr_n"]:
-        for row, extra in CTR_ROWS.items():
+        for row, row_extra in CTR_ROWS.items():
             # The zero-shot model (B = 0) is the same in every run: only the first run evaluates it.
             once = [] if not runs else ["trainer.zero_shot_eval=false"]
             runs[(row, n)] = runner.run(
-                f"ctr-{row}-n{n}", "ml100k-reclora", [*base, f"trainer.train_subset={n}", *extra, *once]
+                f"ctr-{row}-n{n}", preset, [*base, f"trainer.train_subset={n}", *row_extra, *once]
             )
     first = runs[("plain", size["ctr_n"][0])]
     zero, _ = eval_rows(first)
@@ -215,7 +229,7 @@ def bench_ctr(runner: Runner, size: dict, tiny: list[str]) -> dict:
         if not np.array_equal(np.asarray(final["sample_id"], dtype=np.int64), ids):
             sys.exit(f"{run}: its test samples differ from {first}'s (the test set must be the same for every row)")
         scores[f"{row}_n{n}"] = np.asarray(final["p_yes"])
-    cfg = load_config("ml100k-reclora", [*base, f"run.output_dir={runner.work / 'runs'}"])
+    cfg = load_config(preset, [*base, f"run.output_dir={runner.work / 'runs'}"])
     samples = SampleSet.open(paths(cfg).samples)
     train = samples.read("train", columns=["item_id", "label"])
     test_items = samples.read("test", columns=["item_id"], sample_ids=ids)["item_id"].to_numpy()
@@ -408,32 +422,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small subsets and test sets")
     ap.add_argument("--tiny", action="store_true", help="the random tiny Llama (smoke run)")
+    ap.add_argument(
+        "--demo",
+        action="store_true",
+        help="CTR rows only, on the demo's data and budget (bench/results/quality_demo.md)",
+    )
     ap.add_argument("--work", help="output folder (default: a new temporary one; reuse one to skip built stages)")
     ap.add_argument("--skip-next-item", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="take finished runs in --work as they are (re-analysis)")
     a = ap.parse_args()
-    if not (ML100K / "u.data").is_file():
+    if not a.demo and not (ML100K / "u.data").is_file():
         print(f"skipped: MovieLens-100K not found at {ML100K}")
         return
-    size = SIZES["tiny" if a.tiny else "quick" if a.quick else "full"]
-    mode = "+".join(m for m, on in (("quick", a.quick), ("tiny", a.tiny)) if on) or "full"
+    size = SIZES["demo" if a.demo else "tiny" if a.tiny else "quick" if a.quick else "full"]
+    mode = "+".join(m for m, on in (("demo", a.demo), ("quick", a.quick), ("tiny", a.tiny)) if on) or "full"
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-quality-"))
     runner = Runner(work, reuse=a.reuse)
     tiny = TINY_MODEL if a.tiny else []
     t0 = time.perf_counter()
-    ctr = bench_ctr(runner, size, tiny)
+    ctr = bench_ctr(runner, size, tiny, *(("demo", DEMO) if a.demo else ()))
     lfm = None
-    if not a.skip_next_item:
+    if not (a.skip_next_item or a.demo):
         if (LASTFM / "test_data.jsonl").is_file():
             lfm = bench_next_item(runner, size, tiny)
         else:
             print(f"next item skipped: LLaRA LastFM not found at {LASTFM}")
     wall = time.perf_counter() - t0
-    estimate = estimate_full(runner, ctr, lfm, size) if mode != "full" else None
+    estimate = estimate_full(runner, ctr, lfm, size) if mode not in ("full", "demo") else None
     text = report(ctr, lfm, mode, wall, estimate)
     print(text)
     if not a.tiny:
-        RESULTS.write_text(text)
+        (RESULTS.with_name("quality_demo.md") if a.demo else RESULTS).write_text(text)
     big = ctr["big"]
     d = ctr["diffs"][f"reclora - plain (N={big})"]
     result = {
