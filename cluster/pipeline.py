@@ -428,6 +428,11 @@ def final_table(
             if name in intervals:
                 line += f"  [{intervals[name][0]:.4f}, {intervals[name][1]:.4f}]"
             out.append(line.rstrip())
+    if "test_gen_valid_ratio" in final:  # next item: LLaRA's generation metric (greedy answers, matched as text)
+        out.append(
+            f"trained LLM, greedy answers: ValidRatio {final['test_gen_valid_ratio']:.4f}, HR@1 over valid "
+            f"{final['test_gen_hr1_valid']:.4f}, HR@1 over all {final['test_gen_hr1_all']:.4f}"
+        )
     if intervals and "test_n" in final:
         out.append(f"(all rows on the same {int(final['test_n'])} test samples; intervals: bootstrap, 1,000 resamples)")
     return "\n".join(out)

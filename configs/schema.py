@@ -308,6 +308,9 @@ class TrainerConfig(Strict):
     # The splits evaluated after the last step (valid also every eval_every steps; the zero-shot row needs test).
     # A run that selects nothing on validation (the demo) saves its forwards with [test].
     eval_splits: list[Literal["valid", "test"]] = Field(default_factory=lambda: ["valid", "test"], min_length=1)
+    # Next item: also greedy-decode each evaluated prompt and report LLaRA's generation metric (ValidRatio, HR@1
+    # over valid answers and over all rows) beside the candidate-scoring metrics. Ignored for CTR.
+    eval_generation: bool = True
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)

@@ -2,7 +2,8 @@
 
 `candidate_scores` runs each prompt once and scores the candidate titles as continuations of its KV cache;
 `candidate_scores_full` (the previous path, kept as the reference) recomputes the prompt for every candidate.
-Both run through the PersonalizedLM / HybridLM wrappers, plain and inside a real DeepSpeed ZeRO-3 engine (one
+`greedy_answers` (the LLaRA generation metric's decoding, KV-cached) equals greedy decoding that recomputes the
+whole sequence every step. All run through the PersonalizedLM / HybridLM wrappers, plain and inside a real DeepSpeed ZeRO-3 engine (one
 gloo rank on CPU).
 """
 
@@ -17,7 +18,7 @@ from configs.schema import TrainerConfig
 from trainer import engine as eng
 from trainer.hybrid import HybridLM
 from trainer.lora import MixtureLoraConfig, build_personalized_model
-from trainer.objective import candidate_scores, candidate_scores_full
+from trainer.objective import candidate_scores, candidate_scores_full, greedy_answers
 
 COND_DIM = 6
 PAD = 0
@@ -138,6 +139,8 @@ def test_cached_prefix_through_a_zero3_engine(mode, one_rank_group):
     m = model(mode)
     batch = rows(3, 6, hybrid=mode == "ilora", seed=1)
     want, _ = both(m, batch)
+    cond = torch.tensor(np.stack([r["rep"] for r in batch]))
+    want_gen = greedy_answers(m, batch, PAD, cond, "cpu", max_new_tokens=4, eos_id=2)
     t = TrainerConfig(batch_size=2, micro_batch_size=2, num_workers=1, zero_stage=3)
     engine, _, _ = eng.build_engine(m, eng.ds_config(t, False, "float32", 1), t, schedule_steps=4)
     assert any(hasattr(p, "ds_id") for p in m.parameters())  # really partitioned
@@ -145,3 +148,46 @@ def test_cached_prefix_through_a_zero3_engine(mode, one_rank_group):
     fast, slow = both(engine, batch, one_rank_group)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
     torch.testing.assert_close(fast, want, atol=1e-4, rtol=0)
+    assert torch.equal(greedy_answers(engine, batch, PAD, cond, one_rank_group, max_new_tokens=4, eos_id=2), want_gen)
+
+
+def greedy_reference(m, row: dict, max_new: int, eos: int) -> list[int]:
+    """Greedy decoding of one row, the whole sequence recomputed every step (no cache, no padding)."""
+    seq = row["input_ids"][: row["prompt_len"]]
+    out: list[int] = []
+    cond = torch.tensor([row["rep"]])
+    with torch.no_grad():
+        for _ in range(max_new):
+            ids = torch.tensor([seq])
+            extra = {}
+            if row.get("item_slots"):
+                extra["item_slots"] = torch.tensor(row["item_slots"])
+            logits = m(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                position_ids=torch.arange(len(seq)).unsqueeze(0),
+                cond=cond,
+                use_cache=False,
+                **extra,
+            ).logits
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt == eos:
+                break
+            seq = seq + [nxt]
+    return out + [-1] * (max_new - len(out))
+
+
+@pytest.mark.parametrize("mode", ["reclora", "ilora", "plain"])
+def test_greedy_answers_equal_uncached_decoding(mode):
+    m = model(mode)
+    batch = rows(4, 5, hybrid=mode == "ilora", seed=3)
+    cond = torch.tensor(np.stack([r["rep"] for r in batch]))
+    # An end token the tiny model actually emits: the first row's 3rd greedy token (so -1 padding is exercised).
+    eos = greedy_reference(m, batch[0], 3, eos=-5)[2]
+    got = greedy_answers(m, batch, PAD, cond, "cpu", max_new_tokens=6, eos_id=eos)
+    want = torch.tensor([greedy_reference(m, r, 6, eos) for r in batch])
+    assert got.shape == (4, 6)
+    assert torch.equal(got, want)
+    first = int((got[0] == eos).nonzero()[0])  # at or before index 2 (the tiny model may repeat tokens)
+    assert first <= 2 and (got[0, first + 1 :] == -1).all()

@@ -271,12 +271,16 @@ def check_final_table(run: Run) -> None:
         _finite(results["llm"], [f"valid_{k}" for k in cols], "trained LLM (valid)")
     if run.task == "ctr":
         _finite(results["llm"], [f"zeroshot_test_{k}" for k in cols], "zero-shot LLM")
+    else:  # LLaRA's generation metric (trainer.eval_generation, on by default)
+        _finite(results["llm"], [f"test_gen_{k}" for k in ("valid_ratio", "hr1_valid", "hr1_all")], "greedy answers")
     _finite(results["teacher"], [f"test_{k}" for k in cols], "teacher")
     if run.stdout:  # the final table printed at the end
         header = run.stdout[run.stdout.index("model  ") :]
         for row in ("trained LLM", "teacher"):
             assert row in header, run.stdout[-2000:]
         assert "trained on" in header.splitlines()[0], header
+        if run.task == "next_item":
+            assert "greedy answers: ValidRatio" in header, header
         if run.task == "ctr":  # each row with its AUC's bootstrap interval: "0.6123  [0.5012, 0.7034]"
             for row in ("zero-shot LLM", "trained LLM", "teacher"):
                 line = next(x for x in header.splitlines() if x.startswith(row))

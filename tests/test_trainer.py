@@ -3,6 +3,7 @@ checkpoints (local and the moto S3 server), SIGKILL of a worker, resume, and bad
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -338,6 +339,14 @@ def test_two_workers_zero3_ilora_next_item(next_item_inputs, tmp_path):
     assert final["valid_n"] == 16
     for k in ("valid_hr@1", "valid_hr@10", "valid_ndcg@10", "test_hr@1"):
         assert k in final and 0.0 <= final[k] <= 1.0, (k, final)
+    # LLaRA's generation metric (greedy answers from both ranks, matched as text): present and consistent.
+    for split in ("valid", "test"):
+        vr, hv, ha = (final[f"{split}_gen_{k}"] for k in ("valid_ratio", "hr1_valid", "hr1_all"))
+        assert 0.0 <= vr <= 1.0 and 0.0 <= ha <= hv <= 1.0 and ha == pytest.approx(hv * vr), final
+    last = max((Path(out["run_url"]) / "eval").glob("test-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    rows = json.loads(last.read_text())
+    assert len(rows["generated"]) == len(rows["sample_id"]) == 16
+    assert all(isinstance(t, str) for t in rows["generated"])
 
 
 def test_hybrid_item_embeddings_with_curriculum(next_item_inputs, tmp_path):

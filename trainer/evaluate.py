@@ -10,11 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers import AutoTokenizer
 
 from recdata import storage
-from recdata.metrics import ctr_metrics, ranking_metrics
+from recdata.metrics import ctr_metrics, generation_metrics, ranking_metrics
+from recdata.model_source import tokenizer_dir
 from recdata.streams import StreamReader, collate
-from trainer.objective import answer_loss, candidate_scores, gate_input, p_yes_from_logits
+from trainer.objective import answer_loss, candidate_scores, gate_input, greedy_answers, p_yes_from_logits
 
 
 def all_reduce_sum(x: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -46,6 +48,7 @@ class Evaluator:
         self.trackers = trackers
         self.waited = 0.0
         self.calls: dict[str, int] = {}
+        self.tokenizer = None  # loaded on the first generation metric (next item)
 
     def __call__(self, split: str, step: int | None = None, tag: str | None = None) -> dict[str, float]:
         reader = StreamReader(self.params["streams"][split], timeout_s=self.params.get("feed_timeout_s", 3600.0))
@@ -103,7 +106,15 @@ class Evaluator:
                     )
                     target = torch.tensor([r["candidates"].index(r["item_id"]) for r in rows], dtype=torch.float64)
                     sid = batch["sample_id"].double().cpu()
-                    rows_out.append(torch.cat([target.unsqueeze(1), sid.unsqueeze(1), sc.double().cpu()], 1))
+                    cols = [target.unsqueeze(1), sid.unsqueeze(1), sc.double().cpu()]
+                    if params.get("titles"):  # candidate ids and greedy answer tokens (exact as float64)
+                        cols.append(torch.tensor([r["candidates"] for r in rows], dtype=torch.float64))
+                        gen = greedy_answers(
+                            engine, rows, params["pad_id"], batch["cond"], device,
+                            params["gen_max_new_tokens"], params["eos_id"],
+                        )  # fmt: skip
+                        cols.append(gen.double().cpu())
+                    rows_out.append(torch.cat(cols, 1))
         engine.train()
         mine = torch.cat(rows_out) if rows_out else torch.zeros(0, 5, dtype=torch.float64)
         mine = torch.cat([torch.from_numpy(valid.astype(np.float64)).unsqueeze(1), mine], 1)
@@ -119,8 +130,13 @@ class Evaluator:
                 "teacher": allrows[:, 4],
             }
         else:
-            out = ranking_metrics(allrows[:, 2:], allrows[:, 0].astype(int))
-            rows = {"sample_id": allrows[:, 1], "target": allrows[:, 0], "scores": allrows[:, 2:]}
+            c = (allrows.shape[1] - 2 - params.get("gen_max_new_tokens", 0)) // (2 if params.get("titles") else 1)
+            out = ranking_metrics(allrows[:, 2 : 2 + c], allrows[:, 0].astype(int))
+            rows = {"sample_id": allrows[:, 1], "target": allrows[:, 0], "scores": allrows[:, 2 : 2 + c]}
+            if params.get("titles"):
+                gen, texts = self.generation(allrows[:, 2 + c : 2 + 2 * c], allrows[:, 2 + 2 * c :], allrows[:, 0])
+                out.update({f"gen_{k}": v for k, v in gen.items() if k != "n"})
+                rows["generated"] = np.asarray(texts, dtype=object)
         out["n"] = float(len(allrows))
         order = np.argsort(rows["sample_id"], kind="stable")
         rows = {k: v[order] for k, v in rows.items()}
@@ -128,3 +144,22 @@ class Evaluator:
         if "teacher" in rows:
             rows["teacher"] = np.nan_to_num(rows["teacher"], nan=-1.0)  # -1: no teacher score stored
         return out, {k: v.tolist() for k, v in rows.items()}
+
+    def generation(self, cands: np.ndarray, tokens: np.ndarray, target: np.ndarray) -> tuple[dict, list[str]]:
+        """LLaRA's generation metric of the gathered rows: the greedy answers decoded (up to the end token) and
+        matched against the rows' candidate titles; also the decoded answers, for the per-sample results."""
+        if self.tokenizer is None:
+            m = self.params["config"]["model"]
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                tokenizer_dir(self.params["model_dir"], tiny=m.get("tiny") is not None, model_cfg=m),
+                trust_remote_code=bool(m.get("trust_remote_code")),
+            )
+        titles, eos = self.params["titles"], self.params["eos_id"]
+        texts = []
+        for row in tokens.astype(np.int64):
+            ids = [int(t) for t in row if t >= 0]
+            ids = ids[: ids.index(eos)] if eos in ids else ids
+            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        cand_titles = [[titles[str(int(i))] for i in row] for row in cands]
+        targets = [ct[int(t)] for ct, t in zip(cand_titles, target)]
+        return generation_metrics(texts, cand_titles, targets), texts

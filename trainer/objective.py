@@ -166,6 +166,62 @@ def candidate_scores(
 
 
 @torch.no_grad()
+def greedy_answers(
+    model, rows: list[dict], pad_id: int, cond: torch.Tensor, device, max_new_tokens: int, eos_id: int
+) -> torch.Tensor:
+    """Greedy decoding of every row's answer from its (left-padded) prompt: [num_rows, max_new_tokens] token ids,
+    -1 after a row's end-of-answer token. The prompts run once with their KV cache, then one token per forward,
+    always `max_new_tokens` of them (ZeRO-3 forwards are collective: every rank runs the same number). The gate
+    input is per sequence; hybrid item slots occur only in the prompt. LLaRA's generation metric
+    (recdata.metrics.generation_metrics) reads the decoded text."""
+    prompts = [
+        {
+            "input_ids": r["input_ids"][: r["prompt_len"]],
+            "prompt_len": r["prompt_len"],
+            "label": None,
+            "rep": r["rep"],
+            "sample_id": r["sample_id"],
+            "item_slots": r.get("item_slots"),
+        }
+        for r in rows
+    ]
+    b = {k: v.to(device) for k, v in collate(prompts, pad_id).items()}
+    cond = cond.to(device)
+    out = model(
+        input_ids=b["input_ids"],
+        attention_mask=b["attention_mask"],
+        position_ids=b["position_ids"],
+        cond=cond,
+        logits_to_keep=1,
+        use_cache=True,
+        **_extra_of(b),
+    )
+    cache, mask = out.past_key_values, b["attention_mask"]
+    pos = mask.sum(1, keepdim=True)
+    no_slots = {"item_slots": b["item_slots"][:0]} if "item_slots" in b else {}
+    tokens = []
+    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].float().argmax(-1)
+        tokens.append(torch.where(done, torch.full_like(nxt, -1), nxt))
+        done |= nxt == eos_id
+        if step + 1 == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(
+            input_ids=nxt.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=pos + step,
+            cond=cond,
+            past_key_values=cache,
+            use_cache=True,
+            **no_slots,
+        )
+        cache = out.past_key_values
+    return torch.stack(tokens, 1) if tokens else torch.zeros(len(rows), 0, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
 def candidate_scores_full(
     model, rows: list[dict], pad_id: int, answer_ids_of, cond: torch.Tensor, device
 ) -> torch.Tensor:

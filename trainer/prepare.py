@@ -179,6 +179,12 @@ def plan_training(cfg, run_url: str, splits=("train", "valid", "test"), zero_sho
         params["answer_ids"] = {
             str(i): encoder.answer_ids(t) for i, t in zip(items["item_id"].to_pylist(), items["title"].to_pylist())
         }
+        if cfg.trainer.eval_generation:
+            # LLaRA's generation metric: greedy answers as long as the longest title (+ its end token), matched
+            # against the candidate titles as text.
+            params["titles"] = {str(i): t for i, t in zip(items["item_id"].to_pylist(), items["title"].to_pylist())}
+            params["eos_id"] = encoder.eos
+            params["gen_max_new_tokens"] = max(len(a) for a in params["answer_ids"].values())
     return params, job
 
 
