@@ -14,9 +14,11 @@ larger one). Rows: zero-shot LLM (B = 0 before step 1), plain LoRA (q,v, r 8), R
 representation, long-short retrieval), RecLoRA with random gate inputs (trainer.lora.gate_input=random), DIN (its
 own scores on the same samples) and item popularity (smoothed positive rate of the item in the training samples).
 
-Next item, LLaRA LastFM (configs/lastfm-ilora.yaml; the given split, 20 candidates per row, the whole test set):
-plain LoRA (the 7 linears, r 8, hybrid item tokens) vs iLoRA (4 experts, SASRec gate, hybrid item tokens), SASRec
-(its candidate scores) and popularity (training frequency of each candidate as a target).
+Next item, LLaRA LastFM (configs/lastfm-ilora.yaml as the paper trains it; the given split, 20 candidates per row,
+the whole test set, the same N budgets): plain LoRA (the 7 linears, r 8, hybrid item tokens) vs iLoRA (4 experts,
+SASRec gate, hybrid item tokens), SASRec (its candidate scores) and popularity (training frequency of each candidate
+as a target); HR@1/HR@5/NDCG@5 by candidate scoring, and LLaRA's generation metric from the greedy answers the
+evaluator stores (ValidRatio, HR@1 over valid and over all rows).
 
 --quick: small subsets and test sets (timings for the full-run estimate); --tiny: the random tiny Llama (a smoke
 run of the whole bench in minutes); --demo: the CTR rows only, on the demo's data (the recbole wheel) at its
@@ -45,6 +47,7 @@ from configs.loader import load_config  # noqa: E402
 from recdata import metrics as M  # noqa: E402
 from recdata.layout import paths  # noqa: E402
 from recdata.samples import SampleSet  # noqa: E402
+from recdata.schema import Dataset  # noqa: E402
 from teacher.baselines import popularity_candidates, popularity_ctr  # noqa: E402
 from teacher.score import read_reps, score_samples  # noqa: E402
 
@@ -54,11 +57,12 @@ RESULTS = REPO / "bench" / "results" / "quality.md"
 N_BOOT = 1000
 
 SIZES = {
-    # (Few2Many N list, CTR test samples, LastFM train subset, LastFM test rows (None = all 122))
-    "full": dict(ctr_n=[256, 1024], ctr_test=1000, lfm_n=1024, lfm_test=None),
-    "quick": dict(ctr_n=[16, 32], ctr_test=64, lfm_n=16, lfm_test=32),
-    "tiny": dict(ctr_n=[16, 32], ctr_test=64, lfm_n=16, lfm_test=None),
-    "demo": dict(ctr_n=[128], ctr_test=200, lfm_n=None, lfm_test=None),
+    # (Few2Many N lists, CTR test samples, LastFM test rows (None = all 122)); the largest N runs first (the
+    # goals are at the largest N; a smaller set is a prefix of the larger one either way)
+    "full": dict(ctr_n=[1024, 256], ctr_test=1000, ctr_steps=128, lfm_n=[1024, 256], lfm_test=None),
+    "quick": dict(ctr_n=[32, 16], ctr_test=64, ctr_steps=4, lfm_n=[16], lfm_test=32),
+    "tiny": dict(ctr_n=[32, 16], ctr_test=64, ctr_steps=4, lfm_n=[16], lfm_test=None),
+    "demo": dict(ctr_n=[128], ctr_test=200, ctr_steps=64, lfm_n=None, lfm_test=None),
 }
 # --demo: the same CTR rows on the demo's data (configs/demo.yaml: MovieLens-100K from the recbole wheel, no
 # ../shared needed) at the budget of bench/results/demo_cpu.md's comparison: the demo's 128 samples, 64 steps of
@@ -82,6 +86,14 @@ COMMON = [
     "trainer.checkpoint_every=0",
     "trainer.log_every=1",
 ]
+# The CTR rows' training budget (full run): 128 steps of 8 at lr 3e-3 for every N (epochs = 128 * 8 / N), test
+# split only. Chosen on validation, never on test: bench/results/demo_cpu.md's study (RecLoRA's
+# gates stay uniform at the preset's lr 1e-3 over tens of steps; at 3e-3 and 64 steps of 8 they moved and the
+# validation AUC rose; the four demo settings A-D were compared on validation) and bench/results/
+# gate_dynamics_cpu.md (16 meta-LoRAs at temperature 5 need 100-200 steps at 3e-3), hence 128 steps, not 64.
+CTR_BATCH = 8
+CTR_BUDGET = ["trainer.lr=3e-3", f"trainer.batch_size={CTR_BATCH}", f"trainer.micro_batch_size={CTR_BATCH}"]
+CTR_BUDGET += ["trainer.eval_splits=[test]"]
 CTR_ROWS = {
     "plain": ["trainer.lora.mode=plain", "trainer.lora.num_experts=1"],
     "reclora": [],
@@ -138,7 +150,14 @@ def timing(run: Path, eval_samples: int) -> dict:
     # The zero-shot evaluation runs inside the worker's setup: everything but the step loop counts as evaluation
     # (model loading included, so the rate errs high); the rest of the wall time is the run's fixed overhead.
     evals = t["worker_seconds"] - t["train_seconds"]
-    return {"train_s": t["train_seconds"], "steps": steps, "eval_s": evals, "eval_samples": eval_samples}
+    batch = load_config(str(run / "config.yaml")).trainer.batch_size
+    return {
+        "train_s": t["train_seconds"],
+        "steps": steps,
+        "train_samples": steps * batch,
+        "eval_s": evals,
+        "eval_samples": eval_samples,
+    }
 
 
 def gate_log(run: Path) -> dict:
@@ -207,8 +226,9 @@ def fmt(c: tuple[float, float, float]) -> str:
 
 # ---- the two benchmarks -------------------------------------------------------------------------------------------
 def bench_ctr(runner: Runner, size: dict, tiny: list[str], preset: str = "ml100k-reclora", extra: tuple = ()) -> dict:
-    base = [*COMMON, *tiny, f"retrieval.max_eval_samples={size['ctr_test']}", "trainer.batch_size=16"]
-    base += [*(["trainer.batch_size=8"] if preset == "demo" else []), *extra]
+    base = [*COMMON, *tiny, f"retrieval.max_eval_samples={size['ctr_test']}"]
+    base += ["trainer.batch_size=8"] if preset == "demo" else CTR_BUDGET
+    base += extra
     if tiny:
         base += ["teacher.embed_dim=16", "teacher.mlp_hidden=[64, 32]", "teacher.rep_dim=32", "retrieval.pca_dim=16"]
     runs = {}
@@ -216,8 +236,9 @@ def bench_ctr(runner: Runner, size: dict, tiny: list[str], preset: str = "ml100k
         for row, row_extra in CTR_ROWS.items():
             # The zero-shot model (B = 0) is the same in every run: only the first run evaluates it.
             once = [] if not runs else ["trainer.zero_shot_eval=false"]
+            epochs = [] if preset == "demo" else [f"trainer.epochs={max(1, size['ctr_steps'] * CTR_BATCH // n)}"]
             runs[(row, n)] = runner.run(
-                f"ctr-{row}-n{n}", preset, [*base, f"trainer.train_subset={n}", *row_extra, *once]
+                f"ctr-{row}-n{n}", preset, [*base, f"trainer.train_subset={n}", *epochs, *row_extra, *once]
             )
     first = runs[("plain", size["ctr_n"][0])]
     zero, _ = eval_rows(first)
@@ -238,7 +259,7 @@ def bench_ctr(runner: Runner, size: dict, tiny: list[str], preset: str = "ml100k
         name: {"auc": ci(auc_of, s, y), "logloss": ci(lambda p, t: M.logloss(t, np.clip(p, 1e-6, 1 - 1e-6)), s, y)}
         for name, s in scores.items()
     }
-    big = size["ctr_n"][-1]
+    big = max(size["ctr_n"])
     diffs = {
         f"reclora - plain (N={n})": paired(auc_of, scores[f"reclora_n{n}"], scores[f"plain_n{n}"], y)
         for n in size["ctr_n"]
@@ -254,7 +275,7 @@ def bench_ctr(runner: Runner, size: dict, tiny: list[str], preset: str = "ml100k
             for n in size["ctr_n"]
         }
     )
-    eval_n = 2 * size["ctr_test"]  # valid + test at the end (+ the zero-shot test at the start)
+    eval_n = size["ctr_test"] * (2 if preset == "demo" else 1)  # the final evaluation(s) (+ the zero-shot test)
     times = {
         f"{r}_n{n}": timing(run, eval_n + (size["ctr_test"] if eval_rows(run)[0] else 0))
         for (r, n), run in runs.items()
@@ -274,25 +295,32 @@ def bench_ctr(runner: Runner, size: dict, tiny: list[str], preset: str = "ml100k
     }
 
 
+def generation_flags(generated: list[str], cand_titles: list[list[str]], target: np.ndarray) -> np.ndarray:
+    """[rows, 2]: (valid, correct) per row by LLaRA's rule (exactly one candidate title in the answer's first
+    line), from the decoded greedy answers the evaluator stored."""
+    out = np.zeros((len(generated), 2))
+    for i, (text, titles) in enumerate(zip(generated, cand_titles)):
+        hit = M.match_candidate(text, titles)
+        out[i] = (
+            hit is not None,
+            hit is not None and titles[hit].strip().lower() == titles[int(target[i])].strip().lower(),
+        )
+    return out
+
+
 def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
-    base = [
-        *COMMON,
-        *tiny,
-        f"trainer.train_subset={size['lfm_n']}",
-        f"retrieval.max_eval_samples={size['lfm_test'] or 'null'}",
-    ]
+    base = [*COMMON, *tiny, f"retrieval.max_eval_samples={size['lfm_test'] or 'null'}"]
     if tiny:
         base.append("teacher.epochs=2")
-    runs = {row: runner.run(f"lastfm-{row}", "lastfm-ilora", [*base, *extra]) for row, extra in LFM_ROWS.items()}
-    _, ref = eval_rows(runs["lora"])
+    runs = {
+        (row, n): runner.run(f"lastfm-{row}-n{n}", "lastfm-ilora", [*base, f"trainer.train_subset={n}", *extra])
+        for n in size["lfm_n"]
+        for row, extra in LFM_ROWS.items()
+    }
+    ref_run = runs[("lora", size["lfm_n"][0])]
+    _, ref = eval_rows(ref_run)
     ids = np.asarray(ref["sample_id"], dtype=np.int64)
     target = np.asarray(ref["target"]).astype(int)
-    scores = {}
-    for row, run in runs.items():
-        _, final = eval_rows(run)
-        if not np.array_equal(np.asarray(final["sample_id"], dtype=np.int64), ids):
-            sys.exit(f"{run}: its test samples differ from the lora run's")
-        scores[row] = np.asarray(final["scores"])
     cfg = load_config("lastfm-ilora", [*base, f"run.output_dir={runner.work / 'runs'}"])
     p = paths(cfg)
     samples = SampleSet.open(p.samples)
@@ -300,6 +328,17 @@ def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
     cands = np.asarray(test["candidates"].to_pylist())
     if not np.array_equal((cands == test["item_id"].to_numpy()[:, None]).argmax(1), target):
         sys.exit("the test stream's candidate order differs from the samples'")
+    items = Dataset.open(p.dataset).read_items()
+    title = dict(zip(items["item_id"].to_pylist(), items["title"].to_pylist()))
+    cand_titles = [[title[int(c)] for c in row] for row in cands]
+    scores, gen = {}, {}
+    for (row, n), run in runs.items():
+        _, final = eval_rows(run)
+        if not np.array_equal(np.asarray(final["sample_id"], dtype=np.int64), ids):
+            sys.exit(f"{run}: its test samples differ from {ref_run}'s")
+        scores[f"{row}_n{n}"] = np.asarray(final["scores"])
+        if "generated" in final:
+            gen[f"{row}_n{n}"] = generation_flags(final["generated"], cand_titles, target)
     reps_url = p.reps
     if not (Path(p.reps) / "manifest.json").is_file():  # the feed scored inline: score the test split here
         reps_url = str(runner.work / "sasrec-test-reps")
@@ -311,30 +350,47 @@ def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
         samples.read("train", columns=["item_id"])["item_id"].to_numpy(), cands
     )
     table = {
-        name: {"hr@1": ci(hr1, s, target), "ndcg@5": ci(lambda a, t: M.ndcg_at_k(a, t.astype(int), 5), s, target)}
+        name: {
+            "hr@1": ci(hr1, s, target),
+            "hr@5": ci(lambda a, t: M.hit_rate_at_k(a, t.astype(int), 5), s, target),
+            "ndcg@5": ci(lambda a, t: M.ndcg_at_k(a, t.astype(int), 5), s, target),
+        }
         for name, s in scores.items()
     }
-    diffs = {
-        "ilora - lora": paired(hr1, scores["ilora"], scores["lora"], target),
-        "ilora - sasrec": paired(hr1, scores["ilora"], scores["sasrec"], target),
+    generation = {
+        name: {
+            "valid_ratio": ci(lambda f: f[:, 0].mean(), f),
+            "hr1_valid": ci(lambda f: f[:, 1].sum() / max(1.0, f[:, 0].sum()), f),
+            "hr1_all": ci(lambda f: f[:, 1].mean(), f),
+        }
+        for name, f in gen.items()
     }
-    times = {row: timing(run, 2 * len(target)) for row, run in runs.items()}
+    diffs = {}
+    for n in size["lfm_n"]:
+        diffs[f"ilora - lora (N={n}), HR@1"] = paired(hr1, scores[f"ilora_n{n}"], scores[f"lora_n{n}"], target)
+        diffs[f"ilora - sasrec (N={n}), HR@1"] = paired(hr1, scores[f"ilora_n{n}"], scores["sasrec"], target)
+        if f"ilora_n{n}" in gen and f"lora_n{n}" in gen:
+            diffs[f"ilora - lora (N={n}), generation HR@1 over all"] = M.bootstrap_ci(
+                lambda a, b: a[:, 1].mean() - b[:, 1].mean(), gen[f"ilora_n{n}"], gen[f"lora_n{n}"],
+                n_boot=N_BOOT, seed=0,
+            )  # fmt: skip
+    times = {f"{row}_n{n}": timing(run, 2 * len(target)) for (row, n), run in runs.items()}
     return {
         "table": table,
+        "generation": generation,
         "diffs": diffs,
         "n_test": len(target),
+        "big": max(size["lfm_n"]),
         "times": times,
-        "gates": {row: gate_log(run) for row, run in runs.items()},
+        "gates": {f"{row}_n{n}": gate_log(run) for (row, n), run in runs.items()},
     }
 
 
 # ---- estimate, report ---------------------------------------------------------------------------------------------
-def estimate_full(runner: Runner, ctr: dict, lfm: dict | None, size: dict) -> float:
+def estimate_full(runner: Runner, ctr: dict, lfm: dict | None) -> float:
     """Seconds of the full run from this run's per-sample train and eval rates and its other overheads."""
     full = SIZES["full"]
-    rate_train = statistics.median(
-        t["train_s"] / max(1, n) for k, t in ctr["times"].items() for n in [int(k.rsplit("_n", 1)[1])]
-    )
+    rate_train = statistics.median(t["train_s"] / max(1, t["train_samples"]) for t in ctr["times"].values())
     rate_eval = statistics.median(t["eval_s"] / t["eval_samples"] for t in ctr["times"].values())
     overhead = statistics.median(
         runner.walls[f"ctr-{k.rsplit('_n', 1)[0]}-n{k.rsplit('_n', 1)[1]}"] - t["train_s"] - t["eval_s"]
@@ -344,12 +400,13 @@ def estimate_full(runner: Runner, ctr: dict, lfm: dict | None, size: dict) -> fl
     total = rate_eval * full["ctr_test"]  # the one zero-shot evaluation
     for n in full["ctr_n"]:
         for _ in CTR_ROWS:
-            total += overhead + rate_train * n + rate_eval * 2 * full["ctr_test"]
+            total += overhead + rate_train * max(n, full["ctr_steps"] * CTR_BATCH) + rate_eval * full["ctr_test"]
     total += data_stages
     if lfm:
-        lt = statistics.median(t["train_s"] / size["lfm_n"] for t in lfm["times"].values())
+        lt = statistics.median(t["train_s"] / max(1, t["train_samples"]) for t in lfm["times"].values())
         le = statistics.median(t["eval_s"] / t["eval_samples"] for t in lfm["times"].values())
-        total += len(LFM_ROWS) * (overhead + lt * full["lfm_n"] + le * 2 * lfm["n_test"])
+        for n in full["lfm_n"]:
+            total += len(LFM_ROWS) * (overhead + lt * n + le * 2 * lfm["n_test"])
     return total
 
 
@@ -403,11 +460,24 @@ def report(ctr: dict, lfm: dict | None, mode: str, wall: float, estimate: float 
             "",
             f"## Next item, LLaRA LastFM ({lfm['n_test']} test rows, 20 candidates; 95% bootstrap CI)",
             "",
-            "| model | HR@1 | NDCG@5 |",
-            "|---|---|---|",
+            "Candidate scoring (each of the 20 candidate titles' mean log-likelihood as the answer):",
+            "",
+            "| model | HR@1 | HR@5 | NDCG@5 |",
+            "|---|---|---|---|",
         ]
-        out += [f"| {k} | {fmt(v['hr@1'])} | {fmt(v['ndcg@5'])} |" for k, v in lfm["table"].items()]
-        out += ["", "| difference | HR@1 [95% CI] |", "|---|---|"] + [
+        out += [f"| {k} | {fmt(v['hr@1'])} | {fmt(v['hr@5'])} | {fmt(v['ndcg@5'])} |" for k, v in lfm["table"].items()]
+        out += [
+            "",
+            "Generation (greedy answer; valid when exactly one candidate title is in its first line, LLaRA's rule):",
+            "",
+            "| model | ValidRatio | HR@1 over valid | HR@1 over all |",
+            "|---|---|---|---|",
+        ]
+        out += [
+            f"| {k} | {fmt(v['valid_ratio'])} | {fmt(v['hr1_valid'])} | {fmt(v['hr1_all'])} |"
+            for k, v in lfm["generation"].items()
+        ]
+        out += ["", "Paired bootstrap:", "", "| difference | [95% CI] |", "|---|---|"] + [
             f"| {k} | {fmt(v)} |" for k, v in lfm["diffs"].items()
         ]
         for k, g in lfm["gates"].items():
@@ -416,6 +486,27 @@ def report(ctr: dict, lfm: dict | None, mode: str, wall: float, estimate: float 
                     f"\n{k}: gate entropy {g['entropy_first']:.4f} -> {g['entropy_last']:.4f}; padding fraction {g['padding_fraction']:.3f}"
                 )
     return "\n".join(out) + "\n"
+
+
+def next_item_json(lfm: dict | None) -> dict:
+    """The next-item fields of the JSON line, at the largest N (None without a next-item run)."""
+    keys = ["ilora_hr1", "lora_hr1", "sasrec_hr1", "ilora_over_lora_hr1", "ilora_minus_lora_hr1_ci"]
+    keys += ["ilora_gen_hr1_all", "lora_gen_hr1_all", "ilora_gen_valid_ratio", "lora_gen_valid_ratio"]
+    if not lfm:
+        return dict.fromkeys(keys)
+    n, t, g = lfm["big"], lfm["table"], lfm["generation"]
+    il, lo = t[f"ilora_n{n}"]["hr@1"][0], t[f"lora_n{n}"]["hr@1"][0]
+    return {
+        "ilora_hr1": il,
+        "lora_hr1": lo,
+        "sasrec_hr1": t["sasrec"]["hr@1"][0],
+        "ilora_over_lora_hr1": il / max(lo, 1e-9),
+        "ilora_minus_lora_hr1_ci": list(lfm["diffs"][f"ilora - lora (N={n}), HR@1"]),
+        "ilora_gen_hr1_all": g.get(f"ilora_n{n}", {}).get("hr1_all", [None])[0],
+        "lora_gen_hr1_all": g.get(f"lora_n{n}", {}).get("hr1_all", [None])[0],
+        "ilora_gen_valid_ratio": g.get(f"ilora_n{n}", {}).get("valid_ratio", [None])[0],
+        "lora_gen_valid_ratio": g.get(f"lora_n{n}", {}).get("valid_ratio", [None])[0],
+    }
 
 
 def main() -> None:
@@ -448,7 +539,7 @@ def main() -> None:
         else:
             print(f"next item skipped: LLaRA LastFM not found at {LASTFM}")
     wall = time.perf_counter() - t0
-    estimate = estimate_full(runner, ctr, lfm, size) if mode not in ("full", "demo") else None
+    estimate = estimate_full(runner, ctr, lfm) if mode not in ("full", "demo") else None
     text = report(ctr, lfm, mode, wall, estimate)
     print(text)
     if not a.tiny:
@@ -467,13 +558,10 @@ def main() -> None:
         "reclora_minus_plain_ci_low": d[1],
         "reclora_minus_plain_ci_high": d[2],
         "reclora_minus_din_auc": ctr["diffs"][f"reclora - din (N={big})"][0],
-        "ilora_hr1": lfm and lfm["table"]["ilora"]["hr@1"][0],
-        "lora_hr1": lfm and lfm["table"]["lora"]["hr@1"][0],
-        "sasrec_hr1": lfm and lfm["table"]["sasrec"]["hr@1"][0],
-        "ilora_over_lora_hr1": lfm and lfm["table"]["ilora"]["hr@1"][0] / max(lfm["table"]["lora"]["hr@1"][0], 1e-9),
-        "ilora_minus_lora_hr1_ci": lfm and list(lfm["diffs"]["ilora - lora"]),
+        **next_item_json(lfm),
         "n_train": size["ctr_n"],
         "n_test": ctr["n_test"],
+        "n_train_next_item": size["lfm_n"],
         "n_test_next_item": lfm and lfm["n_test"],
         "wall_s": round(wall, 1),
         "estimated_full_s": estimate and round(estimate),
