@@ -242,6 +242,9 @@ def check_console(stdout: str, stderr: str) -> None:
         assert noise not in text, (noise, [line for line in text.splitlines() if noise in line][:3])
     steps = [line for line in text.splitlines() if re.search(r"\bstep=1\b", line) and "loss=" in line]
     assert len(steps) == 1, steps
+    # Each evaluation logs its rows and throughput once (and its progress when it runs long).
+    evals = [line for line in text.splitlines() if re.search(r"\[eval\] test: \d+ rows on rank 0 in .* rows/s", line)]
+    assert evals, text[-3000:]
     epochs = [line for line in text.splitlines() if re.search(r"din epoch 1: loss", line)]
     assert len(epochs) == 1, epochs
     assert re.search(r"^\S+ \S+ INFO \[rank 0\] cluster\.pipeline: \[train\] -> ", stderr, re.M), stderr[-3000:]

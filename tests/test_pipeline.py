@@ -45,14 +45,20 @@ def _env() -> dict[str, str]:
 
 
 def stop_processes_matching(marker: str) -> None:
-    """Stop the Ray processes a test started (found by a unique string in their command line): `ray stop`
-    would stop every Ray on the machine, and gcs_server ignores SIGTERM, hence the SIGKILL."""
+    """Stop the Ray processes a test started (found by a unique string in their command line or environment):
+    `ray stop` would stop every Ray on the machine, and gcs_server ignores SIGTERM, hence the SIGKILL. Ray renames
+    its worker processes ("ray::SampleBuilder"), so their command line lacks the marker; they inherit the
+    driver's environment (RAY_TMPDIR), which holds it. A worker left running would still commit the shard it is
+    on after the caller counted the committed ones."""
     import psutil
 
     procs = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        if p.pid == os.getpid():
+            continue
         try:
-            if any(marker in part for part in (p.info["cmdline"] or [])):
+            env = p.info["environ"] or {}
+            if any(marker in part for part in (p.info["cmdline"] or [])) or any(marker in v for v in env.values()):
                 procs.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

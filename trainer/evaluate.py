@@ -7,16 +7,22 @@ device they are given: the engine's device (a GPU under nccl, which has no CPU t
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
+from configs.logs import get_logger
 from recdata import storage
 from recdata.metrics import ctr_metrics, generation_metrics, ranking_metrics
 from recdata.model_source import tokenizer_dir
 from recdata.streams import StreamReader, collate
 from trainer.objective import answer_loss, candidate_scores, gate_input, greedy_answers, p_yes_from_logits
+
+log = get_logger(__name__)
+PROGRESS_EVERY_S = 60.0  # a long evaluation (a 7B model, a 1,000-sample test set on CPU) logs its progress
 
 
 def all_reduce_sum(x: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -53,7 +59,7 @@ class Evaluator:
     def __call__(self, split: str, step: int | None = None, tag: str | None = None) -> dict[str, float]:
         reader = StreamReader(self.params["streams"][split], timeout_s=self.params.get("feed_timeout_s", 3600.0))
         try:
-            out, rows = self.score(reader)
+            out, rows = self.score(reader, split)
         finally:
             self.waited += reader.waited
             reader.close()
@@ -69,7 +75,7 @@ class Evaluator:
             self.trackers.log_metrics({f"{tag or split}/{name}": v for name, v in out.items()}, step)
         return out
 
-    def score(self, reader: StreamReader) -> tuple[dict[str, float], dict[str, list]]:
+    def score(self, reader: StreamReader, split: str = "") -> tuple[dict[str, float], dict[str, list]]:
         """(metrics, per-sample rows): CTR sample_id, label, p_yes, teacher_score; next item sample_id,
         target index, candidate scores."""
         params, engine, device = self.params, self.engine, self.device
@@ -87,8 +93,12 @@ class Evaluator:
             self.pm.hybrid = True  # evaluate with the full hybrid prompt
         engine.eval()
         rows_out = []
+        t0 = last = time.perf_counter()
         with torch.no_grad():
             for s in range(0, len(idx), bs):
+                if self.rank == 0 and s and time.perf_counter() - last >= PROGRESS_EVERY_S:
+                    last = time.perf_counter()
+                    log.info("[eval] %s: %d/%d rows on rank 0 (%.2f rows/s)", split, s, len(idx), s / (last - t0))
                 rows = reader.rows_at(idx[s : s + bs])
                 batch = gate_input(collate(rows, params["pad_id"]), getattr(self.pm.config, "gate_input", "teacher"))
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -116,6 +126,9 @@ class Evaluator:
                         cols.append(gen.double().cpu())
                     rows_out.append(torch.cat(cols, 1))
         engine.train()
+        if self.rank == 0:
+            took = time.perf_counter() - t0
+            log.info("[eval] %s: %d rows on rank 0 in %.1fs (%.2f rows/s)", split, len(idx), took, len(idx) / took)
         mine = torch.cat(rows_out) if rows_out else torch.zeros(0, 5, dtype=torch.float64)
         mine = torch.cat([torch.from_numpy(valid.astype(np.float64)).unsqueeze(1), mine], 1)
         allrows = all_gather_rows(mine, self.world, device).cpu()
