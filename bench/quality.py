@@ -418,6 +418,14 @@ def report(ctr: dict, lfm: dict | None, mode: str, wall: float, estimate: float 
     ]
     if estimate:
         out.append(f"Estimated full-run time from this run's rates: {estimate / 3600:.1f} h.")
+    if mode == "full":
+        out += [
+            "",
+            f"Training budgets. CTR: configs/ml100k-reclora.yaml (16 meta-LoRAs, temperature 5, q,v, r 8) with "
+            f"{SIZES['full']['ctr_steps']} steps of {CTR_BATCH} at lr 3e-3 for every N, chosen on validation "
+            "(bench/results/demo_cpu.md, gate_dynamics_cpu.md), never on test. Next item: configs/lastfm-ilora.yaml "
+            "as the paper trains it (lr 7e-4, batches of 16, one epoch).",
+        ]
     out += [
         "",
         f"## CTR, MovieLens-100K ({ctr['n_test']} test samples, positive rate {ctr['pos_rate']:.3f}; 95% bootstrap CI)",
