@@ -220,6 +220,11 @@ def hr1(s, t):
     return M.hit_rate_at_k(s, t.astype(int), 1)
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a markdown table."""
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header)] + [f"| {' | '.join(r)} |" for r in rows]
+
+
 def fmt(c: tuple[float, float, float]) -> str:
     return f"{c[0]:.4f} [{c[1]:.4f}, {c[2]:.4f}]"
 
@@ -295,19 +300,6 @@ def bench_ctr(runner: Runner, size: dict, tiny: list[str], preset: str = "ml100k
     }
 
 
-def generation_flags(generated: list[str], cand_titles: list[list[str]], target: np.ndarray) -> np.ndarray:
-    """[rows, 2]: (valid, correct) per row by LLaRA's rule (exactly one candidate title in the answer's first
-    line), from the decoded greedy answers the evaluator stored."""
-    out = np.zeros((len(generated), 2))
-    for i, (text, titles) in enumerate(zip(generated, cand_titles)):
-        hit = M.match_candidate(text, titles)
-        out[i] = (
-            hit is not None,
-            hit is not None and titles[hit].strip().lower() == titles[int(target[i])].strip().lower(),
-        )
-    return out
-
-
 def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
     base = [*COMMON, *tiny, f"retrieval.max_eval_samples={size['lfm_test'] or 'null'}"]
     if tiny:
@@ -338,7 +330,9 @@ def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
             sys.exit(f"{run}: its test samples differ from {ref_run}'s")
         scores[f"{row}_n{n}"] = np.asarray(final["scores"])
         if "generated" in final:
-            gen[f"{row}_n{n}"] = generation_flags(final["generated"], cand_titles, target)
+            # [rows, 2]: (valid, correct) by LLaRA's rule, from the greedy answers the evaluator stored
+            targets = [titles[int(t)] for titles, t in zip(cand_titles, target)]
+            gen[f"{row}_n{n}"] = np.asarray(M.generation_flags(final["generated"], cand_titles, targets), dtype=float)
     reps_url = p.reps
     if not (Path(p.reps) / "manifest.json").is_file():  # the feed scored inline: score the test split here
         reps_url = str(runner.work / "sasrec-test-reps")
@@ -430,30 +424,25 @@ def report(ctr: dict, lfm: dict | None, mode: str, wall: float, estimate: float 
         "",
         f"## CTR, MovieLens-100K ({ctr['n_test']} test samples, positive rate {ctr['pos_rate']:.3f}; 95% bootstrap CI)",
         "",
-        "| model | AUC | LogLoss |",
-        "|---|---|---|",
     ]
-    out += [f"| {k} | {fmt(v['auc'])} | {fmt(v['logloss'])} |" for k, v in ctr["table"].items()]
-    out += [
-        "",
-        "Paired bootstrap (same resampled samples), AUC difference:",
-        "",
-        "| difference | AUC [95% CI] |",
-        "|---|---|",
-    ]
-    out += [f"| {k} | {fmt(v)} |" for k, v in ctr["diffs"].items()]
+    out += md_table(
+        ["model", "AUC", "LogLoss"], [[k, fmt(v["auc"]), fmt(v["logloss"])] for k, v in ctr["table"].items()]
+    )
+    out += ["", "Paired bootstrap (same resampled samples), AUC difference:", ""]
+    out += md_table(["difference", "AUC [95% CI]"], [[k, fmt(v)] for k, v in ctr["diffs"].items()])
     out += [
         "",
         "Gates (training logs): entropy at the first / last step, ln N for uniform gates; mean padding fraction per step:",
         "",
-        "| run | entropy first | entropy last | padding fraction |",
-        "|---|---|---|---|",
     ]
-    for k, g in ctr["gates"].items():
-        e0, e1 = g["entropy_first"], g["entropy_last"]
-        out.append(
-            f"| {k} | {'-' if e0 is None else f'{e0:.4f}'} | {'-' if e1 is None else f'{e1:.4f}'} | {g['padding_fraction']:.3f} |"
-        )
+    out += md_table(
+        ["run", "entropy first", "entropy last", "padding fraction"],
+        [
+            [k, *("-" if e is None else f"{e:.4f}" for e in (g["entropy_first"], g["entropy_last"]))]
+            + [f"{g['padding_fraction']:.3f}"]
+            for k, g in ctr["gates"].items()
+        ],
+    )
     pc = ctr["padding"]
     out.append(
         f"\nPadding fraction of the N={ctr['big']} RecLoRA run's training micro-batches: {pc['bucketed']:.4f} bucketed by "
@@ -470,24 +459,22 @@ def report(ctr: dict, lfm: dict | None, mode: str, wall: float, estimate: float 
             "",
             "Candidate scoring (each of the 20 candidate titles' mean log-likelihood as the answer):",
             "",
-            "| model | HR@1 | HR@5 | NDCG@5 |",
-            "|---|---|---|---|",
         ]
-        out += [f"| {k} | {fmt(v['hr@1'])} | {fmt(v['hr@5'])} | {fmt(v['ndcg@5'])} |" for k, v in lfm["table"].items()]
+        out += md_table(
+            ["model", "HR@1", "HR@5", "NDCG@5"],
+            [[k, *(fmt(v[m]) for m in ("hr@1", "hr@5", "ndcg@5"))] for k, v in lfm["table"].items()],
+        )
         out += [
             "",
             "Generation (greedy answer; valid when exactly one candidate title is in its first line, LLaRA's rule):",
             "",
-            "| model | ValidRatio | HR@1 over valid | HR@1 over all |",
-            "|---|---|---|---|",
         ]
-        out += [
-            f"| {k} | {fmt(v['valid_ratio'])} | {fmt(v['hr1_valid'])} | {fmt(v['hr1_all'])} |"
-            for k, v in lfm["generation"].items()
-        ]
-        out += ["", "Paired bootstrap:", "", "| difference | [95% CI] |", "|---|---|"] + [
-            f"| {k} | {fmt(v)} |" for k, v in lfm["diffs"].items()
-        ]
+        out += md_table(
+            ["model", "ValidRatio", "HR@1 over valid", "HR@1 over all"],
+            [[k, *(fmt(v[m]) for m in ("valid_ratio", "hr1_valid", "hr1_all"))] for k, v in lfm["generation"].items()],
+        )
+        out += ["", "Paired bootstrap:", ""]
+        out += md_table(["difference", "[95% CI]"], [[k, fmt(v)] for k, v in lfm["diffs"].items()])
         for k, g in lfm["gates"].items():
             if g["entropy_first"] is not None:
                 out.append(

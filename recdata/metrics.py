@@ -133,23 +133,31 @@ def match_candidate(generated: str, candidate_titles: Sequence[str]) -> int | No
     return hits[0] if len(hits) == 1 else None
 
 
+def generation_flags(
+    generated: Sequence[str], candidates: Sequence[Sequence[str]], targets: Sequence[str]
+) -> list[tuple[bool, bool]]:
+    """(valid, correct) per row by LLaRA's rule (match_candidate); correct means the named candidate is the
+    target (titles compared case-insensitively)."""
+    if not (len(generated) == len(candidates) == len(targets)):
+        raise MetricError(
+            f"generation_metrics: {len(generated)} outputs, {len(candidates)} candidate lists, {len(targets)} targets"
+        )
+    out = []
+    for text, cands, target in zip(generated, candidates, targets):
+        idx = match_candidate(text, cands)
+        out.append((idx is not None, idx is not None and cands[idx].strip().lower() == target.strip().lower()))
+    return out
+
+
 def generation_metrics(
     generated: Sequence[str], candidates: Sequence[Sequence[str]], targets: Sequence[str]
 ) -> dict[str, float]:
     """ValidRatio = valid/total, HR@1 over valid = correct/valid, HR@1 over all = correct/total
     (LLaRA's checkpoint metric hr x VR, which is what its README reports)."""
-    if not (len(generated) == len(candidates) == len(targets)):
-        raise MetricError(
-            f"generation_metrics: {len(generated)} outputs, {len(candidates)} candidate lists, {len(targets)} targets"
-        )
-    n = len(generated)
-    valid = correct = 0
-    for text, cands, target in zip(generated, candidates, targets):
-        idx = match_candidate(text, cands)
-        if idx is None:
-            continue
-        valid += 1
-        correct += int(cands[idx].strip().lower() == target.strip().lower())
+    flags = generation_flags(generated, candidates, targets)
+    n = len(flags)
+    valid = sum(v for v, _ in flags)
+    correct = sum(c for _, c in flags)
     return {
         "n": float(n),
         "valid_ratio": valid / n if n else float("nan"),

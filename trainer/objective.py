@@ -84,28 +84,9 @@ def p_yes_from_logits(logits: torch.Tensor, answer_len: torch.Tensor, yes_id: in
     return F.softmax(two.float(), dim=-1)[:, 1]
 
 
-@torch.no_grad()
-def candidate_scores(
-    model,
-    rows: list[dict],
-    pad_id: int,
-    answer_ids_of,
-    cond: torch.Tensor,
-    device,
-    pairs_per_forward: int = CANDIDATE_PAIRS_PER_FORWARD,
-) -> torch.Tensor:
-    """Mean log-likelihood of each candidate title as the answer: [num_rows, num_candidates].
-
-    The (left-padded) prompts of all rows run once, keeping their KV cache and the logits of the last prompt
-    position (which predict every candidate's first token). Then the (row, candidate) pairs' titles run as
-    right-padded continuations of their row's cached prefix (cache rows selected per pair, positions continuing
-    the prompt's, mask = prompt mask + title mask), a group of whole rows per forward: about `pairs_per_forward`
-    pairs, which bounds the expanded cache's memory. The number of forwards depends only on len(rows) and the
-    largest candidate count, so ranks evaluating equal-sized batches of 20-candidate rows run the same number
-    (ZeRO-3 forwards are collective). The gate input is per sequence (each pair repeats its row's `cond`);
-    hybrid item slots occur only in the prompt. Equal to `candidate_scores_full` (one full sequence per
-    candidate, the prompt recomputed each time) within float rounding.
-    """
+def _prefill_prompts(model, rows: list[dict], pad_id: int, cond: torch.Tensor, device):
+    """The rows' prompts (left-padded, answers cut off) through `model` once, keeping the KV cache and the last
+    position's logits: (model output, the collated prompt batch, cond on `device`)."""
     prompts = [
         {
             "input_ids": r["input_ids"][: r["prompt_len"]],
@@ -128,6 +109,32 @@ def candidate_scores(
         use_cache=True,
         **_extra_of(b),
     )
+    return out, b, cond
+
+
+@torch.no_grad()
+def candidate_scores(
+    model,
+    rows: list[dict],
+    pad_id: int,
+    answer_ids_of,
+    cond: torch.Tensor,
+    device,
+    pairs_per_forward: int = CANDIDATE_PAIRS_PER_FORWARD,
+) -> torch.Tensor:
+    """Mean log-likelihood of each candidate title as the answer: [num_rows, num_candidates].
+
+    The (left-padded) prompts of all rows run once, keeping their KV cache and the logits of the last prompt
+    position (which predict every candidate's first token). Then the (row, candidate) pairs' titles run as
+    right-padded continuations of their row's cached prefix (cache rows selected per pair, positions continuing
+    the prompt's, mask = prompt mask + title mask), a group of whole rows per forward: about `pairs_per_forward`
+    pairs, which bounds the expanded cache's memory. The number of forwards depends only on len(rows) and the
+    largest candidate count, so ranks evaluating equal-sized batches of 20-candidate rows run the same number
+    (ZeRO-3 forwards are collective). The gate input is per sequence (each pair repeats its row's `cond`);
+    hybrid item slots occur only in the prompt. Equal to `candidate_scores_full` (one full sequence per
+    candidate, the prompt recomputed each time) within float rounding.
+    """
+    out, b, cond = _prefill_prompts(model, rows, pad_id, cond, device)
     first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [rows, V]: predicts each title's 1st token
     prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     prompt_len = b["attention_mask"].sum(1)
@@ -174,28 +181,7 @@ def greedy_answers(
     always `max_new_tokens` of them (ZeRO-3 forwards are collective: every rank runs the same number). The gate
     input is per sequence; hybrid item slots occur only in the prompt. LLaRA's generation metric
     (recdata.metrics.generation_metrics) reads the decoded text."""
-    prompts = [
-        {
-            "input_ids": r["input_ids"][: r["prompt_len"]],
-            "prompt_len": r["prompt_len"],
-            "label": None,
-            "rep": r["rep"],
-            "sample_id": r["sample_id"],
-            "item_slots": r.get("item_slots"),
-        }
-        for r in rows
-    ]
-    b = {k: v.to(device) for k, v in collate(prompts, pad_id).items()}
-    cond = cond.to(device)
-    out = model(
-        input_ids=b["input_ids"],
-        attention_mask=b["attention_mask"],
-        position_ids=b["position_ids"],
-        cond=cond,
-        logits_to_keep=1,
-        use_cache=True,
-        **_extra_of(b),
-    )
+    out, b, cond = _prefill_prompts(model, rows, pad_id, cond, device)
     cache, mask = out.past_key_values, b["attention_mask"]
     pos = mask.sum(1, keepdim=True)
     no_slots = {"item_slots": b["item_slots"][:0]} if "item_slots" in b else {}
