@@ -18,7 +18,8 @@ Next item, LLaRA LastFM (configs/lastfm-ilora.yaml as the paper trains it; the g
 the whole test set, the same N budgets): plain LoRA (the 7 linears, r 8, hybrid item tokens) vs iLoRA (4 experts,
 SASRec gate, hybrid item tokens), SASRec (its candidate scores) and popularity (training frequency of each candidate
 as a target); HR@1/HR@5/NDCG@5 by candidate scoring, and LLaRA's generation metric from the greedy answers the
-evaluator stores (ValidRatio, HR@1 over valid and over all rows).
+evaluator stores (ValidRatio, HR@1 over valid and over all rows); and whether an LLM row uses the user at all (its
+rank agreement with SASRec, and how much of its scores is a per-title prior: recdata.metrics.title_prior).
 
 --quick: small subsets and test sets (timings for the full-run estimate); --tiny: the random tiny Llama (a smoke
 run of the whole bench in minutes); --demo: the CTR rows only, on the demo's data (the recbole wheel) at its
@@ -343,6 +344,13 @@ def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
     scores["popularity"] = popularity_candidates(
         samples.read("train", columns=["item_id"])["item_id"].to_numpy(), cands
     )
+    # Whether the LLMs use the user at all: agreement with SASRec's ranking of the same candidates, and how much of
+    # their scores is a per-title prior (the same for every user)
+    diagnosis = {
+        name: {"sasrec_rho": M.rank_agreement(s, scores["sasrec"]), "title_prior": M.title_prior(s, cands)}
+        for name, s in scores.items()
+        if name != "sasrec"
+    }
     table = {
         name: {
             "hr@1": ci(hr1, s, target),
@@ -372,6 +380,7 @@ def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
     return {
         "table": table,
         "generation": generation,
+        "diagnosis": diagnosis,
         "diffs": diffs,
         "n_test": len(target),
         "big": max(size["lfm_n"]),
@@ -475,6 +484,17 @@ def report(ctr: dict, lfm: dict | None, mode: str, wall: float, estimate: float 
         )
         out += ["", "Paired bootstrap:", ""]
         out += md_table(["difference", "[95% CI]"], [[k, fmt(v)] for k, v in lfm["diffs"].items()])
+        out += [
+            "",
+            "Does the model use the user? Mean per-row Spearman correlation of its candidate scores with SASRec's "
+            "(0: unrelated), and the correlation of its row-centred scores with the same title's mean score in the "
+            "other rows (title prior; 1: every user gets the same ranking of a title):",
+            "",
+        ]
+        out += md_table(
+            ["model", "Spearman with SASRec", "title prior"],
+            [[k, f"{v['sasrec_rho']:+.3f}", f"{v['title_prior']:+.3f}"] for k, v in lfm["diagnosis"].items()],
+        )
         for k, g in lfm["gates"].items():
             if g["entropy_first"] is not None:
                 out.append(

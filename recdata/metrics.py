@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy.stats import spearmanr
 from sklearn.metrics import log_loss as _sk_log_loss
 from sklearn.metrics import roc_auc_score
 
@@ -118,6 +119,36 @@ def bootstrap_ci(
         raise MetricError("bootstrap_ci: the metric was undefined on every resample")
     lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return point, float(lo), float(hi)
+
+
+# ---- does a candidate scorer use the user? -------------------------------------------------------------
+
+
+def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over rows of the Spearman correlation of two [rows, C] candidate score arrays (rows where either is
+    constant are left out): does a model rank a row's candidates the way another does?"""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise MetricError(f"rank_agreement: score arrays of shapes {a.shape} and {b.shape}; expected equal [rows, C]")
+    rho = np.array([spearmanr(x, y).statistic for x, y in zip(a, b)], dtype=np.float64)
+    return float(rho[np.isfinite(rho)].mean()) if np.isfinite(rho).any() else float("nan")
+
+
+def title_prior(scores: np.ndarray, candidates: np.ndarray) -> float:
+    """Correlation of each (row, candidate) score, centred on its row's mean, with the same item's mean centred
+    score in the other rows (leave-one-out; items that are candidates in one row only are left out). Near 1: the
+    model gives a title the same score whatever the user (a title prior); near 0: its scores depend on the row.
+    A row's candidates are distinct items (the persisted candidate lists), so leaving one out removes one row."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != np.shape(candidates) or scores.ndim != 2:
+        raise MetricError(f"title_prior: scores {scores.shape} and candidates {np.shape(candidates)} differ")
+    s = scores - scores.mean(axis=1, keepdims=True)
+    _, inv, count = np.unique(np.asarray(candidates, dtype=np.int64), return_inverse=True, return_counts=True)
+    inv = inv.reshape(s.shape)
+    total = np.bincount(inv.ravel(), weights=s.ravel(), minlength=len(count))
+    seen = count[inv] > 1
+    loo = (total[inv][seen] - s[seen]) / (count[inv][seen] - 1)
+    return float(np.corrcoef(s[seen], loo)[0, 1]) if seen.sum() > 1 else float("nan")
 
 
 # ---- generated text (LLaRA / iLoRA evaluation) -------------------------------------------------------

@@ -80,3 +80,26 @@ def test_generation_metrics_llara_rules():
     assert m["hr1_valid"] == pytest.approx(0.5)
     assert m["hr1_all"] == pytest.approx(0.25)
     assert M.match_candidate("I pick Toy Story.", cands[0]) == 0
+
+
+def test_rank_agreement_and_title_prior_tell_a_user_model_from_a_title_prior():
+    # 200 rows of 10 distinct candidates from 60 items; a "user" signal per (row, item) and a fixed per-item prior
+    rng = np.random.default_rng(0)
+    cands = np.stack([rng.choice(60, 10, replace=False) for _ in range(200)])
+    user = rng.normal(size=cands.shape)
+    prior = rng.normal(size=60)[cands]
+    assert M.rank_agreement(user, user) == pytest.approx(1.0)
+    assert M.rank_agreement(user, -user) == pytest.approx(-1.0)
+    assert abs(M.rank_agreement(prior, user)) < 0.1
+    # the same score for a title in every row: near 1 (not exactly, the row-centring mixes in the row's other
+    # candidates)
+    pure = M.title_prior(prior, cands)
+    assert pure > 0.9
+    assert abs(M.title_prior(user, cands)) < 0.1
+    assert 0.4 < M.title_prior(prior + user, cands) < 0.9
+    # a row shifted as a whole does not change its ranking, nor the prior
+    assert M.title_prior(prior + rng.normal(size=(200, 1)) * 5, cands) == pytest.approx(pure)
+    with pytest.raises(M.MetricError, match="title_prior"):
+        M.title_prior(prior[:, :5], cands)
+    with pytest.raises(M.MetricError, match="rank_agreement"):
+        M.rank_agreement(user, user[:, :3])
