@@ -92,7 +92,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time is the work done)")
+    ap.add_argument("--quick", action="store_true", help="one repeat (make bench-quick runs every bench with it)")
     a = ap.parse_args()
+    if a.quick:
+        a.repeats = 1
     torch.set_num_threads(a.threads)
     model = full_size_model(a.mode, a.device)
     vocab = 49152

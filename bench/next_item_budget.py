@@ -1,6 +1,6 @@
 """Choose the next-item training budget on validation (issue #13): does the LLM learn to use the user at all?
 
-    python bench/next_item_budget.py [--tiny] [--n N] [--work DIR] [--reuse] [--settings NAME ...]
+    python bench/next_item_budget.py [--quick] [--tiny] [--n N] [--work DIR] [--reuse] [--settings NAME ...]
 
 The full quality bench trains LastFM as iLoRA's paper does (lr 7e-4, batches of 16, one epoch of the Few2Many
 subset). At N = 1,024 that left plain LoRA at chance (bench/results/quality.md): it learns the answer format
@@ -13,7 +13,9 @@ N training samples, one row per setting (lr, batch, steps). Per row, on all vali
 candidate scoring with 95% bootstrap intervals, the paired HR@1 difference to the first setting, LLaRA's
 generation ValidRatio and HR@1 over all rows, and whether the model uses the user (recdata.metrics.rank_agreement
 with SASRec's candidate scores; recdata.metrics.title_prior). The chosen setting is the highest validation HR@1
-(ties: the earlier setting). Writes bench/results/next_item_budget.md (not for --tiny); last line: one JSON object.
+(ties: the earlier setting). --quick: N = 64, 4 steps per setting and 32 validation rows (the machinery
+on the real model, not the budget); --tiny: the random tiny Llama, 2 steps. Writes
+bench/results/next_item_budget.md (not for --quick or --tiny); last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def sasrec_valid_scores(cfg, work: Path, ids: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="N 64, 4 steps per setting, 32 validation rows")
     ap.add_argument("--tiny", action="store_true", help="the random tiny Llama (smoke run)")
     ap.add_argument("--n", type=int, default=None, help="Few2Many training samples (default 1024; --tiny 16)")
     ap.add_argument("--work", help="output folder (default: a new temporary one)")
@@ -85,13 +88,13 @@ def main() -> None:
     if not (LASTFM / "test_data.jsonl").is_file():
         print(f"skipped: LLaRA LastFM not found at {LASTFM}")
         return
-    n = a.n or (16 if a.tiny else 1024)
+    n = a.n or (16 if a.tiny else 64 if a.quick else 1024)
     settings = {k: SETTINGS[k] for k in a.settings}
-    if a.tiny:  # 2 steps each: the machinery, not the budget
-        settings = {k: (lr, b, 2) for k, (lr, b, _) in settings.items()}
+    if a.tiny or a.quick:  # a few steps each: the machinery, not the budget
+        settings = {k: (lr, b, 2 if a.tiny else 4) for k, (lr, b, _) in settings.items()}
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-next-item-budget-"))
     runner = Runner(work, reuse=a.reuse)
-    base = [*COMMON, "retrieval.max_eval_samples=null", *LFM_ROWS["lora"]]
+    base = [*COMMON, f"retrieval.max_eval_samples={32 if a.quick else 'null'}", *LFM_ROWS["lora"]]
     base += [*TINY_MODEL, "teacher.epochs=2"] if a.tiny else []
     t0 = time.perf_counter()
     runs = {
@@ -133,10 +136,11 @@ def main() -> None:
     chosen = max(runs, key=lambda k: (rows[k]["hr@1"][0], -list(runs).index(k)))
     sasrec_hr1 = M.bootstrap_ci(lambda a, t: M.hit_rate_at_k(a, t, 1), sasrec, target, n_boot=N_BOOT, seed=0)
     wall = time.perf_counter() - t0
+    flags = f"{' --tiny' if a.tiny else ''}{' --quick' if a.quick else ''}"
     out = [
-        f"# Next-item budget on validation ({'tiny' if a.tiny else 'SmolLM2-135M'}, N = {n})",
+        f"# Next-item budget on validation ({'tiny' if a.tiny else 'SmolLM2-135M'}{', quick' if a.quick else ''}, N = {n})",
         "",
-        f"Command: `python bench/next_item_budget.py{' --tiny' if a.tiny else ''}`; wall {wall / 60:.1f} min. Plain "
+        f"Command: `python bench/next_item_budget.py{flags}`; wall {wall / 60:.1f} min. Plain "
         f"LoRA on LLaRA LastFM, {len(target)} validation rows, 20 candidates; 95% bootstrap CI ({N_BOOT} resamples); "
         f"SASRec on the same rows: HR@1 {fmt(sasrec_hr1)}; random ranking: HR@1 0.05.",
         "",
@@ -154,7 +158,7 @@ def main() -> None:
     out += ["", f"Chosen on validation HR@1: **{chosen}**."]
     text = "\n".join(out) + "\n"
     print(text)
-    if not a.tiny:
+    if not (a.tiny or a.quick):
         RESULTS.write_text(text)
     result = {
         "chosen": chosen,
