@@ -32,14 +32,25 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 sys.path.insert(0, str(REPO / "bench"))
-from quality import COMMON, LASTFM, LFM_ROWS, N_BOOT, TINY_MODEL, Runner, eval_rows, fmt, md_table  # noqa: E402
+from quality import (  # noqa: E402
+    COMMON,
+    LASTFM,
+    LFM_ROWS,
+    N_BOOT,
+    TINY_MODEL,
+    Runner,
+    candidate_rows,
+    ci,
+    eval_rows,
+    fmt,
+    hr1,
+    md_table,
+    paired,
+    sasrec_candidate_scores,
+)
 
 from configs.loader import load_config  # noqa: E402
 from recdata import metrics as M  # noqa: E402
-from recdata.layout import paths  # noqa: E402
-from recdata.samples import SampleSet  # noqa: E402
-from recdata.schema import Dataset  # noqa: E402
-from teacher.score import read_reps, score_samples  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "next_item_budget.md"
 # (lr, global batch, optimizer steps); the first is the paper's recipe at the bench's budget (the reference row)
@@ -64,16 +75,6 @@ def overrides(lr: float, batch: int, steps: int, n: int) -> list[str]:
         "trainer.eval_splits=[valid]",
         "trainer.zero_shot_eval=false",
     ]
-
-
-def sasrec_valid_scores(cfg, work: Path, ids: np.ndarray) -> np.ndarray:
-    p = paths(cfg)
-    url = p.reps if (Path(p.reps) / "manifest.json").is_file() else str(work / "sasrec-valid-reps")
-    if url != p.reps and not (Path(url) / "manifest.json").is_file():  # the feed scored inline: score valid here
-        score_samples(p.teacher, p.samples, url, num_actors=0, splits=("valid",))
-    reps = read_reps(url, "valid", columns=["sample_id", "candidate_scores"])
-    at = {s: i for i, s in enumerate(reps["sample_id"].to_pylist())}
-    return np.asarray(reps["candidate_scores"].to_pylist())[[at[s] for s in ids]]
 
 
 def main() -> None:
@@ -105,13 +106,9 @@ def main() -> None:
     ids = np.asarray(ref["sample_id"], dtype=np.int64)
     target = np.asarray(ref["target"]).astype(int)
     cfg = load_config("lastfm-ilora", [*base, f"run.output_dir={work / 'runs'}"])
-    samples = SampleSet.open(paths(cfg).samples)
-    cands = np.asarray(samples.read("valid", columns=["candidates"], sample_ids=ids)["candidates"].to_pylist())
-    items = Dataset.open(paths(cfg).dataset).read_items()
-    title = dict(zip(items["item_id"].to_pylist(), items["title"].to_pylist()))
-    cand_titles = [[title[int(c)] for c in row] for row in cands]
+    cands, cand_titles = candidate_rows(cfg, "valid", ids, target)
     targets = [t[i] for t, i in zip(cand_titles, target)]
-    sasrec = sasrec_valid_scores(cfg, work, ids)
+    sasrec = sasrec_candidate_scores(cfg, work, "valid", ids)
     rows, scores = {}, {}
     for name, run in runs.items():
         _, f = eval_rows(run, "valid")
@@ -120,8 +117,8 @@ def main() -> None:
         s = scores[name] = np.asarray(f["scores"])
         flags = np.asarray(M.generation_flags(f["generated"], cand_titles, targets), dtype=float)
         rows[name] = {
-            "hr@1": M.bootstrap_ci(lambda a, t: M.hit_rate_at_k(a, t, 1), s, target, n_boot=N_BOOT, seed=0),
-            "hr@5": M.bootstrap_ci(lambda a, t: M.hit_rate_at_k(a, t, 5), s, target, n_boot=N_BOOT, seed=0),
+            "hr@1": ci(hr1, s, target),
+            "hr@5": ci(lambda a, t: M.hit_rate_at_k(a, t.astype(int), 5), s, target),
             "valid_ratio": float(flags[:, 0].mean()),
             "gen_hr1_all": float(flags[:, 1].mean()),
             "sasrec_rho": M.rank_agreement(s, sasrec),
@@ -129,18 +126,15 @@ def main() -> None:
         }
     ref_name = next(iter(runs))
     for name in runs:
-        rows[name]["minus_ref"] = M.bootstrap_ci(
-            lambda a, b, t: M.hit_rate_at_k(a, t, 1) - M.hit_rate_at_k(b, t, 1),
-            scores[name], scores[ref_name], target, n_boot=N_BOOT, seed=0,
-        )  # fmt: skip
+        rows[name]["minus_ref"] = paired(hr1, scores[name], scores[ref_name], target)
     chosen = max(runs, key=lambda k: (rows[k]["hr@1"][0], -list(runs).index(k)))
-    sasrec_hr1 = M.bootstrap_ci(lambda a, t: M.hit_rate_at_k(a, t, 1), sasrec, target, n_boot=N_BOOT, seed=0)
+    sasrec_hr1 = ci(hr1, sasrec, target)
     wall = time.perf_counter() - t0
-    flags = f"{' --tiny' if a.tiny else ''}{' --quick' if a.quick else ''}"
+    cli = f"{' --tiny' if a.tiny else ''}{' --quick' if a.quick else ''}"
     out = [
         f"# Next-item budget on validation ({'tiny' if a.tiny else 'SmolLM2-135M'}{', quick' if a.quick else ''}, N = {n})",
         "",
-        f"Command: `python bench/next_item_budget.py{flags}`; wall {wall / 60:.1f} min. Plain "
+        f"Command: `python bench/next_item_budget.py{cli}`; wall {wall / 60:.1f} min. Plain "
         f"LoRA on LLaRA LastFM, {len(target)} validation rows, 20 candidates; 95% bootstrap CI ({N_BOOT} resamples); "
         f"SASRec on the same rows: HR@1 {fmt(sasrec_hr1)}; random ranking: HR@1 0.05.",
         "",

@@ -230,6 +230,33 @@ def fmt(c: tuple[float, float, float]) -> str:
     return f"{c[0]:.4f} [{c[1]:.4f}, {c[2]:.4f}]"
 
 
+# ---- next-item inputs shared with bench/next_item_budget.py ----------------------------------------------------
+def candidate_rows(cfg, split: str, ids: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
+    """[rows, C] candidate item ids of `split`'s samples `ids` (in that order) and their titles; exits when the
+    evaluator's target index (the stream's candidate order) does not point at each sample's item."""
+    p = paths(cfg)
+    rows = SampleSet.open(p.samples).read(split, columns=["item_id", "candidates"], sample_ids=ids)
+    cands = np.asarray(rows["candidates"].to_pylist())
+    if not np.array_equal((cands == rows["item_id"].to_numpy()[:, None]).argmax(1), target):
+        sys.exit(f"the {split} stream's candidate order differs from the samples'")
+    items = Dataset.open(p.dataset).read_items()
+    title = dict(zip(items["item_id"].to_pylist(), items["title"].to_pylist()))
+    return cands, [[title[int(c)] for c in row] for row in cands]
+
+
+def sasrec_candidate_scores(cfg, work: Path, split: str, ids: np.ndarray) -> np.ndarray:
+    """SASRec's [rows, C] candidate scores for `split`'s samples `ids`, from the run's scored reps, or scored here
+    into {work}/sasrec-{split}-reps when the feed scored inline (no reps were persisted)."""
+    p = paths(cfg)
+    url = p.reps
+    if not (Path(p.reps) / "manifest.json").is_file():
+        url = str(work / f"sasrec-{split}-reps")
+        score_samples(p.teacher, p.samples, url, num_actors=0, splits=(split,))
+    reps = read_reps(url, split, columns=["sample_id", "candidate_scores"])
+    at = {s: i for i, s in enumerate(reps["sample_id"].to_pylist())}
+    return np.asarray(reps["candidate_scores"].to_pylist())[[at[s] for s in ids]]
+
+
 # ---- the two benchmarks -------------------------------------------------------------------------------------------
 def bench_ctr(runner: Runner, size: dict, tiny: list[str], preset: str = "ml100k-reclora", extra: tuple = ()) -> dict:
     base = [*COMMON, *tiny, f"retrieval.max_eval_samples={size['ctr_test']}"]
@@ -315,15 +342,8 @@ def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
     ids = np.asarray(ref["sample_id"], dtype=np.int64)
     target = np.asarray(ref["target"]).astype(int)
     cfg = load_config("lastfm-ilora", [*base, f"run.output_dir={runner.work / 'runs'}"])
-    p = paths(cfg)
-    samples = SampleSet.open(p.samples)
-    test = samples.read("test", columns=["item_id", "candidates"], sample_ids=ids)
-    cands = np.asarray(test["candidates"].to_pylist())
-    if not np.array_equal((cands == test["item_id"].to_numpy()[:, None]).argmax(1), target):
-        sys.exit("the test stream's candidate order differs from the samples'")
-    items = Dataset.open(p.dataset).read_items()
-    title = dict(zip(items["item_id"].to_pylist(), items["title"].to_pylist()))
-    cand_titles = [[title[int(c)] for c in row] for row in cands]
+    samples = SampleSet.open(paths(cfg).samples)
+    cands, cand_titles = candidate_rows(cfg, "test", ids, target)
     scores, gen = {}, {}
     for (row, n), run in runs.items():
         _, final = eval_rows(run)
@@ -334,13 +354,7 @@ def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
             # [rows, 2]: (valid, correct) by LLaRA's rule, from the greedy answers the evaluator stored
             targets = [titles[int(t)] for titles, t in zip(cand_titles, target)]
             gen[f"{row}_n{n}"] = np.asarray(M.generation_flags(final["generated"], cand_titles, targets), dtype=float)
-    reps_url = p.reps
-    if not (Path(p.reps) / "manifest.json").is_file():  # the feed scored inline: score the test split here
-        reps_url = str(runner.work / "sasrec-test-reps")
-        score_samples(p.teacher, p.samples, reps_url, num_actors=0, splits=("test",))
-    reps = read_reps(reps_url, "test", columns=["sample_id", "candidate_scores"])
-    at = {s: i for i, s in enumerate(reps["sample_id"].to_pylist())}
-    scores["sasrec"] = np.asarray(reps["candidate_scores"].to_pylist())[[at[s] for s in ids]]
+    scores["sasrec"] = sasrec_candidate_scores(cfg, runner.work, "test", ids)
     scores["popularity"] = popularity_candidates(
         samples.read("train", columns=["item_id"])["item_id"].to_numpy(), cands
     )
