@@ -4,7 +4,7 @@
 
 Every row is a real pipeline run (`trainer/main.py` with overrides, in one output folder, so the data, retrieval
 and teacher stages are built once and shared by every run); the per-sample test results each run's evaluator
-writes ({run}/eval/test-K.json) give the metrics, 95% percentile bootstrap intervals and paired bootstrap
+writes ({run}/eval/test-STEP.json) give the metrics, 95% percentile bootstrap intervals and paired bootstrap
 intervals of differences (the same resampled test samples for both models).
 
 CTR, MovieLens-100K (configs/ml100k-reclora.yaml: global time 8:1:1, label rating >= 4, from
@@ -51,6 +51,7 @@ from recdata.samples import SampleSet  # noqa: E402
 from recdata.schema import Dataset  # noqa: E402
 from teacher.baselines import popularity_candidates, popularity_ctr  # noqa: E402
 from teacher.score import read_reps, score_samples  # noqa: E402
+from trainer.checkpoint import latest_complete  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 ML100K, LASTFM = SHARED / "movielens-100k", SHARED / "llara-lastfm"
@@ -84,7 +85,9 @@ COMMON = [
     "trainer.epochs=1",
     "trainer.schedule_epochs=null",
     "trainer.eval_every=0",
-    "trainer.checkpoint_every=0",
+    # A run takes up to an hour on 2 cores: a checkpoint every 16 steps (trainable weights and optimizer, a few MB)
+    # lets a stopped bench go on where it stopped (Runner.run) instead of training the row again.
+    "trainer.checkpoint_every=16",
     "trainer.log_every=1",
 ]
 # The CTR rows' training budget (full run): 128 steps of 8 at lr 3e-3 for every N (epochs = 128 * 8 / N), test
@@ -106,7 +109,9 @@ LFM_ROWS = {"lora": ["trainer.lora.mode=plain", "trainer.lora.num_experts=1"], "
 # ---- running the pipeline -----------------------------------------------------------------------------------------
 class Runner:
     """Runs trainer/main.py per row; with `reuse`, a run folder that already holds a finished run (metrics.json)
-    is taken as it is (re-analysis of an earlier bench folder; wall times come from its walls.json)."""
+    is taken as it is (re-analysis of an earlier bench folder; wall times come from its walls.json). An
+    unfinished run (the bench was stopped) goes on from its latest checkpoint; its wall time then counts only
+    the resumed part."""
 
     def __init__(self, work: Path, reuse: bool = False):
         self.work, self.reuse = work, reuse
@@ -115,9 +120,14 @@ class Runner:
         self.walls = json.loads(self.walls_file.read_text()) if self.walls_file.is_file() else {}
 
     def run(self, name: str, preset: str, overrides: list[str]) -> Path:
-        if self.reuse and (self.work / "runs" / name / "metrics.json").is_file():
+        run = self.work / "runs" / name
+        if self.reuse and (run / "metrics.json").is_file():
             print(f"[quality] {name}: reusing the finished run", flush=True)
-            return self.work / "runs" / name
+            return run
+        # An unfinished run of the same config resumes from its latest complete checkpoint (trainer/main.py does
+        # that by itself; a run of another config in that folder is refused there, by name).
+        ckpt = latest_complete(str(run)) if run.is_dir() else None
+        print(f"[quality] {name}: " + (f"resuming from {Path(ckpt).name}" if ckpt else "training"), flush=True)
         args = ["--config", preset, f"run.output_dir={self.work / 'runs'}", f"run.name={name}", *overrides]
         env = {**os.environ, "PYTHONPATH": str(REPO), "RECLORA_QUIET": "1"}
         log = self.work / "logs" / f"{name}.log"
@@ -135,14 +145,15 @@ class Runner:
         if rc != 0:
             sys.exit(f"trainer/main.py {' '.join(args)} failed (exit {rc}); log: {log}")
         print(f"[quality] {name}: {self.walls[name]:.0f}s", flush=True)
-        return self.work / "runs" / name
+        return run
 
 
 def eval_rows(run: Path, split: str = "test") -> tuple[dict, dict]:
-    """(zero-shot rows or None, final rows) of a run: its first and last evaluation of `split`."""
+    """(zero-shot rows or None, final rows) of a run: its evaluations of `split` at step 0 (the zero-shot one,
+    when the run has a later one) and at its last step."""
     files = sorted((run / "eval").glob(f"{split}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-    rows = [json.loads(p.read_text()) for p in files]
-    return (rows[0] if len(rows) > 1 else None), rows[-1]
+    zero = files[0] if len(files) > 1 and files[0].stem.endswith("-0") else None
+    return (json.loads(zero.read_text()) if zero else None), json.loads(files[-1].read_text())
 
 
 def timing(run: Path, eval_samples: int) -> dict:

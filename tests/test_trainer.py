@@ -175,6 +175,13 @@ def test_sigkill_worker_resumes_to_identical_adapter(inputs, baseline, tmp_path)
     assert (tmp_path / "killed.marker").exists(), "the worker was not killed"
     # The zero-shot score, measured before step 1, survives the resume (carried by the checkpoints).
     assert np.isfinite(out["metrics"]["final"]["zeroshot_test_auc"])
+    # Per-sample evaluation files are named by step: the resumed run's final evaluations (step 8) sit beside the
+    # zero-shot one (step 0) and the killed run's validation at step 4, and overwrite none of them.
+    ev = Path(out["run_url"]) / "eval"
+    assert sorted(p.name for p in ev.glob("*.json")) == ["test-0.json", "test-8.json", "valid-4.json", "valid-8.json"]
+    zero = json.loads((ev / "test-0.json").read_text())["metrics"]
+    assert zero["auc"] == out["metrics"]["final"]["zeroshot_test_auc"]
+    assert json.loads((ev / "test-8.json").read_text())["metrics"]["auc"] == out["metrics"]["final"]["test_auc"]
     base = {h["step"]: h["loss"] for h in baseline["history"]}
     mine = {h["step"]: h["loss"] for h in out["history"]}
     assert sorted(mine) == list(range(1, 9))

@@ -53,7 +53,6 @@ class Evaluator:
         self.rank, self.world, self.device = rank, world, device
         self.trackers = trackers
         self.waited = 0.0
-        self.calls: dict[str, int] = {}
         self.tokenizer = None  # loaded on the first generation metric (next item)
 
     def __call__(self, split: str, step: int | None = None, tag: str | None = None) -> dict[str, float]:
@@ -64,13 +63,11 @@ class Evaluator:
             self.waited += reader.waited
             reader.close()
         # Per-sample results of every evaluation, for paired comparisons on the same samples (bench/quality.py):
-        # {run}/eval/{split}-{k}.json, k = this worker's k-th evaluation of the split (the zero-shot one is 0).
-        k = self.calls.get(split, 0)
-        self.calls[split] = k + 1
+        # {run}/eval/{split}-{step}.json (the zero-shot one is step 0). Named by step, not by call count, so a
+        # resumed run's evaluations never overwrite those of the run it resumed.
         if self.rank == 0 and self.params.get("run_url"):
-            storage.write_json_atomic(
-                storage.join(self.params["run_url"], "eval", f"{split}-{k}.json"), {"metrics": out, **rows}
-            )
+            name = f"{split}-{0 if step is None else step}.json"
+            storage.write_json_atomic(storage.join(self.params["run_url"], "eval", name), {"metrics": out, **rows})
         if self.trackers is not None and step is not None:
             self.trackers.log_metrics({f"{tag or split}/{name}": v for name, v in out.items()}, step)
         return out
