@@ -52,6 +52,7 @@ from recdata.schema import Dataset  # noqa: E402
 from teacher.baselines import popularity_candidates, popularity_ctr  # noqa: E402
 from teacher.score import read_reps, score_samples  # noqa: E402
 from trainer.checkpoint import latest_complete  # noqa: E402
+from trainer.evaluate import eval_files  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 ML100K, LASTFM = SHARED / "movielens-100k", SHARED / "llara-lastfm"
@@ -151,9 +152,9 @@ class Runner:
 def eval_rows(run: Path, split: str = "test") -> tuple[dict, dict]:
     """(zero-shot rows or None, final rows) of a run: its evaluations of `split` at step 0 (the zero-shot one,
     when the run has a later one) and at its last step."""
-    files = sorted((run / "eval").glob(f"{split}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-    zero = files[0] if len(files) > 1 and files[0].stem.endswith("-0") else None
-    return (json.loads(zero.read_text()) if zero else None), json.loads(files[-1].read_text())
+    files = eval_files(str(run), split)
+    zero = files[0][1] if len(files) > 1 and files[0][0] == 0 else None
+    return zero, files[-1][1]
 
 
 def timing(run: Path, eval_samples: int) -> dict:

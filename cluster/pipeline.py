@@ -18,7 +18,6 @@ teacher trains on a Ray Train worker (a GPU one when there are GPUs), the traine
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from teacher.train import train_teacher
 from trainer import tracking
 from trainer.checkpoint import check_compatible, latest_complete, verify
 from trainer.engine import ds_config
+from trainer.evaluate import eval_files
 from trainer.loop import fingerprint_parts, train_worker
 from trainer.prepare import base_model_dir, plan_training
 from trainer.report import write_report
@@ -352,23 +352,11 @@ class Pipeline:
         return out
 
 
-def eval_files(run_url: str, split: str) -> list[dict]:
-    """The per-sample results of every evaluation of `split` ({run}/eval/{split}-{step}.json), by step."""
-    folder = storage.join(run_url, "eval")
-    if not storage.exists(folder):
-        return []
-    fs, path = storage.get_fs(folder)
-    fs.invalidate_cache(path)  # written by the training workers, not through this process's listing cache
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    steps = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(rf"{split}-(\d+)\.json", n)))
-    return [storage.read_json(storage.join(folder, f"{split}-{s}.json")) for s in steps]
-
-
 def auc_intervals(run_url: str, final: dict, teacher: dict, n_boot: int = 1000) -> dict[str, tuple[float, float]]:
     """CTR: 95% bootstrap intervals of the test AUC of each final-table row, from the per-sample scores the
     evaluations saved ({run}/eval/test-{step}.json). A file belongs to a row when its AUC is the row's (a resumed
     run that never evaluated zero-shot itself takes that row from the run it resumed)."""
-    files = eval_files(run_url, "test")
+    files = [rows for _, rows in eval_files(run_url, "test")]
 
     def scored(key: str) -> dict | None:  # the last file holding the row's AUC (the same JSON double)
         return next((f for f in reversed(files) if key in final and f["metrics"].get("auc") == final[key]), None)

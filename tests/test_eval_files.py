@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.pipeline import auc_intervals, eval_files
+from cluster.pipeline import auc_intervals
 from recdata import storage
 from recdata.metrics import auc
+from trainer.evaluate import eval_files
 
 
 def _write(run_url: str, name: str, labels, p_yes, teacher) -> float:
@@ -32,7 +33,8 @@ def test_eval_files_by_step_and_intervals_per_row(where, tmp_path, request):
     # Step order, not name order (test-64 sorts before test-8 as text), and only this split's files.
     _write(run_url, "test-8.json", labels, noise.tolist(), labels)
     files = eval_files(run_url, "test")
-    assert [f["metrics"]["auc"] for f in files] == [zero, auc(np.asarray(labels), noise), trained]
+    assert [step for step, _ in files] == [0, 8, 64]
+    assert [f["metrics"]["auc"] for _, f in files] == [zero, auc(np.asarray(labels), noise), trained]
     out = auc_intervals(run_url, {"zeroshot_test_auc": zero, "test_auc": trained}, {"test_auc": 1.0}, n_boot=50)
     assert set(out) == {"zero-shot LLM", "trained LLM", "teacher"}
     low, high = out["trained LLM"]

@@ -7,6 +7,7 @@ device they are given: the engine's device (a GPU under nccl, which has no CPU t
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -23,6 +24,25 @@ from trainer.objective import answer_loss, candidate_scores, gate_input, greedy_
 
 log = get_logger(__name__)
 PROGRESS_EVERY_S = 60.0  # a long evaluation (a 7B model, a 1,000-sample test set on CPU) logs its progress
+
+
+def eval_file(run_url: str, split: str, step: int) -> str:
+    """{run}/eval/{split}-{step}.json: the per-sample results of the evaluation of `split` after `step` optimizer
+    steps (0: zero-shot). Named by step, not by call count, so a resumed run's evaluations never overwrite those of
+    the run it resumed."""
+    return storage.join(run_url, "eval", f"{split}-{step}.json")
+
+
+def eval_files(run_url: str, split: str) -> list[tuple[int, dict]]:
+    """(step, per-sample results) of every evaluation of `split` in the run, by step."""
+    folder = storage.join(run_url, "eval")
+    if not storage.exists(folder):
+        return []
+    fs, path = storage.get_fs(folder)
+    fs.invalidate_cache(path)  # written by the training workers, not through this process's listing cache
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    steps = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(rf"{split}-(\d+)\.json", n)))
+    return [(s, storage.read_json(eval_file(run_url, split, s))) for s in steps]
 
 
 def all_reduce_sum(x: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -62,12 +82,10 @@ class Evaluator:
         finally:
             self.waited += reader.waited
             reader.close()
-        # Per-sample results of every evaluation, for paired comparisons on the same samples (bench/quality.py):
-        # {run}/eval/{split}-{step}.json (the zero-shot one is step 0). Named by step, not by call count, so a
-        # resumed run's evaluations never overwrite those of the run it resumed.
+        # Per-sample results of every evaluation, for paired comparisons on the same samples (bench/quality.py).
         if self.rank == 0 and self.params.get("run_url"):
-            name = f"{split}-{0 if step is None else step}.json"
-            storage.write_json_atomic(storage.join(self.params["run_url"], "eval", name), {"metrics": out, **rows})
+            url = eval_file(self.params["run_url"], split, 0 if step is None else step)
+            storage.write_json_atomic(url, {"metrics": out, **rows})
         if self.trackers is not None and step is not None:
             self.trackers.log_metrics({f"{tag or split}/{name}": v for name, v in out.items()}, step)
         return out
