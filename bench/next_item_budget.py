@@ -104,16 +104,16 @@ def main() -> None:
     first = next(iter(runs.values()))
     _, ref = eval_rows(first, "valid")
     ids = np.asarray(ref["sample_id"], dtype=np.int64)
-    target = np.asarray(ref["target"]).astype(int)
     cfg = load_config("lastfm-ilora", [*base, f"run.output_dir={work / 'runs'}"])
-    cands, cand_titles = candidate_rows(cfg, "valid", ids, target)
+    cands, cand_titles, target = candidate_rows(cfg, "valid", ids)
     targets = [t[i] for t, i in zip(cand_titles, target)]
     sasrec = sasrec_candidate_scores(cfg, work, "valid", ids)
     rows, scores = {}, {}
     for name, run in runs.items():
         _, f = eval_rows(run, "valid")
         if not np.array_equal(np.asarray(f["sample_id"], dtype=np.int64), ids):
-            sys.exit(f"{run}: its validation rows differ from {first}'s")
+            sys.exit(f"{run.name}: its validation rows differ from {first.name}'s")
+        run.restore("valid", "target", target)
         s = scores[name] = np.asarray(f["scores"])
         flags = np.asarray(M.generation_flags(f["generated"], cand_titles, targets), dtype=float)
         rows[name] = {

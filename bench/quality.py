@@ -1,6 +1,6 @@
 """Recommendation quality of the trained LLMs against their teachers and popularity, on fixed test samples.
 
-    python bench/quality.py [--quick] [--tiny] [--work DIR]
+    python bench/quality.py [--quick] [--tiny] [--demo] [--work DIR] [--reuse] [--store DIR | --no-store]
 
 Every row is a real pipeline run (`trainer/main.py` with overrides, in one output folder, so the data, retrieval
 and teacher stages are built once and shared by every run); the per-sample test results each run's evaluator
@@ -21,6 +21,11 @@ as a target); HR@1/HR@5/NDCG@5 by candidate scoring, and LLaRA's generation metr
 evaluator stores (ValidRatio, HR@1 over valid and over all rows); and whether an LLM row uses the user at all (its
 rank agreement with SASRec, and how much of its scores is a per-title prior: recdata.metrics.title_prior).
 
+The full run takes most of a day on 2 cores, longer than one machine may live: every row it finishes is written to
+bench/results/quality_runs/ROW.json (per-sample scores without labels, timing, gate logs, the commit; to be
+committed), and a later `python bench/quality.py` on any machine takes the stored rows as they are and trains only the
+missing ones (a stored row whose overrides differ is trained again; --no-store ignores the store).
+
 --quick: small subsets and test sets (timings for the full-run estimate); --tiny: the random tiny Llama (a smoke
 run of the whole bench in minutes); --demo: the CTR rows only, on the demo's data (the recbole wheel) at its
 budget (128 samples, 64 steps of 8 at lr 3e-3, 200 validation and test samples; about an hour on 2 cores), written
@@ -38,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +52,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 from configs.loader import load_config  # noqa: E402
 from recdata import metrics as M  # noqa: E402
-from recdata.layout import paths  # noqa: E402
+from recdata.layout import DEFAULT_STAGES, paths  # noqa: E402
 from recdata.samples import SampleSet  # noqa: E402
 from recdata.schema import Dataset  # noqa: E402
+from recdata.storage import digest, write_bytes_atomic  # noqa: E402
 from teacher.baselines import popularity_candidates, popularity_ctr  # noqa: E402
 from teacher.score import read_reps, score_samples  # noqa: E402
 from trainer.checkpoint import latest_complete  # noqa: E402
@@ -108,28 +115,142 @@ LFM_ROWS = {"lora": ["trainer.lora.mode=plain", "trainer.lora.num_experts=1"], "
 
 
 # ---- running the pipeline -----------------------------------------------------------------------------------------
-class Runner:
-    """Runs trainer/main.py per row; with `reuse`, a run folder that already holds a finished run (metrics.json)
-    is taken as it is (re-analysis of an earlier bench folder; wall times come from its walls.json). An
-    unfinished run (the bench was stopped) goes on from its latest checkpoint; its wall time then counts only
-    the resumed part."""
+# Finished rows of the full run, one JSON file each (committed): the full bench takes longer than one machine's life
+# on 2 cores, so a row measured on one machine is taken as it is on the next (Runner.run) and the bench goes on with
+# the rows still missing. A file holds what the analysis reads of its run (per-sample scores, timing, gates), the
+# commit it ran at and its overrides; a row whose overrides differ from the bench's is trained again. Labels and
+# targets are left out (MovieLens may not be redistributed; the analysis reads them from the rebuilt samples) and a
+# digest of them is kept instead, so the rebuilt test set is checked against the one the row was measured on.
+STORE = REPO / "bench" / "results" / "quality_runs"
+HIDDEN = ("label", "target")
 
-    def __init__(self, work: Path, reuse: bool = False):
-        self.work, self.reuse = work, reuse
+
+@dataclass
+class Row:
+    """What the analysis reads of one finished run: its evaluations ({split: [(step, per-sample results)]}, by
+    step), its training timing and gate/padding logs, and `extra` measurements of its data (bench_ctr's)."""
+
+    name: str
+    overrides: list[str]
+    evals: dict[str, list[tuple[int, dict]]]
+    metrics: dict
+    batch_size: int
+    log: list[dict]
+    wall: float | None
+    commit: str
+    extra: dict = field(default_factory=dict)
+    hidden: dict = field(default_factory=dict)  # digests of the labels/targets a stored row was measured on
+
+    @classmethod
+    def of_run(cls, name: str, run: Path, overrides: list[str], wall: float | None, extra: dict, commit: str) -> Row:
+        m = json.loads((run / "metrics.json").read_text())
+        return cls(
+            name=name,
+            overrides=overrides,
+            evals={split: eval_files(str(run), split) for split in ("valid", "test")},
+            metrics={"timing": m["timing"], "steps": m["steps"]},
+            batch_size=load_config(str(run / "config.yaml")).trainer.batch_size,
+            log=json.loads((run / "logs" / "train.jsonl.json").read_text()),
+            wall=wall,
+            commit=commit,
+            extra=extra,
+        )
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["evals"] = {
+            s: [[step, {k: v for k, v in rows.items() if k not in HIDDEN}] for step, rows in e]
+            for s, e in self.evals.items()
+        }
+        d["hidden"] = {
+            f"{s}-{step}-{k}": digest(as_ints(rows[k]))
+            for s, e in self.evals.items()
+            for step, rows in e
+            for k in HIDDEN
+            if k in rows
+        }
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Row:
+        d = dict(d)
+        d["evals"] = {s: [(int(step), rows) for step, rows in e] for s, e in d["evals"].items()}
+        return cls(**d)
+
+    def restore(self, split: str, key: str, values: list) -> None:
+        """Put `key` (label or target, as the rebuilt samples give it) back into this stored row's `split` results;
+        exits when the values differ from those the row was measured on."""
+        for step, rows in self.evals[split]:
+            want = self.hidden.get(f"{split}-{step}-{key}")
+            if key in rows:
+                same = as_ints(rows[key]) == as_ints(values)
+            else:
+                same = want is None or digest(as_ints(values)) == want
+                rows[key] = as_ints(values)
+            if not same:
+                sys.exit(f"{self.name}: its {split} {key}s differ from the samples' (stored or evaluated)")
+
+
+def as_ints(values) -> list[int]:
+    return np.asarray(values).astype(np.int64).tolist()
+
+
+def git_commit() -> str:
+    """HEAD's short hash, with '+dirty' when tracked files have uncommitted changes."""
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "."], capture_output=True).returncode != 0
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+class Runner:
+    """Runs trainer/main.py per row and returns the finished run as a Row.
+
+    A row stored under `store` (a finished row of an earlier full run, perhaps on another machine) with the same
+    overrides is taken as it is. With `reuse`, a run folder that already holds a finished run (metrics.json) is
+    taken as it is (re-analysis of an earlier bench folder; wall times come from its walls.json). An unfinished run
+    (the bench was stopped) goes on from its latest checkpoint; its wall time then counts only the resumed part.
+    Every row finished here is written to `store` (when one is given)."""
+
+    def __init__(self, work: Path, reuse: bool = False, store: Path | None = None):
+        self.work, self.reuse, self.store = work, reuse, store
+        self.commit = git_commit()  # the code the rows run with (the runs start from this checkout)
         (work / "logs").mkdir(parents=True, exist_ok=True)
         self.walls_file = work / "walls.json"
         self.walls = json.loads(self.walls_file.read_text()) if self.walls_file.is_file() else {}
 
-    def run(self, name: str, preset: str, overrides: list[str]) -> Path:
+    def run(self, name: str, preset: str, overrides: list[str], measure=None) -> Row:
+        """The row `name`: stored, reused or trained; `measure(run folder) -> dict` adds measurements of the run's
+        data to a row finished here (they are stored with it)."""
+        stored = self.store / f"{name}.json" if self.store else None
+        if stored and stored.is_file():
+            row = Row.from_json(json.loads(stored.read_text()))
+            if row.overrides == overrides:
+                shown = stored.relative_to(REPO) if stored.is_relative_to(REPO) else stored
+                print(f"[quality] {name}: taken from {shown} (measured at {row.commit})", flush=True)
+                return row
+            print(f"[quality] {name}: {stored.name} was measured with other overrides; training it again", flush=True)
         run = self.work / "runs" / name
         if self.reuse and (run / "metrics.json").is_file():
             print(f"[quality] {name}: reusing the finished run", flush=True)
-            return run
+        else:
+            self.train(name, preset, overrides)
+        extra = measure(run) if measure else {}
+        row = Row.of_run(name, run, overrides, self.walls.get(name), extra, self.commit)
+        if stored:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(str(stored), json.dumps(row.to_json(), separators=(",", ":")).encode())
+        return row
+
+    def train(self, name: str, preset: str, overrides: list[str], stages: str | None = None) -> None:
+        run = self.work / "runs" / name
         # An unfinished run of the same config resumes from its latest complete checkpoint (trainer/main.py does
         # that by itself; a run of another config in that folder is refused there, by name).
         ckpt = latest_complete(str(run)) if run.is_dir() else None
-        print(f"[quality] {name}: " + (f"resuming from {Path(ckpt).name}" if ckpt else "training"), flush=True)
+        what = f"stages {stages}" if stages else f"resuming from {Path(ckpt).name}" if ckpt else "training"
+        print(f"[quality] {name}: {what}", flush=True)
         args = ["--config", preset, f"run.output_dir={self.work / 'runs'}", f"run.name={name}", *overrides]
+        args += ["--stages", stages] if stages else []
         env = {**os.environ, "PYTHONPATH": str(REPO), "RECLORA_QUIET": "1"}
         log = self.work / "logs" / f"{name}.log"
         t0 = time.perf_counter()
@@ -146,35 +267,38 @@ class Runner:
         if rc != 0:
             sys.exit(f"trainer/main.py {' '.join(args)} failed (exit {rc}); log: {log}")
         print(f"[quality] {name}: {self.walls[name]:.0f}s", flush=True)
-        return run
+
+    def ensure_data(self, preset: str, overrides: list[str], rows) -> None:
+        """Build the data stages (samples, teacher) the analysis reads when every row came from the store (none ran
+        in this folder); stages already built are skipped by the pipeline itself."""
+        if not any((self.work / "runs" / row.name).is_dir() for row in rows):
+            self.train(f"data-{preset}", preset, overrides, stages=",".join(s for s in DEFAULT_STAGES if s != "train"))
 
 
-def eval_rows(run: Path, split: str = "test") -> tuple[dict, dict]:
-    """(zero-shot rows or None, final rows) of a run: its evaluations of `split` at step 0 (the zero-shot one,
-    when the run has a later one) and at its last step."""
-    files = eval_files(str(run), split)
+def eval_rows(row: Row, split: str = "test") -> tuple[dict, dict]:
+    """(zero-shot results or None, final results) of a row: its evaluations of `split` at step 0 (the zero-shot
+    one, when the run has a later one) and at its last step."""
+    files = row.evals[split]
     zero = files[0][1] if len(files) > 1 and files[0][0] == 0 else None
     return zero, files[-1][1]
 
 
-def timing(run: Path, eval_samples: int) -> dict:
-    t = json.loads((run / "metrics.json").read_text())["timing"]
-    steps = json.loads((run / "metrics.json").read_text())["steps"]
+def timing(row: Row, eval_samples: int) -> dict:
+    t, steps = row.metrics["timing"], row.metrics["steps"]
     # The zero-shot evaluation runs inside the worker's setup: everything but the step loop counts as evaluation
     # (model loading included, so the rate errs high); the rest of the wall time is the run's fixed overhead.
     evals = t["worker_seconds"] - t["train_seconds"]
-    batch = load_config(str(run / "config.yaml")).trainer.batch_size
     return {
         "train_s": t["train_seconds"],
         "steps": steps,
-        "train_samples": steps * batch,
+        "train_samples": steps * row.batch_size,
         "eval_s": evals,
         "eval_samples": eval_samples,
     }
 
 
-def gate_log(run: Path) -> dict:
-    hist = json.loads((run / "logs" / "train.jsonl.json").read_text())
+def gate_log(row: Row) -> dict:
+    hist = row.log
     ent = [h["gate_entropy"] for h in hist if "gate_entropy" in h]
     pad = [h["padding_fraction"] for h in hist if "padding_fraction" in h]
     return {
@@ -215,6 +339,12 @@ def rep_norm(run: Path) -> float:
     return float(np.linalg.norm(np.asarray(reps, dtype=np.float64), axis=1).mean())
 
 
+def data_measures(run: Path) -> dict:
+    """Measurements of a RecLoRA run's data streams, kept with its row: the padding of its training micro-batches
+    and the scale of the gate's input."""
+    return {"padding": padding_compare(run), "rep_norm": rep_norm(run)}
+
+
 # ---- metrics ------------------------------------------------------------------------------------------------------
 def ci(fn, *arrays) -> tuple[float, float, float]:
     return M.bootstrap_ci(fn, *arrays, n_boot=N_BOOT, seed=0)
@@ -243,17 +373,16 @@ def fmt(c: tuple[float, float, float]) -> str:
 
 
 # ---- next-item inputs shared with bench/next_item_budget.py ----------------------------------------------------
-def candidate_rows(cfg, split: str, ids: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
-    """[rows, C] candidate item ids of `split`'s samples `ids` (in that order) and their titles; exits when the
-    evaluator's target index (the stream's candidate order) does not point at each sample's item."""
+def candidate_rows(cfg, split: str, ids: np.ndarray) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
+    """[rows, C] candidate item ids of `split`'s samples `ids` (in that order), their titles, and each row's target
+    index (the sample's item among its candidates; the evaluator's `target` must agree: Row.restore)."""
     p = paths(cfg)
     rows = SampleSet.open(p.samples).read(split, columns=["item_id", "candidates"], sample_ids=ids)
     cands = np.asarray(rows["candidates"].to_pylist())
-    if not np.array_equal((cands == rows["item_id"].to_numpy()[:, None]).argmax(1), target):
-        sys.exit(f"the {split} stream's candidate order differs from the samples'")
+    target = (cands == rows["item_id"].to_numpy()[:, None]).argmax(1)
     items = Dataset.open(p.dataset).read_items()
     title = dict(zip(items["item_id"].to_pylist(), items["title"].to_pylist()))
-    return cands, [[title[int(c)] for c in row] for row in cands]
+    return cands, [[title[int(c)] for c in row] for row in cands], target
 
 
 def sasrec_candidate_scores(cfg, work: Path, split: str, ids: np.ndarray) -> np.ndarray:
@@ -283,20 +412,27 @@ def bench_ctr(runner: Runner, size: dict, tiny: list[str], preset: str = "ml100k
             once = [] if not runs else ["trainer.zero_shot_eval=false"]
             epochs = [] if preset == "demo" else [f"trainer.epochs={max(1, size['ctr_steps'] * CTR_BATCH // n)}"]
             runs[(row, n)] = runner.run(
-                f"ctr-{row}-n{n}", preset, [*base, f"trainer.train_subset={n}", *epochs, *row_extra, *once]
+                f"ctr-{row}-n{n}",
+                preset,
+                [*base, f"trainer.train_subset={n}", *epochs, *row_extra, *once],
+                measure=data_measures if row == "reclora" else None,
             )
     first = runs[("plain", size["ctr_n"][0])]
     zero, _ = eval_rows(first)
     ids = np.asarray(zero["sample_id"], dtype=np.int64)
-    y = np.asarray(zero["label"]).astype(int)
-    scores = {"zeroshot": np.asarray(zero["p_yes"]), "din": np.asarray(zero["teacher"])}
-    for (row, n), run in runs.items():
-        _, final = eval_rows(run)
-        if not np.array_equal(np.asarray(final["sample_id"], dtype=np.int64), ids):
-            sys.exit(f"{run}: its test samples differ from {first}'s (the test set must be the same for every row)")
-        scores[f"{row}_n{n}"] = np.asarray(final["p_yes"])
+    for row in runs.values():
+        if not np.array_equal(np.asarray(eval_rows(row)[1]["sample_id"], dtype=np.int64), ids):
+            sys.exit(
+                f"{row.name}: its test samples differ from {first.name}'s (the test set must be the same for every row)"
+            )
     cfg = load_config(preset, [*base, f"run.output_dir={runner.work / 'runs'}"])
+    runner.ensure_data(preset, base, runs.values())
     samples = SampleSet.open(paths(cfg).samples)
+    y = np.asarray(as_ints(samples.read("test", columns=["label"], sample_ids=ids)["label"].to_pylist()))
+    for row in runs.values():
+        row.restore("test", "label", y)
+    scores = {"zeroshot": np.asarray(zero["p_yes"]), "din": np.asarray(zero["teacher"])}
+    scores.update({f"{row}_n{n}": np.asarray(eval_rows(run)[1]["p_yes"]) for (row, n), run in runs.items()})
     train = samples.read("train", columns=["item_id", "label"])
     test_items = samples.read("test", columns=["item_id"], sample_ids=ids)["item_id"].to_numpy()
     scores["popularity"] = popularity_ctr(train["item_id"].to_numpy(), train["label"].to_numpy(), test_items)
@@ -326,6 +462,7 @@ def bench_ctr(runner: Runner, size: dict, tiny: list[str], preset: str = "ml100k
         for (r, n), run in runs.items()
     }
     gates = {f"{r}_n{n}": gate_log(run) for (r, n), run in runs.items()}
+    walls = {f"{r}_n{n}": run.wall for (r, n), run in runs.items()}
     return {
         "table": table,
         "diffs": diffs,
@@ -333,9 +470,10 @@ def bench_ctr(runner: Runner, size: dict, tiny: list[str], preset: str = "ml100k
         "pos_rate": float(y.mean()),
         "big": big,
         "times": times,
+        "walls": walls,
         "gates": gates,
-        "padding": padding_compare(runs[("reclora", big)]),
-        "rep_norm": rep_norm(runs[("reclora", big)]),
+        "padding": runs[("reclora", big)].extra["padding"],
+        "rep_norm": runs[("reclora", big)].extra["rep_norm"],
         "rep_norm_random": float(np.sqrt(cfg.teacher.rep_dim)),
     }
 
@@ -352,15 +490,16 @@ def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
     ref_run = runs[("lora", size["lfm_n"][0])]
     _, ref = eval_rows(ref_run)
     ids = np.asarray(ref["sample_id"], dtype=np.int64)
-    target = np.asarray(ref["target"]).astype(int)
     cfg = load_config("lastfm-ilora", [*base, f"run.output_dir={runner.work / 'runs'}"])
+    runner.ensure_data("lastfm-ilora", base, runs.values())
     samples = SampleSet.open(paths(cfg).samples)
-    cands, cand_titles = candidate_rows(cfg, "test", ids, target)
+    cands, cand_titles, target = candidate_rows(cfg, "test", ids)
     scores, gen = {}, {}
     for (row, n), run in runs.items():
         _, final = eval_rows(run)
         if not np.array_equal(np.asarray(final["sample_id"], dtype=np.int64), ids):
-            sys.exit(f"{run}: its test samples differ from {ref_run}'s")
+            sys.exit(f"{run.name}: its test samples differ from {ref_run.name}'s")
+        run.restore("test", "target", target)
         scores[f"{row}_n{n}"] = np.asarray(final["scores"])
         if "generated" in final:
             # [rows, 2]: (valid, correct) by LLaRA's rule, from the greedy answers the evaluator stored
@@ -416,16 +555,14 @@ def bench_next_item(runner: Runner, size: dict, tiny: list[str]) -> dict:
 
 
 # ---- estimate, report ---------------------------------------------------------------------------------------------
-def estimate_full(runner: Runner, ctr: dict, lfm: dict | None) -> float:
+def estimate_full(ctr: dict, lfm: dict | None) -> float:
     """Seconds of the full run from this run's per-sample train and eval rates and its other overheads."""
     full = SIZES["full"]
     rate_train = statistics.median(t["train_s"] / max(1, t["train_samples"]) for t in ctr["times"].values())
     rate_eval = statistics.median(t["eval_s"] / t["eval_samples"] for t in ctr["times"].values())
-    overhead = statistics.median(
-        runner.walls[f"ctr-{k.rsplit('_n', 1)[0]}-n{k.rsplit('_n', 1)[1]}"] - t["train_s"] - t["eval_s"]
-        for k, t in ctr["times"].items()
-    )
-    data_stages = max(runner.walls.values()) - statistics.median(runner.walls.values())  # the first run built them
+    walls = ctr["walls"]
+    overhead = statistics.median(walls[k] - t["train_s"] - t["eval_s"] for k, t in ctr["times"].items())
+    data_stages = max(walls.values()) - statistics.median(walls.values())  # the first run built them
     total = rate_eval * full["ctr_test"]  # the one zero-shot evaluation
     for n in full["ctr_n"]:
         for _ in CTR_ROWS:
@@ -562,6 +699,11 @@ def main() -> None:
     ap.add_argument("--work", help="output folder (default: a new temporary one; reuse one to skip built stages)")
     ap.add_argument("--skip-next-item", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="take finished runs in --work as they are (re-analysis)")
+    ap.add_argument(
+        "--store",
+        help=f"folder of finished rows, taken as they are and added to (default for the full run: {STORE.relative_to(REPO)})",
+    )
+    ap.add_argument("--no-store", action="store_true", help="train every row here, even those the store holds")
     a = ap.parse_args()
     if not a.demo and not (ML100K / "u.data").is_file():
         print(f"skipped: MovieLens-100K not found at {ML100K}")
@@ -569,7 +711,8 @@ def main() -> None:
     size = SIZES["demo" if a.demo else "tiny" if a.tiny else "quick" if a.quick else "full"]
     mode = "+".join(m for m, on in (("demo", a.demo), ("quick", a.quick), ("tiny", a.tiny)) if on) or "full"
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-quality-"))
-    runner = Runner(work, reuse=a.reuse)
+    store = None if a.no_store else Path(a.store) if a.store else STORE if mode == "full" else None
+    runner = Runner(work, reuse=a.reuse, store=store)
     tiny = TINY_MODEL if a.tiny else []
     t0 = time.perf_counter()
     ctr = bench_ctr(runner, size, tiny, *(("demo", DEMO) if a.demo else ()))
@@ -580,7 +723,7 @@ def main() -> None:
         else:
             print(f"next item skipped: LLaRA LastFM not found at {LASTFM}")
     wall = time.perf_counter() - t0
-    estimate = estimate_full(runner, ctr, lfm) if mode not in ("full", "demo") else None
+    estimate = estimate_full(ctr, lfm) if mode not in ("full", "demo") else None
     text = report(ctr, lfm, mode, wall, estimate)
     print(text)
     if not a.tiny:
