@@ -27,9 +27,11 @@ def _entry(loop_config: dict[str, Any]) -> None:
         _os.makedirs(loop_config["node_report_dir"], exist_ok=True)
         with open(_os.path.join(loop_config["node_report_dir"], f"rank-{ctx.get_world_rank()}.json"), "w") as f:
             _json.dump({"node_id": ray.get_runtime_context().get_node_id(), "pid": _os.getpid()}, f)
-    fn = loop_config["fn"]
+    fn, params = loop_config["fn"], loop_config["params"]
+    if loop_config.get("share_node_cpus"):
+        params = {**params, "node_cpu_share": node_cpu_share(ctx.get_local_world_size())}
     try:
-        result = fn(loop_config["params"], ctx.get_world_rank(), ctx.get_world_size(), lambda m: ray.train.report(m))
+        result = fn(params, ctx.get_world_rank(), ctx.get_world_size(), lambda m: ray.train.report(m))
     except RecloraError as e:
         if ctx.get_world_size() > 1:
             raise
@@ -43,6 +45,21 @@ def _entry(loop_config: dict[str, Any]) -> None:
 
         with open(loop_config["result_path"], "w") as f:
             json.dump(result, f)
+
+
+def node_cpu_share(local_workers: int) -> int:
+    """CPU threads for one of the `local_workers` training workers on this Ray node: the node's CPUs as Ray counts
+    them (on KubeRay, the pod's limit), split among those workers, and never more than this machine's cores split
+    among the workers of every Ray node on it (test clusters run several nodes on one host)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    me = next(n for n in nodes if n["NodeID"] == here)
+    on_host = sum(n["NodeManagerAddress"] == me["NodeManagerAddress"] for n in nodes)
+    local = max(1, local_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(int(me["Resources"].get("CPU", 1) // local), cores // (local * on_host)))
 
 
 def run_training(
@@ -59,6 +76,7 @@ def run_training(
     worker_resources: dict[str, float] | None = None,
     timeout_s: int = 600,
     node_report_dir: str | None = None,
+    share_node_cpus: bool = False,
 ) -> Any:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -86,6 +104,8 @@ def run_training(
             "result_path": result_path,
             "node_report_dir": node_report_dir,
             "error_box": box_name,
+            # fn gets params["node_cpu_share"]: its threads when the config leaves them to the node
+            "share_node_cpus": share_node_cpus,
         },
         # A dead peer must surface as an error (then a restart), not as a hang in a collective.
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s),

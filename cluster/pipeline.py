@@ -478,6 +478,7 @@ def train(cfg, run_url: str) -> dict:
             placement=t.placement,
             worker_resources=t.worker_resources,
             timeout_s=t.collective_timeout_s,
+            share_node_cpus=True,
             # which node each rank ran on, one JSON per rank (multi-node debugging and tests)
             node_report_dir=os.environ.get("RECLORA_NODE_REPORT_DIR"),
         )

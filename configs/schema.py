@@ -276,6 +276,11 @@ class TrainerConfig(Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Intra-op CPU threads of each training worker. Default (null): the CPUs Ray counts on the worker's node,
+    # shared among the training workers there (and never more than the machine's cores); cpus_per_worker is what
+    # Ray reserves for scheduling, and as a thread count it left a 2-core laptop's second core idle (1.6x slower
+    # SmolLM2 steps). Numerics depend on the thread count: keep it fixed to compare runs across machines.
+    torch_threads: Optional[int] = Field(None, ge=1)
     zero_stage: Literal[2, 3] = 3
     # ZeRO++ hierarchical partitioning: GPUs per node (8 in the multi-node presets); used when the workers span
     # more than one node (num_workers > it), which it must then divide. 1 = off.

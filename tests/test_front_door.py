@@ -468,9 +468,14 @@ def test_preset(preset: str, tmp_path, capfd, request):
     assert used.trainer.hybrid_item_emb == cfg.trainer.hybrid_item_emb
     assert used.retrieval.text_mode == case.text_mode
     # The final evaluation covers exactly the preset's eval_splits (the demo skips valid: it selects nothing).
-    final = json.loads((tmp_path / "out" / run.name / "metrics.json").read_text())["final"]
+    metrics = json.loads((tmp_path / "out" / run.name / "metrics.json").read_text())
+    final = metrics["final"]
     evaluated = {split for split in ("valid", "test") if f"{split}_n" in final}
     assert evaluated == set(cfg.trainer.eval_splits), sorted(final)
+    # Threads: the preset's, else the workers' share of the local Ray's 2 CPUs (capped by the machine's cores)
+    world, cores = used.trainer.num_workers, len(os.sched_getaffinity(0))
+    threads = used.trainer.torch_threads or max(1, min(2 // world, cores // world))
+    assert metrics["timing"]["device"] == f"CPU ({threads} threads)", metrics["timing"]
 
 
 # ------------------------------------------------------------------------------------------------ errors

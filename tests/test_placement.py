@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from cluster.launch import node_cpu_share
 from cluster.pipeline import Pipeline, StageError
 from cluster.placement import (
     LARGE_MODEL_PARAMS,
@@ -185,3 +186,12 @@ def test_one_worker_hands_back_an_actionable_error_without_restarts(ray_local, t
         )
     assert len(list(tmp_path.glob("attempt-*"))) == 1
     assert "ConfigError" not in capfd.readouterr().err
+
+
+def test_training_workers_share_their_node_cpus(ray_local):
+    """A worker's threads: its node's CPUs as Ray counts them (2 here) over the node's training workers, capped by
+    the machine's cores; one worker on a 2-core laptop gets both (1 CPU per worker used to leave one idle)."""
+    cores = len(os.sched_getaffinity(0))
+    assert node_cpu_share(1) == max(1, min(2, cores))
+    assert node_cpu_share(2) == 1
+    assert node_cpu_share(3) == 1  # never 0

@@ -113,7 +113,9 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
     use_gpu = t.use_gpu and torch.cuda.is_available()
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.anon or None)
     run_url = params["run_url"]
-    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    # trainer.torch_threads, else this worker's share of its node's CPUs (the cluster layer's), else the CPUs Ray
+    # reserved for it
+    torch.set_num_threads(t.torch_threads or params.get("node_cpu_share") or max(1, int(t.cpus_per_worker)))
 
     # ---- setup
     t_setup = time.perf_counter()
@@ -218,6 +220,7 @@ def train_worker(params: dict[str, Any], rank: int, world: int, report: Callable
                 # every wait for data (steps and evaluations) over the worker's whole life
                 "total_wait_fraction": (wait_total + evaluate.waited) / worker_seconds,
                 "steps_run": total_steps - start,
+                "device": telemetry.device_name(device),
             }
             storage.write_json_atomic(
                 storage.join(run_url, "metrics.json"),

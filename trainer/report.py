@@ -126,7 +126,8 @@ def write_report(run_url: str, extra_metrics: dict[str, dict[str, float]] | None
         timing = metrics.get("timing")
         if timing:
             lines += [
-                f"Worker setup (model load, ZeRO-3 init, zero-shot evaluation) {timing['setup_seconds']:.1f}s; "
+                (f"Rank 0 on {timing['device']}. " if timing.get("device") else "")
+                + f"Worker setup (model load, ZeRO-3 init, zero-shot evaluation) {timing['setup_seconds']:.1f}s; "
                 f"{timing['steps_run']} steps in {timing['train_seconds']:.1f}s, of which "
                 f"{timing['data_wait_seconds']:.2f}s ({100 * timing['data_wait_fraction']:.2f}%) waiting for data.",
                 "",
