@@ -24,7 +24,16 @@ as the trainer's answer loss does. Rows (same data, same seed, side by side):
   reclora_t5_bsym  temperature 5, the experts' B initialised to zero-mean noise (breaks the symmetric start)
   reclora_random   temperature 5, gate input a fixed random vector per sample (the ablation): ~0.5
 
-Per row: held-out AUC with a 95% bootstrap interval at a few step counts, gate entropy (ln N = uniform), gate
+iLoRA's side of the same question (its gate is one softmax per sequence over K rank blocks of one LoRA, fed by the
+frozen SASRec; here by the same conditioning vector), on all 7 linears as the lastfm-ilora preset adapts them:
+
+  plain_all7       one LoRA (r 8) on all 7 linears: iLoRA's baseline, ~0.5
+  ilora            4 experts of rank 2 (total r 8), alpha 32, temperature 1, router at 0.3x the lr (the preset)
+  ilora_lr3        the same at 3x the lr
+  ilora_random     the preset's settings, gate input a fixed random vector per sample (the ablation): ~0.5
+
+Per row: held-out AUC with a 95% bootstrap interval at a few step counts, gate entropy (ln N = uniform), the
+per-expert load (each expert's mean gate weight; 1/N each when balanced, a collapsed expert near 0), gate
 spread (mean total-variation distance of a sample's gate from the batch-mean gate: 0 means every user gets the same
 mixture, whatever the entropy), and the gate gradient norm at step 0 and step 1 (B = 0 at init makes the first
 gate gradient exactly zero: the gates can only start once the bank has moved). Last line: one JSON object.
@@ -49,10 +58,12 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 from recdata.metrics import auc, bootstrap_ci  # noqa: E402
 from recdata.model_source import resolve_model  # noqa: E402
 from trainer.lora import MixtureLoraConfig, build_personalized_model  # noqa: E402
+from trainer.telemetry import gate_stats  # noqa: E402
 
 MODEL_DIR = REPO / "recdata" / "assets" / "smollm2-135m-instruct"
 COND_DIM, CLUSTERS, PROMPT_LEN = 32, 8, 12
 P_CLICK = (0.85, 0.15)  # clusters alternate between these
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROWS = {
     "plain": dict(mode="plain", num_experts=1),
     "reclora_t5": dict(mode="reclora", num_experts=16, temperature=5.0),
@@ -62,8 +73,18 @@ ROWS = {
     # Candidate fixes for the symmetric start (every B_k = 0, so all experts move alike at first):
     "reclora_t5_bsym": dict(mode="reclora", num_experts=16, temperature=5.0, b_init_std=0.01),
     "reclora_t5_lr3": dict(mode="reclora", num_experts=16, temperature=5.0, lr_mult=3.0),
+    # iLoRA (configs/lastfm-ilora.yaml's adapter): all 7 linears, total rank 8 in 4 blocks, alpha 32, router lr x0.3.
+    "plain_all7": dict(mode="plain", num_experts=1, targets=ALL7),
+    "ilora": dict(mode="ilora", num_experts=4, temperature=1.0, gate_lr_mult=0.3, alpha=32.0, targets=ALL7),
+    "ilora_lr3": dict(
+        mode="ilora", num_experts=4, temperature=1.0, gate_lr_mult=0.3, alpha=32.0, targets=ALL7, lr_mult=3.0
+    ),
+    "ilora_random": dict(
+        mode="ilora", num_experts=4, temperature=1.0, gate_lr_mult=0.3, alpha=32.0, targets=ALL7, random_cond=True
+    ),
 }
 DEFAULT_ROWS = "plain,reclora_t5,reclora_t1,reclora_t5_lr10,reclora_t5_lr3,reclora_t5_bsym,reclora_random"
+ILORA_ROWS = "plain_all7,ilora,ilora_lr3,ilora_random"
 
 
 def break_symmetry(pm, std: float, seed: int) -> None:
@@ -109,17 +130,18 @@ def base_model(seed: int, folder: str | None = None):
 
 
 def gate_summary(pm, cond: torch.Tensor) -> dict[str, float]:
-    """Entropy (mean over samples and modules) and spread (mean TV distance to the batch-mean gate)."""
-    if pm.gates is None:
+    """The trainer's gate statistics (trainer.telemetry.gate_stats): entropy, spread (mean TV distance to the
+    batch-mean gate), and the lowest and highest per-expert load (an expert's mean gate weight)."""
+    stats = gate_stats(pm, cond)
+    if not stats:
         return {}
-    was = pm.gates.training
-    pm.gates.eval()
-    with torch.no_grad():
-        g = torch.stack([v.float().reshape(v.shape[0], -1) for v in pm.compute_gates(cond).values()])  # [M, b, N]
-    pm.gates.train(was)
-    entropy = -(g.clamp_min(1e-12).log() * g).sum(-1).mean().item()
-    spread = 0.5 * (g - g.mean(1, keepdim=True)).abs().sum(-1).mean().item()
-    return {"entropy": entropy, "spread": spread}
+    loads = [v for k, v in stats.items() if k.startswith("expert_load_")]
+    return {
+        "entropy": stats["gate_entropy"],
+        "spread": stats["gate_spread"],
+        "load_min": min(loads),
+        "load_max": max(loads),
+    }
 
 
 def p_yes(pm, data, idx, cond_key, yes, no, batch: int = 256) -> np.ndarray:
@@ -138,9 +160,9 @@ def p_yes(pm, data, idx, cond_key, yes, no, batch: int = 256) -> np.ndarray:
 def run_row(name: str, spec: dict, train, test, args, yes: int, no: int) -> dict:
     cfg = MixtureLoraConfig(
         mode=spec["mode"],
-        target_modules=["q_proj", "v_proj"],
+        target_modules=spec.get("targets", ["q_proj", "v_proj"]),
         r=8,
-        alpha=16.0,
+        alpha=spec.get("alpha", 16.0),
         num_experts=spec["num_experts"],
         temperature=spec.get("temperature", 5.0),
         gate_dropout=0.1,
@@ -220,10 +242,18 @@ def main() -> None:
         "(a random base must otherwise first learn to answer Yes/No at all, which delays everything)",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leaves the machine usable)")
-    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated rows to run, of {list(ROWS)}")
+    ap.add_argument(
+        "--rows",
+        default=DEFAULT_ROWS,
+        help=f"comma-separated rows to run, of {list(ROWS)}; 'ilora' = {ILORA_ROWS}",
+    )
     ap.add_argument("--json-out", default=None, help="also write every row's history and evaluations here")
     ap.add_argument("--n-boot", type=int, default=1000)
     args = ap.parse_args()
+    rows = ILORA_ROWS if args.rows == "ilora" else args.rows
+    unknown = sorted(set(rows.split(",")) - set(ROWS))
+    if unknown:
+        ap.error(f"--rows: unknown row(s) {unknown}; known: {list(ROWS)}")
     torch.set_num_threads(args.threads)
     args.steps = args.steps or (60 if args.quick else 400)
     args.log_every = max(1, args.steps // 20)
@@ -256,7 +286,7 @@ def main() -> None:
         flush=True,
     )
     results = {}
-    for name in args.rows.split(","):
+    for name in rows.split(","):
         r = run_row(name, ROWS[name], train, test, args, yes, no)
         results[name] = r
         last = r["eval"][args.steps]
@@ -271,7 +301,8 @@ def main() -> None:
         )
     print()
     head = f"{'row':<18}" + "".join(f" {'AUC@' + str(s):>22}" for s in args.eval_at)
-    head += f" {'entropy@end':>12} {'ln N':>7} {'spread@0':>9} {'spread@end':>10} {'|g grad| s1':>12} {'s2':>9}"
+    head += f" {'entropy@end':>12} {'ln N':>7} {'spread@0':>9} {'spread@end':>10} {'load@end':>13}"
+    head += f" {'|g grad| s1':>12} {'s2':>9}"
     print(head)
     for name, r in results.items():
         cells = "".join(
@@ -282,6 +313,7 @@ def main() -> None:
         end = r["eval"][args.steps]
         if "entropy" in end:
             cells += f" {end['entropy']:>12.4f} {r['ln_n']:>7.4f} {h0['spread']:>9.4f} {end['spread']:>10.4f}"
+            cells += f" {end['load_min']:>6.3f}-{end['load_max']:.3f}"
             cells += f" {r['gate_grad_norm_step1']:>12.2e} {r['gate_grad_norm_step2']:>9.2e}"
         print(f"{name:<18}{cells}")
     summary = {
@@ -292,6 +324,7 @@ def main() -> None:
         **{f"{n}_auc_ci": r["eval"][args.steps]["ci"] for n, r in results.items()},
         **{f"{n}_spread": r["eval"][args.steps].get("spread") for n, r in results.items()},
         **{f"{n}_entropy": r["eval"][args.steps].get("entropy") for n, r in results.items()},
+        **{f"{n}_load_min": r["eval"][args.steps].get("load_min") for n, r in results.items()},
         **{f"{n}_gate_grad_step1": r["gate_grad_norm_step1"] for n, r in results.items()},
     }
     if args.json_out:

@@ -19,7 +19,7 @@ from trainer.telemetry import gate_stats
 COND = 8
 
 
-def personalized(num_experts: int = 4, temperature: float = 1.0):
+def personalized(num_experts: int = 4, temperature: float = 1.0, mode: str = "reclora"):
     config = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -32,7 +32,7 @@ def personalized(num_experts: int = 4, temperature: float = 1.0):
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     cfg = MixtureLoraConfig(
-        mode="reclora",
+        mode=mode,
         target_modules=["q_proj", "v_proj"],
         r=4,
         alpha=8.0,
@@ -54,8 +54,10 @@ def test_gate_spread_is_zero_for_identical_inputs_and_bounded():
     assert sum(differ[f"expert_load_{i}"] for i in range(4)) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_first_gate_gradient_is_zero_with_the_papers_b_zero_init():
-    pm = personalized()
+@pytest.mark.parametrize("mode", ["reclora", "ilora"])
+def test_first_gate_gradient_is_zero_with_the_papers_b_zero_init(mode):
+    # Both methods start from B = 0 (RecLoRA's meta-LoRAs, iLoRA's rank blocks): the router's first step is idle.
+    pm = personalized(mode=mode)
     gen = torch.Generator().manual_seed(2)
     ids, cond = torch.randint(0, 100, (4, 6), generator=gen), torch.randn(4, COND, generator=gen)
     target = torch.randint(0, 100, (4,), generator=gen)
