@@ -64,6 +64,8 @@ MODEL_DIR = REPO / "recdata" / "assets" / "smollm2-135m-instruct"
 COND_DIM, CLUSTERS, PROMPT_LEN = 32, 8, 12
 P_CLICK = (0.85, 0.15)  # clusters alternate between these
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# configs/lastfm-ilora.yaml's adapter: all 7 linears, total rank 8 in 4 blocks, alpha 32, router lr x0.3.
+ILORA = dict(mode="ilora", num_experts=4, temperature=1.0, gate_lr_mult=0.3, alpha=32.0, targets=ALL7)
 ROWS = {
     "plain": dict(mode="plain", num_experts=1),
     "reclora_t5": dict(mode="reclora", num_experts=16, temperature=5.0),
@@ -73,15 +75,11 @@ ROWS = {
     # Candidate fixes for the symmetric start (every B_k = 0, so all experts move alike at first):
     "reclora_t5_bsym": dict(mode="reclora", num_experts=16, temperature=5.0, b_init_std=0.01),
     "reclora_t5_lr3": dict(mode="reclora", num_experts=16, temperature=5.0, lr_mult=3.0),
-    # iLoRA (configs/lastfm-ilora.yaml's adapter): all 7 linears, total rank 8 in 4 blocks, alpha 32, router lr x0.3.
+    # iLoRA's rows: its baseline on the same 7 linears, then the ILORA adapter.
     "plain_all7": dict(mode="plain", num_experts=1, targets=ALL7),
-    "ilora": dict(mode="ilora", num_experts=4, temperature=1.0, gate_lr_mult=0.3, alpha=32.0, targets=ALL7),
-    "ilora_lr3": dict(
-        mode="ilora", num_experts=4, temperature=1.0, gate_lr_mult=0.3, alpha=32.0, targets=ALL7, lr_mult=3.0
-    ),
-    "ilora_random": dict(
-        mode="ilora", num_experts=4, temperature=1.0, gate_lr_mult=0.3, alpha=32.0, targets=ALL7, random_cond=True
-    ),
+    "ilora": ILORA,
+    "ilora_lr3": {**ILORA, "lr_mult": 3.0},
+    "ilora_random": {**ILORA, "random_cond": True},
 }
 DEFAULT_ROWS = "plain,reclora_t5,reclora_t1,reclora_t5_lr10,reclora_t5_lr3,reclora_t5_bsym,reclora_random"
 ILORA_ROWS = "plain_all7,ilora,ilora_lr3,ilora_random"
